@@ -1,0 +1,32 @@
+"""depin-jupyter: run notebook cells on a Dask(-CUDA) cluster of volunteer GPUs.
+
+Importing the package is cheap: dask, distributed and zarr are imported only when a magic or
+command needs them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", "xp"]
+
+
+def xp():  # type: ignore[no-untyped-def]
+    """The array module for this process: cupy where a GPU is usable, numpy otherwise."""
+    from .gpu import array_module
+
+    return array_module()
+
+
+def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    """`%load_ext depin_jupyter`: register `%%depin` and `%depin`."""
+    from .magics import DepinMagics
+
+    ipython.register_magics(DepinMagics)
+
+
+def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
+    """`%unload_ext depin_jupyter`: close the session's cluster connection."""
+    from .cluster import close_session
+
+    close_session()

@@ -1,0 +1,169 @@
+"""The notebook's connection to a cluster: the embedded default, or a scheduler address.
+
+One `Session` per kernel holds the Dask client, the embedded cluster if we started one, the cache
+of inputs already on the cluster and the live-output subscription.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from . import config
+from .errors import ClusterConnectionError, DepinUsageError
+
+__all__ = ["Session", "WorkerInfo", "connect", "get_session", "close_session", "current_session"]
+
+_session: Session | None = None
+_session_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as `%depin status` shows it."""
+
+    address: str
+    name: str
+    nthreads: int
+    memory_limit: int
+    gpus: int
+    gpu_model: str | None
+    gpu_memory: int | None
+    executing: int
+
+
+class Session:
+    """A live connection: client, optional embedded cluster, input cache, stream dispatcher."""
+
+    def __init__(self, client: Any, cluster: Any | None, description: str) -> None:
+        from .shipping import InputCache
+        from .stream import StreamDispatcher
+
+        self.client = client
+        self.cluster = cluster
+        self.description = description
+        self.inputs = InputCache()
+        self.streams = StreamDispatcher(client)
+        self.cpu_fallback_said = False
+
+    @property
+    def address(self) -> str:
+        return str(self.client.scheduler.address)
+
+    def workers(self) -> list[WorkerInfo]:
+        """The workers now connected, with GPU model and memory where they report one."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        out = []
+        for addr, w in sorted(info.items()):
+            gpu = w.get("gpu") or {}
+            out.append(WorkerInfo(
+                address=addr,
+                name=str(w.get("name", addr)),
+                nthreads=int(w.get("nthreads", 0)),
+                memory_limit=int(w.get("memory_limit") or 0),
+                gpus=int((w.get("resources") or {}).get("GPU", 0)),
+                gpu_model=gpu.get("name"),
+                gpu_memory=gpu.get("memory-total"),
+                executing=int((w.get("metrics") or {}).get("task_counts", {}).get("executing", 0)
+                              if isinstance((w.get("metrics") or {}).get("task_counts"), dict) else 0),
+            ))
+        return out
+
+    def close(self) -> None:
+        self.inputs.clear()
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def _start_local() -> Session:
+    """The embedded default: LocalCUDACluster when GPUs are usable, else a CPU LocalCluster."""
+    import dask.config
+    from distributed import Client, LocalCluster
+
+    from .gpu import detect
+
+    n_gpus, why = detect()
+    lc = "local-cluster."
+    common: dict[str, Any] = dict(
+        threads_per_worker=config.get(lc + "threads-per-worker"),
+        dashboard_address=config.get(lc + "dashboard-address"),
+        memory_limit=config.get(lc + "memory-limit"),
+    )
+    n_workers = config.get(lc + "n-workers")
+    # Our own cluster reports a dead worker at once, so `--retries` (not the scheduler) decides re-runs.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        if n_gpus:
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(n_workers=n_workers or n_gpus, resources={"GPU": 1}, **common)
+            what = f"LocalCUDACluster with {n_workers or n_gpus} GPU worker(s) ({why})"
+        else:
+            n = n_workers or max(1, min(2, os.cpu_count() or 1))
+            cluster = LocalCluster(n_workers=n, processes=config.get(lc + "processes"), **common)
+            what = f"CPU LocalCluster with {n} worker process(es) (no GPU: {why}; cells use numpy)"
+    client = Client(cluster, set_as_default=False)
+    return Session(client, cluster, what)
+
+
+def _connect_address(address: str) -> Session:
+    from distributed import Client
+
+    timeout = config.seconds("connect-timeout")
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as e:
+        raise ClusterConnectionError(
+            f"no Dask scheduler answered at {address} within {timeout:g}s ({type(e).__name__}: {e}). "
+            f"Start one there (`dask scheduler`, or `depin scheduler` for a volunteer network), check "
+            f"the address and port, or use `%depin connect local` for a cluster on this machine."
+        ) from None
+    return Session(client, None, f"scheduler at {address}")
+
+
+def connect(target: str | None = None) -> Session:
+    """Connect this kernel to ``target`` (None/"local": embedded default; an address), replacing any session."""
+    global _session
+    target = target if target is not None else config.get("scheduler-address")
+    with _session_lock:
+        if _session is not None:
+            _session.close()
+            _session = None
+        if target in (None, "", "local"):
+            _session = _start_local()
+        elif "://" in target or ":" in target:
+            _session = _connect_address(target if "://" in target else f"tcp://{target}")
+        else:
+            raise DepinUsageError(
+                f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
+                f"a scheduler address such as tcp://host:8786 or tls://host:8786 (join tokens arrive with "
+                f"the volunteer network)."
+            )
+        return _session
+
+
+def current_session() -> Session | None:
+    """The session if one is connected (never starts one)."""
+    return _session
+
+
+def get_session() -> Session:
+    """The session, starting the embedded default on first use (as the first `%%depin` does)."""
+    if _session is None:
+        return connect()
+    return _session
+
+
+def close_session() -> bool:
+    """Close the session's client and any embedded cluster; True if there was one."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            return False
+        _session.close()
+        _session = None
+        return True

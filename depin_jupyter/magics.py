@@ -1,0 +1,139 @@
+"""`%%depin` and `%depin`: parse arguments (IPython `magic_arguments`), then call plain functions."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from . import config
+from .errors import DepinUsageError
+
+__all__ = ["DepinMagics"]
+
+_SUBCOMMANDS = ("connect", "status", "config", "close")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.replace(" ", ",").split(",") if n.strip())
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"not a Python name: {', '.join(bad)} (give names separated by commas)")
+    return names
+
+
+def _positive(kind: type, what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise UsageError(f"{what} expects a number, got {text!r}") from None
+        if value < 0:
+            raise UsageError(f"{what} must not be negative, got {text!r}")
+        return value
+    return parse
+
+
+@magics_class
+class DepinMagics(Magics):
+    """Run cells on a Dask(-CUDA) cluster as if they ran locally."""
+
+    @magic_arguments()
+    @argument("--gpu", nargs="?", const=1, default=None, type=_positive(int, "--gpu"), metavar="N",
+              help="GPUs the cell needs (default 1 when given without N; config depin.gpus otherwise)")
+    @argument("--cpu", action="store_true", help="the cell needs no GPU: run it on any worker")
+    @argument("--timeout", type=_positive(float, "--timeout"), metavar="SEC",
+              help="cancel the cell on the worker after SEC seconds (config depin.timeout)")
+    @argument("--retries", type=_positive(int, "--retries"), metavar="N",
+              help="re-run on another worker up to N times if the worker dies (config depin.retries)")
+    @argument("--name", metavar="LABEL", help="a label for this run (shown in errors and run ids)")
+    @argument("--worker", metavar="NAME", help="run on this worker only (name or address; for debugging)")
+    @argument("--inputs", type=_names, metavar="A,B", help="send exactly these names (overrides inference)")
+    @argument("--outputs", type=_names, metavar="A,B",
+              help="bring back exactly these names (overrides inference)")
+    @cell_magic
+    def depin(self, line: str, cell: str) -> Any:
+        """Run this cell on the cluster: its inputs travel, its outputs, output and errors come back.
+
+        Inputs are the names the cell reads before it binds them; outputs are the names it binds or
+        changes in place. The first %%depin with no connection starts the embedded default cluster
+        (LocalCUDACluster with GPUs, a CPU LocalCluster otherwise).
+        """
+        __tracebackhide__ = True
+        args = parse_argstring(self.depin, line)
+        if args.cpu and args.gpu:
+            raise UsageError("--cpu and --gpu contradict each other: give one of them")
+        from .cluster import current_session, get_session
+        from .runner import RunOptions, run_cell
+
+        options = RunOptions(gpu=args.gpu, cpu=args.cpu, timeout=args.timeout, retries=args.retries,
+                             name=args.name, worker=args.worker, inputs=args.inputs, outputs=args.outputs)
+        fresh = current_session() is None
+        session = _usage(get_session)
+        if fresh:
+            print(f"depin: started {session.description}", file=sys.stderr)
+        outcome = _usage(run_cell, session, cell, self.shell.user_ns, options)
+        return outcome.value if outcome.has_value else None
+
+    @magic_arguments()
+    @argument("command", choices=_SUBCOMMANDS, help="what to do")
+    @argument("target", nargs="?", default=None,
+              help="for connect: nothing or 'local' (embedded cluster), or a scheduler address")
+    @line_magic("depin")
+    def depin_line(self, line: str) -> Any:
+        """%depin connect [TARGET] | status | config | close."""
+        __tracebackhide__ = True
+        if not line.strip():
+            raise UsageError(f"%depin needs a command: one of {', '.join(_SUBCOMMANDS)} (see %depin?)")
+        args = parse_argstring(self.depin_line, line)
+        from . import cluster
+
+        if args.command == "connect":
+            session = _usage(cluster.connect, args.target)
+            print(f"depin: connected to {session.description} ({session.address})")
+            return None
+        if args.target is not None:
+            raise UsageError(f"%depin {args.command} takes no argument (got {args.target!r})")
+        if args.command == "status":
+            session = cluster.current_session()
+            if session is None:
+                print("depin: not connected (the next %%depin starts the embedded cluster, "
+                      "or use %depin connect)")
+                return None
+            print(format_status(session))
+            return None
+        if args.command == "config":
+            print(config.as_yaml(), end="")
+            return None
+        if args.command == "close":
+            print("depin: closed" if cluster.close_session() else "depin: nothing to close")
+        return None
+
+
+def _usage(func: Any, *args: Any) -> Any:
+    """Call ``func``, turning DepinUsageError into IPython's UsageError (shown without a traceback)."""
+    __tracebackhide__ = True
+    try:
+        return func(*args)
+    except DepinUsageError as e:
+        raise UsageError(str(e)) from None
+
+
+def format_status(session: Any) -> str:
+    """`%depin status`: one line per worker with GPU model and memory."""
+    rows = [("worker", "address", "threads", "memory", "GPU", "GPU memory", "executing")]
+    for w in session.workers():
+        rows.append((w.name, w.address, str(w.nthreads), _gib(w.memory_limit),
+                     f"{w.gpus}x {w.gpu_model}" if w.gpus else "-",
+                     _gib(w.gpu_memory) if w.gpu_memory else "-", str(w.executing)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"depin: {session.description} at {session.address}"]
+    lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(lines)
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "-"

@@ -1,0 +1,487 @@
+"""What runs on the worker: execute a cell, stream its output live, capture results and errors.
+
+Runs inside a Dask worker thread. stdout/stderr, `display()` and matplotlib figures of the thread
+running a cell are routed to the notebook through Dask's event stream (`Worker.log_event`, topic
+``STREAM_TOPIC``); other threads' output is left alone. A cell can be stopped from outside
+(timeout, cancel) by raising an exception in its thread between two Python bytecodes.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import ctypes
+import importlib
+import io
+import linecache
+import pickle
+import sys
+import threading
+import time
+import traceback
+import types
+from typing import Any
+
+__all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash"]
+
+STREAM_TOPIC = "depin-stream"
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range, types.ModuleType,
+              types.FunctionType, type)
+
+
+class CellCancelled(BaseException):
+    """Raised inside a cell's thread when its run is cancelled (BaseException: `except Exception` can't swallow it)."""
+
+
+class CellTimedOut(CellCancelled):
+    """Raised inside a cell's thread when it runs past its timeout."""
+
+
+# ---------------------------------------------------------------- content hashes
+
+def content_hash(obj: Any) -> str:
+    """A content hash for shipping and change detection: xxh3 over array bytes, dask's tokenize otherwise.
+
+    Non-deterministic objects (no stable token) get a fresh random hash, so they are always re-sent.
+    """
+    import numpy as np
+
+    if type(obj) is np.ndarray or isinstance(obj, np.ndarray):
+        import xxhash
+
+        arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
+        h = xxhash.xxh3_128()
+        h.update(repr((type(obj).__name__, obj.dtype.str, obj.dtype.descr, obj.shape)).encode())
+        if arr.dtype.hasobject:
+            h.update(pickle.dumps(arr, protocol=5))
+        else:
+            h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+        return "xxh3-" + h.hexdigest()
+    from dask.base import tokenize
+
+    return "tok-" + tokenize(obj)
+
+
+def _fingerprint(obj: Any) -> Any:
+    """A cheap before/after marker of an object's content, or None for objects that cannot change."""
+    if isinstance(obj, _IMMUTABLE):
+        return None
+    mod = type(obj).__module__
+    if mod.startswith("cupy"):
+        return ("device-copy", obj.copy())  # compared on the device; never copied to host
+    try:
+        if mod.startswith("numpy"):
+            return content_hash(obj)
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return ("unknown", object())  # never equal: treat as changed
+
+
+def _changed(before: Any, after_obj: Any) -> bool:
+    if before is None:
+        return False
+    if isinstance(before, tuple) and before and before[0] == "device-copy":
+        import cupy
+
+        old = before[1]
+        return old.shape != after_obj.shape or not bool(cupy.array_equal(old, after_obj, equal_nan=True))
+    return _fingerprint(after_obj) != before
+
+
+# ---------------------------------------------------------------- live output
+
+class _RunContext:
+    """Buffers one run's output and publishes it, in order, as numbered stream events."""
+
+    def __init__(self, run_id: str, worker: Any, flush_interval: float) -> None:
+        self.run_id = run_id
+        self.worker = worker
+        self.flush_interval = flush_interval
+        self.seq = 0
+        self._buf: list[tuple[str, str]] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _publish(self, msg: dict[str, Any]) -> None:
+        msg["run"] = self.run_id
+        msg["seq"] = self.seq
+        self.seq += 1
+        if self.worker is not None:
+            self.worker.log_event(STREAM_TOPIC, msg)
+
+    def write(self, kind: str, text: str) -> None:
+        with self._lock:
+            if self._buf and self._buf[-1][0] == kind:
+                self._buf[-1] = (kind, self._buf[-1][1] + text)
+            else:
+                self._buf.append((kind, text))
+            due = time.monotonic() - self._last_flush >= self.flush_interval
+            if due and "\n" in text:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        for kind, text in self._buf:
+            self._publish({"kind": kind, "text": text})
+        self._buf.clear()
+        self._last_flush = time.monotonic()
+
+    def flush(self, stale_only: bool = False) -> None:
+        with self._lock:
+            if self._buf and (not stale_only or time.monotonic() - self._last_flush >= self.flush_interval):
+                self._flush_locked()
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        with self._lock:
+            self._flush_locked()
+            self._publish({"kind": "display", "data": data, "metadata": metadata})
+
+
+_local = threading.local()
+_active: dict[str, tuple[_RunContext, int]] = {}
+_active_lock = threading.Lock()
+_installed = False
+
+
+def _current() -> _RunContext | None:
+    return getattr(_local, "run", None)
+
+
+class _Router(io.TextIOBase):
+    """Replaces sys.stdout/err: a cell thread's writes go to its run, others to the original stream."""
+
+    def __init__(self, kind: str, original: Any) -> None:
+        self.kind = kind
+        self.original = original
+
+    def write(self, s: str) -> int:
+        ctx = _current()
+        if ctx is None:
+            return self.original.write(s)
+        ctx.write(self.kind, s)
+        return len(s)
+
+    def flush(self) -> None:
+        ctx = _current()
+        if ctx is None:
+            self.original.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+
+def _display_hook(original: Any) -> Any:
+    def display(*objs: Any, **kwargs: Any) -> Any:
+        ctx = _current()
+        if ctx is None:
+            return original(*objs, **kwargs)
+        for obj in objs:
+            if kwargs.get("raw"):
+                ctx.display(dict(obj), {})
+            else:
+                data, md = _format(obj)
+                if data:
+                    ctx.display(data, md)
+        return None
+
+    display.__doc__ = original.__doc__
+    return display
+
+
+_formatter = None
+
+
+def _format(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The MIME bundle IPython would show for ``obj`` (figures rendered to PNG)."""
+    global _formatter
+    if type(obj).__name__ == "Figure" and type(obj).__module__.startswith("matplotlib"):
+        return _figure_bundle(obj), {}
+    if _formatter is None:
+        from IPython.core.formatters import DisplayFormatter
+
+        _formatter = DisplayFormatter()
+    data, md = _formatter.format(obj)
+    return _jsonable(data), _jsonable(md)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out[k] = base64.b64encode(v).decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _figure_bundle(fig: Any) -> dict[str, Any]:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": repr(fig)}
+
+
+def _install() -> None:
+    """Once per worker process: route stdio, display() and plt.show() per thread; start the flusher."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    sys.stdout = _Router("stdout", sys.stdout)
+    sys.stderr = _Router("stderr", sys.stderr)
+    try:
+        import IPython.core.display_functions as df
+        import IPython.display as ipd
+
+        hook = _display_hook(df.display)
+        df.display = hook
+        ipd.display = hook
+    except ImportError:  # IPython missing on the worker: display() falls back to print
+        pass
+    threading.Thread(target=_flusher, name="depin-stream-flusher", daemon=True).start()
+
+
+def _flusher() -> None:
+    while True:
+        time.sleep(0.02)
+        with _active_lock:
+            contexts = [c for c, _ in _active.values()]
+        for ctx in contexts:
+            try:
+                ctx.flush(stale_only=True)
+            except Exception:
+                pass
+
+
+def _fallback_display(*objs: Any, **kwargs: Any) -> None:
+    ctx = _current()
+    for obj in objs:
+        if ctx is None:
+            print(repr(obj))
+        else:
+            data, md = _format(obj)
+            ctx.display(data, md)
+
+
+def _show_figures(ctx: _RunContext, close: bool = True) -> None:
+    """Send the cell's open matplotlib figures as PNG, as the inline backend does at cell end."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    for num in plt.get_fignums():
+        fig = plt.figure(num)
+        ctx.display(_figure_bundle(fig), {})
+        if close:
+            plt.close(fig)
+
+
+# ---------------------------------------------------------------- cancellation
+
+def _inject(ident: int, exc: type[BaseException]) -> bool:
+    res = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+    return res == 1
+
+
+def cancel_run(run_id: str, timed_out: bool = False) -> bool:
+    """Stop a run executing in this process (called through `Client.run`); True if it was running."""
+    with _active_lock:
+        entry = _active.get(run_id)
+        if entry is None:
+            return False
+        return _inject(entry[1], CellTimedOut if timed_out else CellCancelled)
+
+
+# ---------------------------------------------------------------- execution
+
+def _rebind_globals(obj: Any, ns: dict[str, Any]) -> Any:
+    """A copy of a notebook-defined function whose globals are ``ns``, so it sees the cell's names.
+
+    Classes keep the globals cloudpickle gave their methods (the names they used when shipped).
+    """
+    if isinstance(obj, types.FunctionType) and obj.__module__ == "__main__" and obj.__globals__ is not ns:
+        new = types.FunctionType(obj.__code__, ns, obj.__name__, obj.__defaults__, obj.__closure__)
+        new.__kwdefaults__ = obj.__kwdefaults__
+        new.__qualname__ = obj.__qualname__
+        new.__dict__.update(obj.__dict__)
+        new.__annotations__ = getattr(obj, "__annotations__", {})
+        new.__doc__ = obj.__doc__
+        return new
+    return obj
+
+
+def _clean_traceback(exc: BaseException, filename: str) -> str:
+    """The traceback from the cell's first frame on, with the cell's own line numbers and source."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__))
+
+
+def _portable_exception(exc: BaseException) -> BaseException | None:
+    try:
+        clone = pickle.loads(pickle.dumps(exc))
+        clone.__traceback__ = None
+        return clone
+    except Exception:
+        return None
+
+
+def _serializable(value: Any) -> str | None:
+    """None if ``value`` can travel back to the notebook, else the reason it cannot."""
+    from distributed.protocol import serialize
+
+    try:
+        serialize(value, serializers=("cuda", "dask", "pickle"), on_error="raise")
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
+        return f"{type(e).__name__}: {e}"
+
+
+def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """Execute a cell's code with ``inputs`` and return what it bound, changed and printed.
+
+    ``spec`` keys: run_id, code, filename, modules ({name: module path}), maybe_mutated,
+    outputs (names or None for all), last_expr, timeout, flush_interval.
+    """
+    t0 = time.time()
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        worker_addr = worker.address
+    except ValueError:  # not on a worker (direct call in tests)
+        worker, worker_addr = None, None
+    _install()
+    run_id = spec["run_id"]
+    filename = spec["filename"]
+    code = spec["code"]
+    ctx = _RunContext(run_id, worker, spec.get("flush_interval", 0.05))
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+
+    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": _cell_builtins()}
+    for name, modname in spec["modules"].items():
+        ns[name] = importlib.import_module(modname)
+    for name, value in inputs.items():
+        ns[name] = _rebind_globals(value, ns)
+    seeded = {n: ns[n] for n in inputs}  # what the cell starts with (functions rebound to ns)
+    before = {n: _fingerprint(seeded[n]) for n in spec["maybe_mutated"] if n in seeded}
+    input_objects = {id(v): n for n, v in seeded.items() if not isinstance(v, (int, float, str, bool, type(None)))}
+
+    result: dict[str, Any] = {"status": "ok", "worker": worker_addr, "run_id": run_id}
+    ident = threading.get_ident()
+    _local.run = ctx
+    with _active_lock:
+        _active[run_id] = (ctx, ident)
+    timer = None
+    if spec.get("timeout"):
+        timer = threading.Timer(spec["timeout"], _inject, args=(ident, CellTimedOut))
+        timer.daemon = True
+        timer.start()
+    t1 = time.time()
+    try:
+        try:
+            tree = ast.parse(code, filename=filename)
+            body = tree.body
+            value_node = body.pop() if spec.get("last_expr") else None
+            exec(compile(ast.Module(body=body, type_ignores=[]), filename, "exec"), ns)
+            if value_node is not None:
+                value = eval(compile(ast.Expression(value_node.value), filename, "eval"), ns)  # type: ignore[attr-defined]
+                if value is not None:
+                    result["value"] = _shippable_value(value)
+            _show_figures(ctx)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with _active_lock:
+                _active.pop(run_id, None)
+    except BaseException as exc:  # noqa: BLE001 - the cell's own exception travels back
+        result["status"] = "cancelled" if isinstance(exc, CellCancelled) else "error"
+        result["error"] = {
+            "type": type(exc).__name__,
+            "module": type(exc).__module__,
+            "message": str(exc),
+            "traceback": _clean_traceback(exc, filename),
+            "exception": None if isinstance(exc, CellCancelled) else _portable_exception(exc),
+            "timed_out": isinstance(exc, CellTimedOut),
+        }
+    finally:
+        _local.run = None
+        ctx.flush()
+    t2 = time.time()
+    _collect(result, ns, seeded, input_objects, before, spec)
+    result["stream_count"] = ctx.seq
+    result["timings"] = {"setup": t1 - t0, "run": t2 - t1, "collect": time.time() - t2}
+    return result
+
+
+def _cell_builtins() -> dict[str, Any]:
+    b = dict(vars(builtins))
+    try:
+        import IPython.display as ipd
+
+        b["display"] = ipd.display
+    except ImportError:
+        b["display"] = _fallback_display
+    return b
+
+
+class RichValue:
+    """A last-expression value that cannot travel itself: shown through its MIME bundle."""
+
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self.data, self.metadata = data, metadata
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        data = dict(self.data)
+        if "image/png" in data and isinstance(data["image/png"], str):
+            data["image/png"] = base64.b64decode(data["image/png"])
+        return data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<remote value>"))
+
+
+def _shippable_value(value: Any) -> Any:
+    if _serializable(value) is None:
+        return value
+    data, md = _format(value)
+    return RichValue(data, md)
+
+
+def _collect(result: dict[str, Any], ns: dict[str, Any], inputs: dict[str, Any],
+             input_objects: dict[int, str], before: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Fill ``result`` with the names the cell bound, changed in place, aliased or deleted."""
+    wanted = spec.get("outputs")
+    outputs: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    modules: dict[str, str] = {}
+    mutated: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name, value in ns.items():
+        if name.startswith("__") and name.endswith("__"):
+            continue
+        if wanted is not None and name not in wanted:
+            continue
+        if name in inputs and value is inputs[name]:
+            if name in before and _changed(before[name], value):
+                mutated[name] = value
+            continue
+        if isinstance(value, types.ModuleType):
+            if spec["modules"].get(name) != value.__name__:
+                modules[name] = value.__name__
+            continue
+        if id(value) in input_objects and inputs.get(input_objects[id(value)]) is value:
+            aliases[name] = input_objects[id(value)]
+            continue
+        outputs[name] = value
+    for group in (outputs, mutated):
+        for name in list(group):
+            reason = _serializable(group[name])
+            if reason is not None:
+                skipped[name] = f"{type(group.pop(name)).__name__} ({reason})"
+    known = set(inputs) | set(spec["modules"])
+    result["deleted"] = [n for n in known if n not in ns and (wanted is None or n in wanted)]
+    result.update(outputs=outputs, aliases=aliases, modules=modules, mutated=mutated, skipped=skipped)

@@ -1,0 +1,269 @@
+"""Run one cell on the cluster: plan, ship inputs, submit, stream output, retry/time out, bind results.
+
+This is the plain API under `%%depin`; the magic only parses arguments and calls `run_cell`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import config
+from .cell import analyze
+from .cluster import Session
+from .errors import (
+    CellTimeoutError,
+    NoSuitableWorkerError,
+    RemoteExecutionError,
+    WorkerLostError,
+)
+from .remote import cancel_run, run_cell as remote_run_cell
+from .shipping import apply_results, ship_inputs
+from .stream import emit
+
+__all__ = ["RunOptions", "CellOutcome", "RemoteCellError", "run_cell"]
+
+# Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
+_CANCEL_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of one `%%depin` run (None: take the configured default)."""
+
+    gpu: int | None = None
+    cpu: bool = False
+    timeout: float | None = None
+    retries: int | None = None
+    name: str | None = None
+    worker: str | None = None
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+
+
+@dataclass
+class CellOutcome:
+    """What a run produced besides the names it bound."""
+
+    run_id: str
+    worker: str | None
+    value: Any = None
+    has_value: bool = False
+    sent_bytes: int = 0
+    reused_inputs: list[str] = field(default_factory=list)
+    attempts: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class RemoteCellError(RemoteExecutionError):
+    """A cell's exception whose class could not travel back; keeps the remote type name and message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_message = message
+
+
+def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions()) -> CellOutcome:
+    """Run ``code`` on the session's cluster with inputs from ``namespace``; bind its results there.
+
+    Raises the cell's own exception (with the remote traceback as a note), or a DepinError subclass
+    naming what went wrong outside the cell (undefined input, worker lost, timeout...).
+    """
+    __tracebackhide__ = True
+    t_start = time.perf_counter()
+    label = options.name or "cell"
+    run_id = f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    filename = f"<depin {label} {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
+    plan = analyze(code, filename=filename)
+
+    if options.inputs is not None:
+        names = list(options.inputs)
+        missing = [n for n in names if n not in namespace]
+    else:
+        names = plan.inputs(namespace)
+        missing = plan.undefined(namespace)
+    if missing:
+        raise NameError(f"name {missing[0]!r} is not defined: the %%depin cell reads it"
+                        + (f" (also undefined: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+                        + ". Define it in the notebook before running the cell; nothing was sent.")
+
+    placement = _placement(session, options)
+    shipped = ship_inputs(session.client, namespace, names, session.inputs)
+    t_shipped = time.perf_counter()
+    spec = {
+        "run_id": run_id,
+        "code": code,
+        "filename": filename,
+        "modules": shipped.modules,
+        "maybe_mutated": [n for n in plan.maybe_mutated if n in shipped.args],
+        "outputs": list(options.outputs) if options.outputs is not None else None,
+        "last_expr": plan.last_expr,
+        "timeout": config.seconds("timeout", options.timeout),
+        "flush_interval": config.seconds("stream.flush-interval"),
+    }
+    retries = int(config.get("retries", options.retries))
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = _submit_and_wait(session, spec, shipped.args, placement)
+            break
+        except WorkerLostError as e:
+            if attempt > retries:
+                raise WorkerLostError(
+                    f"{e} Tried {attempt} time(s) (--retries {retries}). If the cell itself kills its "
+                    f"worker (os._exit, a crash in native code, running out of memory), fix that or use "
+                    f"smaller inputs; otherwise raise --retries."
+                ) from None
+            print(f"depin: {e} Retrying on another worker (attempt {attempt + 1} of {retries + 1}).",
+                  file=sys.stderr)
+
+    t_done = time.perf_counter()
+    for name in result.get("mutated", {}):
+        session.inputs.discard(shipped.hashes.get(name, ""))  # the cluster's copy changed in place
+    for warning in apply_results(namespace, result):
+        print(f"depin: {warning}", file=sys.stderr)
+    outcome = CellOutcome(
+        run_id=run_id,
+        worker=result.get("worker"),
+        sent_bytes=shipped.sent_bytes,
+        reused_inputs=shipped.reused,
+        attempts=attempt,
+        timings={"ship": t_shipped - t_start, "remote": t_done - t_shipped,
+                 "total": time.perf_counter() - t_start, **result.get("timings", {})},
+    )
+    if "value" in result:
+        outcome.value, outcome.has_value = result["value"], True
+    if result["status"] != "ok":
+        _raise_remote(result, spec)
+    return outcome
+
+
+def _placement(session: Session, options: RunOptions) -> dict[str, Any]:
+    """Dask submit keywords that route the cell to suitable workers; errors if none is connected."""
+    workers = session.workers()
+    gpus = options.gpu if options.gpu is not None else (None if options.cpu else config.get("gpus"))
+    placement: dict[str, Any] = {}
+    if options.worker:
+        match = [w.address for w in workers if options.worker in (w.name, w.address)]
+        if not match:
+            known = ", ".join(f"{w.name} ({w.address})" for w in workers) or "none"
+            raise NoSuitableWorkerError(f"--worker {options.worker}: no such worker is connected. "
+                                        f"Connected: {known}.")
+        placement.update(workers=match, allow_other_workers=False)
+    if gpus:
+        capable = [w for w in workers if w.gpus >= gpus]
+        if capable:
+            placement["resources"] = {"GPU": gpus}
+        elif config.get("gpu-fallback") == "cpu":
+            if not session.cpu_fallback_said:
+                print(f"depin: no worker offers {gpus} GPU(s); running on CPU with numpy "
+                      f"(depin.gpu-fallback: cpu).", file=sys.stderr)
+                session.cpu_fallback_said = True
+        else:
+            have = ", ".join(f"{w.name}: {w.gpus} GPU" for w in workers) or "no workers"
+            raise NoSuitableWorkerError(
+                f"the cell asks for {gpus} GPU(s) (--gpu) but no connected worker has that many "
+                f"({have}). Connect to a cluster with GPU workers, run with --cpu, or set "
+                f"depin.gpu-fallback: cpu to run such cells on CPU with numpy."
+            )
+    return placement
+
+
+def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any],
+                     placement: dict[str, Any]) -> dict[str, Any]:
+    """Submit the run, echo its live output, and return its result dict (or raise a DepinError)."""
+    __tracebackhide__ = True
+    from distributed import KilledWorker
+
+    client = session.client
+    run_id = spec["run_id"]
+    q = session.streams.open(run_id)
+    future = client.submit(remote_run_cell, spec, args, key=f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}",
+                           pure=False, **placement)
+    timeout = spec["timeout"]
+    deadline = None if timeout is None else time.monotonic() + timeout + _CANCEL_GRACE_S
+    seen = 0
+    try:
+        while not future.done():
+            seen += _drain(q, block=0.02)
+            if deadline is not None and time.monotonic() > deadline:
+                _cancel(client, future, run_id, timed_out=True)
+                raise CellTimeoutError(
+                    f"the cell ran past --timeout {timeout:g}s and was cancelled; its worker thread did not "
+                    f"stop in time (it is likely inside a long C call) and may finish in the background. "
+                    f"Raise --timeout or split the work."
+                )
+        try:
+            result = future.result()
+        except KilledWorker as e:
+            raise WorkerLostError(f"the worker running the cell died or left ({_short(e)}).") from None
+        except Exception as e:  # noqa: BLE001 - transport failures surface with their cause
+            raise RemoteExecutionError(
+                f"the cell could not complete on the cluster: {type(e).__name__}: {e}") from None
+        # Output events travel separately from the result: wait for every one the worker sent.
+        drain_until = time.monotonic() + config.seconds("stream.drain-timeout")
+        while seen < result.get("stream_count", 0) and time.monotonic() < drain_until:
+            seen += _drain(q, block=0.02)
+        if seen < result.get("stream_count", 0):
+            print(f"depin: {result['stream_count'] - seen} output message(s) of the cell did not arrive.",
+                  file=sys.stderr)
+        return result
+    except KeyboardInterrupt:
+        _cancel(client, future, run_id, timed_out=False)
+        raise
+    finally:
+        session.streams.close(run_id)
+        future.release()
+
+
+def _drain(q: queue.Queue[dict[str, Any]], block: float) -> int:
+    n = 0
+    try:
+        msg = q.get(timeout=block)
+    except queue.Empty:
+        return 0
+    while True:
+        emit(msg)
+        n += 1
+        try:
+            msg = q.get_nowait()
+        except queue.Empty:
+            return n
+
+
+def _cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
+    """Stop the run on whichever worker executes it, then drop the task."""
+    try:
+        client.run(cancel_run, run_id, timed_out, wait=True)
+    except Exception:  # noqa: BLE001 - best effort: the future is cancelled below regardless
+        pass
+    future.cancel()
+
+
+def _short(e: BaseException) -> str:
+    text = str(e)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
+    __tracebackhide__ = True
+    err = result["error"]
+    where = result.get("worker") or "the worker"
+    if result["status"] == "cancelled":
+        if err.get("timed_out"):
+            raise CellTimeoutError(f"the cell ran past --timeout {spec['timeout']:g}s on {where} and was "
+                                   f"cancelled there. Raise --timeout or make the cell faster.")
+        raise RemoteExecutionError(f"the cell was cancelled on {where}.")
+    exc = err.get("exception")
+    if not isinstance(exc, BaseException):
+        exc = RemoteCellError(err["type"], err["message"])
+    exc.add_note(f"--- remote traceback (%%depin, worker {where}) ---\n{err['traceback'].rstrip()}")
+    raise exc
+

@@ -1,0 +1,200 @@
+"""Moving a cell's variables: inputs to the cluster (content-hashed, sent once), results back into the namespace.
+
+Inputs are classified: modules travel as their import path and are re-imported on the worker;
+small immutable values ride inside the task; everything else is scattered once under a key made
+of its content hash and kept on the cluster (LRU, `depin.input-cache-bytes`), so a cell that reads
+the same 1 GiB array again ships nothing. Results come back as values, aliases of inputs, modules
+to import, and inputs changed in place — the last applied to the existing local objects so that
+views and other references see the change, as they would if the cell ran locally.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import config
+from .errors import CellInputError
+from .remote import _rebind_globals, content_hash
+
+__all__ = ["InputCache", "ShippedInputs", "ship_inputs", "apply_results"]
+
+_INLINE_TYPES = (int, float, complex, bool, str, bytes, type(None))
+_INLINE_MAX_BYTES = 64 * 1024
+
+
+@dataclass
+class ShippedInputs:
+    """What a run's inputs became: task arguments, modules to import, and what was sent."""
+
+    args: dict[str, Any] = field(default_factory=dict)       # name -> future or inline value
+    modules: dict[str, str] = field(default_factory=dict)    # name -> module import path
+    hashes: dict[str, str] = field(default_factory=dict)     # name -> content hash
+    sent_bytes: int = 0                                      # bytes scattered by this run
+    reused: list[str] = field(default_factory=list)          # names found on the cluster already
+
+
+class InputCache:
+    """Futures of inputs already on the cluster, by content hash, least recently used released first."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes if max_bytes is not None else config.nbytes("input-cache-bytes")
+        self._items: collections.OrderedDict[str, tuple[Any, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.total_sent = 0  # bytes scattered over the session's life (tests and benchmarks read it)
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            fut, _ = item
+            if fut.status in ("error", "cancelled", "lost"):
+                del self._items[key]
+                return None
+            self._items.move_to_end(key)
+            return fut
+
+    def put(self, key: str, future: Any, nbytes: int) -> None:
+        with self._lock:
+            self._items[key] = (future, nbytes)
+            self._items.move_to_end(key)
+            total = sum(n for _, n in self._items.values())
+            while total > self.max_bytes and len(self._items) > 1:
+                _, (old, n) = self._items.popitem(last=False)
+                total -= n
+                old.release()
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            item = self._items.pop(key, None)
+        if item is not None:
+            item[0].release()
+
+    def clear(self) -> None:
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        for fut, _ in items:
+            fut.release()
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _is_inline(value: Any) -> bool:
+    if isinstance(value, _INLINE_TYPES):
+        return not isinstance(value, (str, bytes)) or len(value) <= _INLINE_MAX_BYTES
+    return False
+
+
+def _serialized_size(name: str, value: Any) -> int:
+    """Bytes ``value`` takes on the wire; raises CellInputError naming the variable if it cannot travel."""
+    from distributed.protocol import serialize
+
+    try:
+        _, frames = serialize(value, serializers=("cuda", "dask", "pickle"), on_error="raise")
+    except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
+        raise CellInputError(
+            f"input {name!r} of type {type(value).__module__}.{type(value).__qualname__} cannot be sent to "
+            f"a worker: {type(e).__name__}: {e}. Recreate it inside the %%depin cell, or leave it out "
+            f"with --inputs."
+        ) from None
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache) -> ShippedInputs:
+    """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks."""
+    shipped = ShippedInputs()
+    to_send: dict[str, tuple[str, Any, int]] = {}
+    for name in names:
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            shipped.modules[name] = value.__name__
+            continue
+        if _is_inline(value):
+            shipped.args[name] = value
+            continue
+        key = "depin-input-" + content_hash(value)
+        shipped.hashes[name] = key
+        fut = cache.get(key)
+        if fut is not None:
+            shipped.args[name] = fut
+            shipped.reused.append(name)
+        elif key in to_send:  # two names, one content: send once
+            continue
+        else:
+            to_send[key] = (name, value, _serialized_size(name, value))
+    if to_send:
+        futures = client.scatter({key: value for key, (_, value, _) in to_send.items()}, hash=False)
+        for key, (name, _, size) in to_send.items():
+            cache.put(key, futures[key], size)
+            shipped.sent_bytes += size
+        cache.total_sent += shipped.sent_bytes
+    for name, key in shipped.hashes.items():
+        if name not in shipped.args:
+            shipped.args[name] = cache.get(key) or futures[key]
+    return shipped
+
+
+def apply_results(namespace: dict[str, Any], result: dict[str, Any]) -> list[str]:
+    """Bind a run's results into ``namespace``; returns warnings to show the user."""
+    warnings: list[str] = []
+    for name, modpath in result.get("modules", {}).items():
+        try:
+            namespace[name] = sys.modules.get(modpath) or importlib.import_module(modpath)
+        except ImportError as e:
+            warnings.append(f"the cell imported {modpath!r} on the worker, but it cannot be imported here ({e})")
+    for name, value in result.get("mutated", {}).items():
+        local = namespace.get(name)
+        if local is None or not _update_in_place(local, value):
+            namespace[name] = value
+    for name, value in result.get("outputs", {}).items():
+        namespace[name] = _rebind_globals(value, namespace)
+    for name, source in result.get("aliases", {}).items():
+        namespace[name] = namespace[source]
+    for name in result.get("deleted", []):
+        namespace.pop(name, None)
+    for name, why in result.get("skipped", {}).items():
+        warnings.append(f"output {name!r} of type {why} could not be brought back from the worker; "
+                        f"it is not bound here")
+    return warnings
+
+
+def _update_in_place(local: Any, new: Any) -> bool:
+    """Make ``local`` equal to ``new`` without replacing it; False when that is not possible."""
+    if type(local) is not type(new):
+        return False
+    mod = type(local).__module__
+    if mod.startswith(("numpy", "cupy")) and hasattr(local, "shape"):
+        if local.shape != new.shape or local.dtype != new.dtype or not local.flags.writeable:
+            return False
+        local[...] = new
+        return True
+    if isinstance(local, (list, bytearray)):
+        local[:] = new
+        return True
+    if isinstance(local, (dict, collections.OrderedDict)):
+        local.clear()
+        local.update(new)
+        return True
+    if isinstance(local, set):
+        local.clear()
+        local.update(new)
+        return True
+    if mod.startswith("numpy.random") and hasattr(local, "bit_generator"):
+        local.bit_generator.state = new.bit_generator.state  # a seeded Generator advanced by the cell
+        return True
+    if hasattr(local, "__dict__") and not isinstance(local, type):
+        local.__dict__.clear()
+        local.__dict__.update(new.__dict__)
+        return True
+    return False
