@@ -315,7 +315,7 @@ def _read_only_use(node: ast.expr, parents: dict[ast.AST, ast.AST]) -> bool:
     if isinstance(parent, ast.Attribute) and parent.value is node:
         grand = parents.get(parent)
         if parent.attr in PURE_METHODS and isinstance(grand, ast.Call) and grand.func is parent:
-            return not any(k.arg == "out" for k in grand.keywords)
+            return True  # the receiver is only read (an `out=` argument is watched on its own)
         if parent.attr in DATA_ATTRS:
             return True
     return False

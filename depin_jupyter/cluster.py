@@ -126,24 +126,27 @@ def _connect_address(address: str) -> Session:
 
 
 def connect(target: str | None = None) -> Session:
-    """Connect this kernel to ``target`` (None/"local": embedded default; an address), replacing any session."""
+    """Connect this kernel to ``target`` (None/"local": embedded default; an address).
+
+    The previous session is closed only once the new one is up, so a failed connect loses nothing.
+    """
     global _session
     target = target if target is not None else config.get("scheduler-address")
+    if target in (None, "", "local"):
+        new = _start_local()
+    elif "://" in target or ":" in target:
+        new = _connect_address(target if "://" in target else f"tcp://{target}")
+    else:
+        raise DepinUsageError(
+            f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
+            f"a scheduler address such as tcp://host:8786 or tls://host:8786 (join tokens arrive with "
+            f"the volunteer network)."
+        )
     with _session_lock:
-        if _session is not None:
-            _session.close()
-            _session = None
-        if target in (None, "", "local"):
-            _session = _start_local()
-        elif "://" in target or ":" in target:
-            _session = _connect_address(target if "://" in target else f"tcp://{target}")
-        else:
-            raise DepinUsageError(
-                f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
-                f"a scheduler address such as tcp://host:8786 or tls://host:8786 (join tokens arrive with "
-                f"the volunteer network)."
-            )
-        return _session
+        old, _session = _session, new
+    if old is not None:
+        old.close()
+    return new
 
 
 def current_session() -> Session | None:

@@ -75,7 +75,7 @@ class DepinMagics(Magics):
         session = _usage(get_session)
         if fresh:
             print(f"depin: started {session.description}", file=sys.stderr)
-        outcome = _usage(run_cell, session, cell, self.shell.user_ns, options)
+        outcome = _usage(run_cell, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden)
         return outcome.value if outcome.has_value else None
 
     @magic_arguments()

@@ -23,7 +23,7 @@ import traceback
 import types
 from typing import Any
 
-__all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash"]
+__all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash", "box", "unbox"]
 
 STREAM_TOPIC = "depin-stream"
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range, types.ModuleType,
@@ -36,6 +36,32 @@ class CellCancelled(BaseException):
 
 class CellTimedOut(CellCancelled):
     """Raised inside a cell's thread when it runs past its timeout."""
+
+
+# ---------------------------------------------------------------- values that need care on the wire
+
+class Boxed:
+    """Carries a value by pickle, bypassing Dask's array serializer, which drops ndarray subclasses."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Boxed, (self.value,))
+
+
+def box(value: Any) -> Any:
+    """Box ndarray subclasses (recarray, matrix, masked arrays) so they keep their type in transit."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        return Boxed(value)
+    return value
+
+
+def unbox(value: Any) -> Any:
+    return value.value if isinstance(value, Boxed) else value
 
 
 # ---------------------------------------------------------------- content hashes
@@ -321,8 +347,10 @@ def _clean_traceback(exc: BaseException, filename: str) -> str:
 
 
 def _portable_exception(exc: BaseException) -> BaseException | None:
+    from distributed.protocol import pickle as dpickle  # cloudpickle fallback: classes from the cell travel
+
     try:
-        clone = pickle.loads(pickle.dumps(exc))
+        clone = dpickle.loads(dpickle.dumps(exc))
         clone.__traceback__ = None
         return clone
     except Exception:
@@ -364,11 +392,20 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": _cell_builtins()}
     for name, modname in spec["modules"].items():
         ns[name] = importlib.import_module(modname)
+    for value in inputs.values():
+        # A notebook function brings the globals it uses (as cloudpickle captured them) along.
+        if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
+            for gname, gvalue in value.__globals__.items():
+                if not (gname.startswith("__") and gname.endswith("__")):
+                    ns.setdefault(gname, gvalue)
+    inputs = {name: unbox(value) for name, value in inputs.items()}
     for name, value in inputs.items():
         ns[name] = _rebind_globals(value, ns)
-    seeded = {n: ns[n] for n in inputs}  # what the cell starts with (functions rebound to ns)
-    before = {n: _fingerprint(seeded[n]) for n in spec["maybe_mutated"] if n in seeded}
-    input_objects = {id(v): n for n, v in seeded.items() if not isinstance(v, (int, float, str, bool, type(None)))}
+    # What the cell starts with: anything still bound to the same object afterwards is no output.
+    seeded = {n: v for n, v in ns.items() if n not in ("__name__", "__builtins__")}
+    before = {n: _fingerprint(seeded[n]) for n in spec["maybe_mutated"] if n in inputs}
+    input_objects = {id(v): n for n, v in seeded.items()
+                     if n in inputs and not isinstance(v, (int, float, str, bool, type(None)))}
 
     result: dict[str, Any] = {"status": "ok", "worker": worker_addr, "run_id": run_id}
     ident = threading.get_ident()
@@ -470,7 +507,7 @@ def _collect(result: dict[str, Any], ns: dict[str, Any], inputs: dict[str, Any],
                 mutated[name] = value
             continue
         if isinstance(value, types.ModuleType):
-            if spec["modules"].get(name) != value.__name__:
+            if inputs.get(name) is not value:
                 modules[name] = value.__name__
             continue
         if id(value) in input_objects and inputs.get(input_objects[id(value)]) is value:
@@ -482,6 +519,8 @@ def _collect(result: dict[str, Any], ns: dict[str, Any], inputs: dict[str, Any],
             reason = _serializable(group[name])
             if reason is not None:
                 skipped[name] = f"{type(group.pop(name)).__name__} ({reason})"
+            else:
+                group[name] = box(group[name])
     known = set(inputs) | set(spec["modules"])
     result["deleted"] = [n for n in known if n not in ns and (wanted is None or n in wanted)]
     result.update(outputs=outputs, aliases=aliases, modules=modules, mutated=mutated, skipped=skipped)

@@ -60,6 +60,10 @@ class CellOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class _InputsLost(Exception):
+    """Inputs kept on the cluster were lost with a worker: ship them again and resubmit."""
+
+
 class RemoteCellError(RemoteExecutionError):
     """A cell's exception whose class could not travel back; keeps the remote type name and message."""
 
@@ -69,11 +73,14 @@ class RemoteCellError(RemoteExecutionError):
         self.remote_message = message
 
 
-def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions()) -> CellOutcome:
+def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
+             hidden: dict[str, Any] | None = None) -> CellOutcome:
     """Run ``code`` on the session's cluster with inputs from ``namespace``; bind its results there.
 
     Raises the cell's own exception (with the remote traceback as a note), or a DepinError subclass
     naming what went wrong outside the cell (undefined input, worker lost, timeout...).
+    ``hidden`` holds names the shell itself put in the namespace (IPython's `user_ns_hidden`);
+    they are not sent unless the user rebound them.
     """
     __tracebackhide__ = True
     t_start = time.perf_counter()
@@ -86,7 +93,8 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
         names = list(options.inputs)
         missing = [n for n in names if n not in namespace]
     else:
-        names = plan.inputs(namespace)
+        hidden = hidden or {}
+        names = [n for n in plan.inputs(namespace) if n not in hidden or namespace[n] is not hidden[n]]
         missing = plan.undefined(namespace)
     if missing:
         raise NameError(f"name {missing[0]!r} is not defined: the %%depin cell reads it"
@@ -94,26 +102,33 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                         + ". Define it in the notebook before running the cell; nothing was sent.")
 
     placement = _placement(session, options)
-    shipped = ship_inputs(session.client, namespace, names, session.inputs)
-    t_shipped = time.perf_counter()
-    spec = {
-        "run_id": run_id,
-        "code": code,
-        "filename": filename,
-        "modules": shipped.modules,
-        "maybe_mutated": [n for n in plan.maybe_mutated if n in shipped.args],
-        "outputs": list(options.outputs) if options.outputs is not None else None,
-        "last_expr": plan.last_expr,
-        "timeout": config.seconds("timeout", options.timeout),
-        "flush_interval": config.seconds("stream.flush-interval"),
-    }
     retries = int(config.get("retries", options.retries))
-    attempt = 0
+    attempt = lost_inputs = 0
     while True:
         attempt += 1
+        # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
+        shipped = ship_inputs(session.client, namespace, names, session.inputs)
+        t_shipped = time.perf_counter()
+        spec = {
+            "run_id": run_id,
+            "code": code,
+            "filename": filename,
+            "modules": shipped.modules,
+            "maybe_mutated": [n for n in plan.maybe_mutated if n in shipped.args],
+            "outputs": list(options.outputs) if options.outputs is not None else None,
+            "last_expr": plan.last_expr,
+            "timeout": config.seconds("timeout", options.timeout),
+            "flush_interval": config.seconds("stream.flush-interval"),
+        }
         try:
             result = _submit_and_wait(session, spec, shipped.args, placement)
             break
+        except _InputsLost:
+            lost_inputs += 1
+            attempt -= 1
+            if lost_inputs > 3:
+                raise RemoteExecutionError("the cell's inputs keep getting lost with their workers; "
+                                           "check the cluster's health (%depin status).") from None
         except WorkerLostError as e:
             if attempt > retries:
                 raise WorkerLostError(
@@ -181,6 +196,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     """Submit the run, echo its live output, and return its result dict (or raise a DepinError)."""
     __tracebackhide__ = True
     from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
 
     client = session.client
     run_id = spec["run_id"]
@@ -203,7 +219,12 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         try:
             result = future.result()
         except KilledWorker as e:
-            raise WorkerLostError(f"the worker running the cell died or left ({_short(e)}).") from None
+            where = getattr(getattr(e, "last_worker", None), "address", None) or "its worker"
+            raise WorkerLostError(f"the worker running the cell ({where}) died or left the cluster.") from None
+        except FutureCancelledError as e:
+            if "lost dependencies" in str(e):
+                raise _InputsLost() from None
+            raise RemoteExecutionError(f"the cell was cancelled on the cluster ({e}).") from None
         except Exception as e:  # noqa: BLE001 - transport failures surface with their cause
             raise RemoteExecutionError(
                 f"the cell could not complete on the cluster: {type(e).__name__}: {e}") from None
@@ -245,11 +266,6 @@ def _cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
     except Exception:  # noqa: BLE001 - best effort: the future is cancelled below regardless
         pass
     future.cancel()
-
-
-def _short(e: BaseException) -> str:
-    text = str(e)
-    return text if len(text) < 300 else text[:300] + "..."
 
 
 def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import config
 from .errors import CellInputError
-from .remote import _rebind_globals, content_hash
+from .remote import _rebind_globals, box, content_hash, unbox
 
 __all__ = ["InputCache", "ShippedInputs", "ship_inputs", "apply_results"]
 
@@ -134,7 +134,7 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
         else:
             to_send[key] = (name, value, _serialized_size(name, value))
     if to_send:
-        futures = client.scatter({key: value for key, (_, value, _) in to_send.items()}, hash=False)
+        futures = client.scatter({key: box(value) for key, (_, value, _) in to_send.items()}, hash=False)
         for key, (name, _, size) in to_send.items():
             cache.put(key, futures[key], size)
             shipped.sent_bytes += size
@@ -154,11 +154,12 @@ def apply_results(namespace: dict[str, Any], result: dict[str, Any]) -> list[str
         except ImportError as e:
             warnings.append(f"the cell imported {modpath!r} on the worker, but it cannot be imported here ({e})")
     for name, value in result.get("mutated", {}).items():
+        value = unbox(value)
         local = namespace.get(name)
         if local is None or not _update_in_place(local, value):
             namespace[name] = value
     for name, value in result.get("outputs", {}).items():
-        namespace[name] = _rebind_globals(value, namespace)
+        namespace[name] = _rebind_globals(unbox(value), namespace)
     for name, source in result.get("aliases", {}).items():
         namespace[name] = namespace[source]
     for name in result.get("deleted", []):

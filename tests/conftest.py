@@ -1,0 +1,111 @@
+"""Shared fixtures: a real IPython shell with the extension, on a real Dask cluster with worker processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+# Tests must not pick up a developer's Dask/depin settings from ~/.config/dask.
+os.environ.setdefault("DASK_CONFIG", os.path.join(os.path.dirname(__file__), "_no_dask_config"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_gpu() -> bool:
+    from depin_jupyter.gpu import detect
+
+    return detect()[0] > 0
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with cupy and dask-cuda (run on the GPU device)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ip():
+    """An IPython shell with `%load_ext depin_jupyter` done."""
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "depin_jupyter")
+    yield shell
+
+
+@pytest.fixture(scope="session")
+def depin_session(ip):
+    """The embedded default cluster (2 CPU worker processes here), shared by the suite."""
+    from depin_jupyter import cluster
+
+    session = cluster.connect("local")
+    session.client.wait_for_workers(2, timeout=60)
+    yield session
+    cluster.close_session()
+
+
+@pytest.fixture
+def shell(ip, depin_session):
+    """The shell, connected, with a clean user namespace for each test."""
+    from depin_jupyter import cluster
+
+    if cluster.current_session() is not depin_session:  # a test connected elsewhere: come back
+        cluster._session = depin_session
+    depin_session.client.wait_for_workers(2, timeout=60)
+    before = set(ip.user_ns)
+    yield ip
+    for name in set(ip.user_ns) - before:
+        ip.user_ns.pop(name, None)
+
+
+def run(shell, code: str):
+    """Run a cell; return IPython's ExecutionResult."""
+    return shell.run_cell(code, store_history=False)
+
+
+def run_ok(shell, code: str):
+    """Run a cell that must succeed; return its result value."""
+    res = run(shell, code)
+    if not res.success:
+        raise AssertionError(f"cell failed: {res.error_before_exec or res.error_in_exec!r}")
+    return res.result
+
+
+@pytest.fixture
+def scheduler_process():
+    """A real `dask scheduler` and one `dask worker` as separate processes on 127.0.0.1."""
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    bindir = os.path.dirname(sys.executable)
+    procs = [subprocess.Popen([os.path.join(bindir, "dask"), "scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    procs.append(subprocess.Popen([os.path.join(bindir, "dask"), "worker", addr, "--nthreads", "1",
+                                   "--no-dashboard", "--name", "external-0"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    yield addr
+    for p in procs[::-1]:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

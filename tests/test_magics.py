@@ -1,0 +1,362 @@
+"""`%%depin` end to end on a real LocalCluster with worker processes: the cell runs remotely as if local."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from IPython.utils.capture import capture_output
+
+from conftest import run, run_ok
+
+
+def test_help_lists_every_option(ip):
+    doc = ip.find_cell_magic("depin").__doc__
+    for opt in ("--gpu", "--cpu", "--timeout", "--retries", "--name", "--worker", "--inputs", "--outputs"):
+        assert opt in doc
+    assert "connect" in ip.find_line_magic("depin").__doc__
+
+
+def test_cell_runs_on_a_worker_and_binds_outputs(shell, depin_session):
+    run_ok(shell, "import os\nimport numpy as np\na = np.arange(6.0)\nscale = 3")
+    value = run_ok(shell, "%%depin\nb = a * scale\npid = os.getpid()\ntotal = float(b.sum())\ntotal")
+    assert value == 45.0
+    ns = shell.user_ns
+    np.testing.assert_array_equal(ns["b"], np.arange(6.0) * 3)
+    assert ns["pid"] != os.getpid()  # it really ran in a worker process
+    worker_pids = depin_session.client.run(os.getpid)
+    assert ns["pid"] in worker_pids.values()
+
+
+def test_modules_are_reimported_and_notebook_functions_travel_by_value(shell):
+    run_ok(shell, "import math\nk = 10\ndef f(v):\n    return math.sqrt(v) * k\n"
+                  "class Point:\n    def __init__(self, x):\n        self.x = x\n    def norm(self):\n        return abs(self.x)")
+    run_ok(shell, "%%depin\nr = f(16)\np = Point(-3)\nn = p.norm()")
+    assert shell.user_ns["r"] == 40.0 and shell.user_ns["n"] == 3
+    assert type(shell.user_ns["p"]).__name__ == "Point"
+
+
+def test_functions_defined_remotely_see_the_notebook_namespace(shell):
+    run_ok(shell, "%%depin\nbase = 2\ndef twice(v):\n    return v * base")
+    run_ok(shell, "base = 5")
+    assert run_ok(shell, "twice(3)") == 15  # it reads the notebook's current `base`, as a local def would
+
+
+def test_output_kinds(shell):
+    run_ok(shell, "import os\ncount = 1\nold = 'x'\npairs = [(1, 2), (3, 4)]")
+    run_ok(shell, "%%depin\ncount += 41\ndel old\nfor i, (p, q) in enumerate(pairs):\n    last = p + q\n"
+                  "import json as js\nwith open(os.devnull) as fh:\n    closed = fh.closed\n")
+    ns = shell.user_ns
+    assert ns["count"] == 42 and "old" not in ns
+    assert (ns["i"], ns["p"], ns["q"], ns["last"]) == (1, 3, 4, 7)
+    assert ns["js"] is sys.modules["json"]
+
+
+def test_inputs_and_outputs_overrides(shell):
+    run_ok(shell, "u = 1\nv = 2")
+    run_ok(shell, "%%depin --inputs u --outputs w\nw = globals().get('v', 'missing')\nz = 3")
+    assert shell.user_ns["w"] == "missing"  # v was not sent
+    assert "z" not in shell.user_ns           # z was not brought back
+
+
+def test_exception_keeps_type_message_and_cell_line_numbers(shell):
+    run_ok(shell, "d = {'a': 1}")
+    res = run(shell, "%%depin\nx = 1\ny = 2\nz = d['missing']\n")
+    err = res.error_in_exec
+    assert type(err) is KeyError and err.args == ("missing",)
+    note = "\n".join(err.__notes__)
+    assert 'line 3, in <module>' in note and "z = d['missing']" in note
+    assert shell.user_ns["y"] == 2  # bindings made before the error stay, as they would locally
+    assert run_ok(shell, "%%depin\nok = 1\nok") == 1
+
+
+def test_exception_class_defined_in_the_cell(shell):
+    res = run(shell, "%%depin\nclass Oops(Exception):\n    pass\nraise Oops('custom')")
+    assert type(res.error_in_exec).__name__ == "Oops" and str(res.error_in_exec) == "custom"
+
+
+def test_last_expression_display_and_figures_come_back_as_rich_output(shell):
+    code = (
+        "%%depin\n"
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "class Card:\n    def _repr_html_(self):\n        return '<b>card</b>'\n"
+        "from IPython.display import display\n"
+        "display(Card())\n"
+        "fig, ax = plt.subplots()\nax.plot([1, 2, 3])\n"
+        "Card()\n"
+    )
+    with capture_output() as cap:
+        res = run(shell, code)
+    assert res.success, res.error_in_exec
+    kinds = [list(o.data) for o in cap.outputs]
+    assert any("text/html" in k for k in kinds), kinds
+    assert any("image/png" in k for k in kinds), kinds
+    png = next(o.data["image/png"] for o in cap.outputs if "image/png" in o.data)
+    import base64
+
+    assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert type(res.result).__name__ == "Card"
+
+
+def test_output_streams_live_while_the_cell_runs(shell, tmp_path):
+    """The cell waits for a file that the notebook side creates only after it has seen 'ready'."""
+    signal = tmp_path / "go"
+    seen: list[str] = []
+
+    class Watcher:
+        def write(self, s):
+            seen.append(s)
+            if "ready" in "".join(seen):
+                signal.touch()
+            return len(s)
+
+        def flush(self):
+            pass
+
+    shell.user_ns["signal_path"] = str(signal)
+    old = sys.stdout
+    sys.stdout = Watcher()
+    try:
+        res = run(shell, "%%depin --timeout 60\nimport os, time\nprint('ready', flush=True)\n"
+                         "while not os.path.exists(signal_path):\n    time.sleep(0.05)\nprint('done')")
+    finally:
+        sys.stdout = old
+    assert res.success, res.error_in_exec
+    out = "".join(seen)
+    assert out.index("ready") < out.index("done")
+
+
+def test_stderr_streams_to_stderr(shell, capfd):
+    run_ok(shell, "%%depin\nimport sys\nprint('to-err', file=sys.stderr)")
+    assert "to-err" in capfd.readouterr().err
+
+
+def test_reused_input_ships_no_bytes(shell, depin_session):
+    run_ok(shell, "import numpy as np\nbig = np.ones(2**27, dtype=np.float64)")  # 1 GiB
+    cache = depin_session.inputs
+    sent0 = cache.total_sent
+    run_ok(shell, "%%depin\ns1 = float(big.sum())")
+    first = cache.total_sent - sent0
+    assert first >= 2**30
+    run_ok(shell, "%%depin\ns2 = float(big[::2].sum())")
+    assert cache.total_sent - sent0 == first  # second use: nothing sent
+    assert shell.user_ns["s1"] == 2**27 and shell.user_ns["s2"] == 2**26
+    run_ok(shell, "big[0] = 5.0")  # changed locally: new content, sent again
+    run_ok(shell, "%%depin\ns3 = float(big.sum())")
+    assert cache.total_sent - sent0 >= 2 * first
+    assert shell.user_ns["s3"] == 2**27 + 4
+    run_ok(shell, "del big")
+
+
+def test_in_place_mutation_reaches_local_objects_views_and_aliases(shell):
+    run_ok(shell, "import numpy as np\nx = np.zeros(5)\nview = x[:2]\nalias = x\nL = [3, 1, 2]\nd = {}\n"
+                  "rng = np.random.default_rng(7)\nrec = np.rec.array([(1, 2.0)], dtype=[('a', 'i4'), ('b', 'f8')])\n"
+                  "m = np.matrix([[1, 2], [3, 4]])")
+    run_ok(shell, "%%depin\nx[0] = 9\nL.sort()\nd['k'] = 'v'\ndraw = rng.random()\nrec.b[0] = 7.5\nm2 = m * 2\nB = L")
+    ns = shell.user_ns
+    assert ns["view"][0] == 9 and ns["alias"] is ns["x"] and ns["x"][0] == 9
+    assert ns["L"] == [1, 2, 3] and ns["d"] == {"k": "v"}
+    assert ns["B"] is ns["L"]  # an alias made in the cell stays an alias
+    assert ns["draw"] == np.random.default_rng(7).random()
+    assert ns["rng"].random() == _second_draw(7)  # the local generator advanced like a local run
+    assert isinstance(ns["rec"], np.recarray) and ns["rec"].b[0] == 7.5
+    assert isinstance(ns["m2"], np.matrix) and (ns["m2"] == np.matrix([[2, 4], [6, 8]])).all()
+
+
+def _second_draw(seed):
+    g = np.random.default_rng(seed)
+    g.random()
+    return g.random()
+
+
+def test_same_namespace_and_stdout_as_a_plain_run(shell, capsys):
+    cells = ["acc = []\nfor i in range(4):\n    acc.append(i * i)\nprint(sum(acc))",
+             "import numpy as np\narr = np.linspace(0, 1, 5)\narr *= 2\nmean = arr.mean()\nprint(round(float(mean), 3))",
+             "names = {'a': 1}\nnames.update(b=2)\nkeys = sorted(names)"]
+    plain: dict = {}
+    for c in cells:
+        run_ok(shell, c)
+    for k in ("acc", "i", "arr", "mean", "names", "keys"):
+        plain[k] = shell.user_ns.pop(k)
+    local_out = capsys.readouterr().out
+    for c in cells:
+        run_ok(shell, "%%depin\n" + c)
+    remote_out = capsys.readouterr().out
+    assert remote_out == local_out
+    for k, v in plain.items():
+        np.testing.assert_equal(shell.user_ns[k], v)
+
+
+# ---------------------------------------------------------------- bad input: clear errors, kernel keeps working
+
+def _assert_kernel_still_works(shell):
+    assert run_ok(shell, "%%depin\nalive = 1 + 1\nalive") == 2
+
+
+@pytest.mark.parametrize("line, words", [
+    ("--bogus", "--bogus"),
+    ("--timeout abc", "--timeout"),
+    ("--retries -1", "--retries"),
+    ("--gpu x", "--gpu"),
+    ("--cpu --gpu 1", "--cpu"),
+    ("--inputs 1bad", "1bad"),
+])
+def test_bad_options_are_usage_errors_naming_the_option(shell, line, words):
+    res = run(shell, f"%%depin {line}\nz = 1")
+    err = res.error_in_exec or res.error_before_exec
+    from IPython.core.error import UsageError
+
+    assert isinstance(err, UsageError), err
+    assert words in str(err)
+    _assert_kernel_still_works(shell)
+
+
+def test_undefined_name_is_a_name_error_before_anything_is_shipped(shell, depin_session):
+    run_ok(shell, "import numpy as np\npresent = np.ones(1000)")
+    sent = depin_session.inputs.total_sent
+    res = run(shell, "%%depin\nq = present + not_defined_anywhere")
+    assert isinstance(res.error_in_exec, NameError)
+    assert "not_defined_anywhere" in str(res.error_in_exec)
+    assert depin_session.inputs.total_sent == sent
+    _assert_kernel_still_works(shell)
+
+
+def test_unserializable_input_names_the_variable_and_type(shell):
+    run_ok(shell, "import threading\nlock = threading.Lock()")
+    res = run(shell, "%%depin\nwith lock:\n    pass")
+    from depin_jupyter.errors import CellInputError
+
+    assert isinstance(res.error_in_exec, CellInputError)
+    assert "'lock'" in str(res.error_in_exec) and "lock" in str(res.error_in_exec).lower()
+    assert "_thread" in str(res.error_in_exec)  # the type's module and name
+    _assert_kernel_still_works(shell)
+
+
+def test_unserializable_output_is_reported_and_others_still_bound(shell, capfd):
+    run_ok(shell, "%%depin\nimport threading\nlk = threading.Lock()\nfine = 5")
+    assert shell.user_ns["fine"] == 5 and "lk" not in shell.user_ns
+    assert "'lk'" in capfd.readouterr().err
+
+
+def test_unreachable_scheduler_names_the_address(shell, depin_session):
+    from conftest import free_port
+    import dask
+
+    port = free_port()
+    with dask.config.set({"depin.connect-timeout": "1s"}):
+        res = run(shell, f"%depin connect tcp://127.0.0.1:{port}")
+    err = res.error_in_exec
+    from depin_jupyter.errors import ClusterConnectionError
+
+    assert isinstance(err, ClusterConnectionError)
+    assert f"127.0.0.1:{port}" in str(err) and "dask scheduler" in str(err)
+    from depin_jupyter import cluster
+
+    assert cluster.current_session() is depin_session  # a failed connect keeps the working session
+    _assert_kernel_still_works(shell)
+
+
+def test_dead_worker_is_retried_then_explained(shell, tmp_path):
+    marker = tmp_path / "died-once"
+    shell.user_ns["marker"] = str(marker)
+    kill_once = ("%%depin --retries 1\nimport os\nif not os.path.exists(marker):\n"
+                 "    open(marker, 'w').close()\n    os._exit(1)\nsurvived = True")
+    with capture_output() as cap:
+        res = run(shell, kill_once)
+    assert res.success, res.error_in_exec
+    assert shell.user_ns["survived"] is True
+    assert "retrying on another worker" in cap.stderr.lower()
+
+    res = run(shell, "%%depin --retries 0\nimport os\nos._exit(1)")
+    from depin_jupyter.errors import WorkerLostError
+
+    assert isinstance(res.error_in_exec, WorkerLostError)
+    assert "died" in str(res.error_in_exec) and "--retries" in str(res.error_in_exec)
+    _assert_kernel_still_works(shell)
+
+
+def test_timeout_cancels_the_remote_cell(shell, tmp_path, depin_session):
+    beat = tmp_path / "beat"
+    shell.user_ns["beat"] = str(beat)
+    res = run(shell, "%%depin --timeout 1\nimport time\nn = 0\nwhile True:\n    n += 1\n"
+                     "    open(beat, 'w').write(str(n))\n    time.sleep(0.01)")
+    from depin_jupyter.errors import CellTimeoutError
+
+    assert isinstance(res.error_in_exec, CellTimeoutError)
+    assert "timeout" in str(res.error_in_exec) and "cancelled" in str(res.error_in_exec)
+    # The worker really stopped: the heartbeat file no longer changes.
+    import time
+
+    first = beat.read_text()
+    time.sleep(0.5)
+    assert beat.read_text() == first
+    _assert_kernel_still_works(shell)
+
+
+def test_gpu_cell_on_cpu_cluster_fails_clearly_or_falls_back(shell):
+    from depin_jupyter.errors import NoSuitableWorkerError
+
+    res = run(shell, "%%depin --gpu\ny = 1")
+    assert isinstance(res.error_in_exec, NoSuitableWorkerError)
+    assert "GPU" in str(res.error_in_exec) and "--cpu" in str(res.error_in_exec)
+    import dask
+
+    with dask.config.set({"depin.gpu-fallback": "cpu"}):
+        with capture_output() as cap:
+            run_ok(shell, "%%depin --gpu\nfrom depin_jupyter import xp\nmod = xp().__name__")
+    assert shell.user_ns["mod"] == "numpy"
+    assert "numpy" in cap.stderr
+
+
+def test_unknown_worker_pin_lists_the_connected_workers(shell, depin_session):
+    from depin_jupyter.errors import NoSuitableWorkerError
+
+    res = run(shell, "%%depin --worker nosuch\ny = 1")
+    assert isinstance(res.error_in_exec, NoSuitableWorkerError) and "nosuch" in str(res.error_in_exec)
+    addr = sorted(depin_session.client.scheduler_info()["workers"])[0]
+    run_ok(shell, f"%%depin --worker {addr}\nfrom distributed import get_worker\nwhere = get_worker().address")
+    assert shell.user_ns["where"] == addr
+
+
+def test_line_magic_status_config_and_close(ip, capsys):
+    from depin_jupyter import cluster
+
+    saved = cluster._session
+    cluster._session = None
+    try:
+        ip.run_line_magic("depin", "status")
+        assert "not connected" in capsys.readouterr().out
+        ip.run_line_magic("depin", "config")
+        assert "gpu-fallback" in capsys.readouterr().out
+        ip.run_line_magic("depin", "close")
+        assert "nothing to close" in capsys.readouterr().out
+    finally:
+        cluster._session = saved
+    ip.run_line_magic("depin", "status")
+    out = capsys.readouterr().out
+    assert "LocalCluster" in out and "tcp://127.0.0.1" in out
+
+
+def test_connect_to_a_scheduler_in_another_process(shell, depin_session, scheduler_process, capsys):
+    from depin_jupyter import cluster
+
+    cluster._session = None  # keep the suite's cluster: connect would close the session it replaces
+    try:
+        run_ok(shell, f"%depin connect {scheduler_process}")
+        assert scheduler_process in capsys.readouterr().out
+        cluster.current_session().client.wait_for_workers(1, timeout=30)
+        run_ok(shell, "%%depin\nfrom distributed import get_worker\nwname = get_worker().name")
+        assert shell.user_ns["wname"] == "external-0"
+    finally:
+        cluster.close_session()
+        cluster._session = depin_session
+
+
+@pytest.mark.gpu
+def test_cupy_stays_on_the_gpu(shell):
+    run_ok(shell, "import cupy as cp\ng = cp.arange(10, dtype=cp.float32)")
+    run_ok(shell, "%%depin --gpu\ng2 = g * 2\non_device = type(g2).__module__")
+    assert type(shell.user_ns["g2"]).__module__.startswith("cupy")
+    assert shell.user_ns["on_device"].startswith("cupy")
