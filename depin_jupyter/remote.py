@@ -82,11 +82,35 @@ def content_hash(obj: Any) -> str:
         if arr.dtype.hasobject:
             h.update(pickle.dumps(arr, protocol=5))
         else:
-            h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+            _hash_buffer(h, memoryview(arr.reshape(-1).view(np.uint8)))
         return "xxh3-" + h.hexdigest()
     from dask.base import tokenize
 
     return "tok-" + tokenize(obj)
+
+
+_PARALLEL_HASH_BYTES = 16 * 2**20
+_hash_pool = None
+
+
+def _hash_buffer(h: Any, buf: memoryview) -> None:
+    """Feed ``buf`` to ``h``; large buffers are hashed in parallel pieces (xxhash releases the GIL)."""
+    global _hash_pool
+    import os
+
+    workers = min(8, os.cpu_count() or 1)
+    if buf.nbytes < _PARALLEL_HASH_BYTES or workers == 1:
+        h.update(buf)
+        return
+    import xxhash
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(workers, thread_name_prefix="depin-hash")
+    step = -(-buf.nbytes // workers)
+    pieces = [buf[i:i + step] for i in range(0, buf.nbytes, step)]
+    for digest in _hash_pool.map(xxhash.xxh3_128_digest, pieces):
+        h.update(digest)
 
 
 def _fingerprint(obj: Any) -> Any:

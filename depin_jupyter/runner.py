@@ -28,6 +28,7 @@ from .stream import emit
 
 __all__ = ["RunOptions", "CellOutcome", "RemoteCellError", "run_cell"]
 
+_DONE: Any = object()  # queue sentinel: the run's future finished
 # Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
 _CANCEL_GRACE_S = 5.0
 
@@ -203,19 +204,29 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     q = session.streams.open(run_id)
     future = client.submit(remote_run_cell, spec, args, key=f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}",
                            pure=False, **placement)
+    future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
     timeout = spec["timeout"]
     deadline = None if timeout is None else time.monotonic() + timeout + _CANCEL_GRACE_S
     seen = 0
     try:
-        while not future.done():
-            seen += _drain(q, block=0.02)
-            if deadline is not None and time.monotonic() > deadline:
+        while True:
+            # Short waits keep Ctrl-C responsive; the done-callback ends the wait without delay.
+            wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+            try:
+                msg = q.get(timeout=wait)
+            except queue.Empty:
+                if deadline is None or time.monotonic() < deadline:
+                    continue
                 _cancel(client, future, run_id, timed_out=True)
                 raise CellTimeoutError(
                     f"the cell ran past --timeout {timeout:g}s and was cancelled; its worker thread did not "
                     f"stop in time (it is likely inside a long C call) and may finish in the background. "
                     f"Raise --timeout or split the work."
-                )
+                ) from None
+            if msg is _DONE:
+                break
+            emit(msg)
+            seen += 1
         try:
             result = future.result()
         except KilledWorker as e:
@@ -231,7 +242,11 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         # Output events travel separately from the result: wait for every one the worker sent.
         drain_until = time.monotonic() + config.seconds("stream.drain-timeout")
         while seen < result.get("stream_count", 0) and time.monotonic() < drain_until:
-            seen += _drain(q, block=0.02)
+            try:
+                emit(q.get(timeout=max(0.0, drain_until - time.monotonic())))
+                seen += 1
+            except queue.Empty:
+                break
         if seen < result.get("stream_count", 0):
             print(f"depin: {result['stream_count'] - seen} output message(s) of the cell did not arrive.",
                   file=sys.stderr)
@@ -242,21 +257,6 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     finally:
         session.streams.close(run_id)
         future.release()
-
-
-def _drain(q: queue.Queue[dict[str, Any]], block: float) -> int:
-    n = 0
-    try:
-        msg = q.get(timeout=block)
-    except queue.Empty:
-        return 0
-    while True:
-        emit(msg)
-        n += 1
-        try:
-            msg = q.get_nowait()
-        except queue.Empty:
-            return n
 
 
 def _cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:

@@ -1,0 +1,57 @@
+"""A real ipykernel (via jupyter_client): output reaches the running cell live, errors keep the kernel usable."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def execute(kc, code, timeout=120):
+    """Run code; return (reply content, [(arrival time, iopub msg)] for this request)."""
+    msg_id = kc.execute(code)
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append((time.monotonic(), msg))
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    reply = kc.get_shell_msg(timeout=timeout)
+    return reply["content"], msgs
+
+
+def test_kernel_streams_displays_and_survives_errors(kernel):
+    reply, _ = execute(kernel, "%load_ext depin_jupyter\n%depin connect local")
+    assert reply["status"] == "ok"
+    code = ("%%depin\nimport time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.4)\n"
+            "from IPython.display import display, HTML\ndisplay(HTML('<i>hi</i>'))\n'done'")
+    reply, msgs = execute(kernel, code)
+    assert reply["status"] == "ok"
+    streams = [(t, m["content"]["text"]) for t, m in msgs if m["msg_type"] == "stream"]
+    text = "".join(s for _, s in streams)
+    assert "tick 0" in text and "tick 2" in text
+    ticks = [t for t, s in streams if "tick" in s]
+    assert len(ticks) >= 2 and ticks[-1] > ticks[0]  # several messages, in the cell's order of printing
+    assert any(m["msg_type"] == "display_data" and "text/html" in m["content"]["data"] for _, m in msgs)
+    results = [m for _, m in msgs if m["msg_type"] == "execute_result"]
+    assert results and results[0]["content"]["data"]["text/plain"] == "'done'"
+
+    reply, msgs = execute(kernel, "%%depin\nraise ValueError('bad value 42')")
+    assert reply["status"] == "error" and reply["ename"] == "ValueError" and "42" in reply["evalue"]
+    reply, msgs = execute(kernel, "%%depin\nback = 7\nback")
+    assert reply["status"] == "ok"
+    execute(kernel, "%depin close")
