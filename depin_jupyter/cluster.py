@@ -14,7 +14,8 @@ from typing import Any
 from . import config
 from .errors import ClusterConnectionError, DepinUsageError
 
-__all__ = ["Session", "WorkerInfo", "connect", "get_session", "close_session", "current_session"]
+__all__ = ["Session", "WorkerInfo", "connect", "get_session", "close_session", "current_session",
+           "published_sessions"]
 
 _session: Session | None = None
 _session_lock = threading.Lock()
@@ -47,6 +48,7 @@ class Session:
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)
         self.cpu_fallback_said = False
+        self.session_file = _publish(self)
 
     @property
     def address(self) -> str:
@@ -72,12 +74,61 @@ class Session:
         return out
 
     def close(self) -> None:
+        if self.session_file is not None:
+            self.session_file.unlink(missing_ok=True)
         self.inputs.clear()
         try:
             self.client.close()
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+
+
+def _sessions_dir() -> Any:
+    import pathlib
+
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return pathlib.Path(jupyter_runtime_dir()) / "depin-sessions"
+
+
+def _publish(session: Session) -> Any:
+    """Write this kernel's connection (scheduler address, description) where the Jupyter server finds it.
+
+    The JupyterLab panel runs in the server process, not the kernel: it reads these files and asks the
+    scheduler itself. Removed when the session closes; files of dead processes are ignored by readers.
+    """
+    import json
+    import time
+
+    try:
+        d = _sessions_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "scheduler": session.address,
+                                   "description": session.description,
+                                   "embedded": session.cluster is not None, "started": time.time()}))
+        tmp.replace(path)
+        return path
+    except Exception:  # noqa: BLE001 - the panel is optional; never fail a connection over it
+        return None
+
+
+def published_sessions() -> list[dict[str, Any]]:
+    """Connections published by live kernels on this machine (for the Jupyter server extension)."""
+    import json
+
+    out = []
+    d = _sessions_dir()
+    for path in sorted(d.glob("*.json")) if d.exists() else []:
+        try:
+            info = json.loads(path.read_text())
+            os.kill(int(info["pid"]), 0)  # still alive?
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(info)
+    return out
 
 
 def _start_local() -> Session:

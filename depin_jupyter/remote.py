@@ -160,6 +160,11 @@ class _RunContext:
         if self.worker is not None:
             self.worker.log_event(STREAM_TOPIC, msg)
 
+    def start(self, address: str | None, name: Any) -> None:
+        """Tell the notebook the cell is now running, and where (for its progress display)."""
+        with self._lock:
+            self._publish({"kind": "start", "worker": address, "name": None if name is None else str(name)})
+
     def write(self, kind: str, text: str) -> None:
         with self._lock:
             if self._buf and self._buf[-1][0] == kind:
@@ -442,6 +447,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
         timer.daemon = True
         timer.start()
     t1 = time.time()
+    ctx.start(worker_addr, getattr(worker, "name", None))
     try:
         try:
             tree = ast.parse(code, filename=filename)

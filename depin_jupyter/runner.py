@@ -47,6 +47,17 @@ class RunOptions:
     outputs: tuple[str, ...] | None = None
 
 
+class Progress:
+    """Receives a run's stages; the default shows nothing. `widgets.make_progress` gives a visible one.
+
+    Stages: "shipping" (detail: what is sent), "queued", "running" (detail: worker), "retrying",
+    "storing", "done", "cached", "failed".
+    """
+
+    def update(self, stage: str, detail: str = "") -> None:
+        pass
+
+
 @dataclass
 class CellOutcome:
     """What a run produced besides the names it bound."""
@@ -75,7 +86,7 @@ class RemoteCellError(RemoteExecutionError):
 
 
 def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
-             hidden: dict[str, Any] | None = None) -> CellOutcome:
+             hidden: dict[str, Any] | None = None, progress: Progress | None = None) -> CellOutcome:
     """Run ``code`` on the session's cluster with inputs from ``namespace``; bind its results there.
 
     Raises the cell's own exception (with the remote traceback as a note), or a DepinError subclass
@@ -102,14 +113,18 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                         + (f" (also undefined: {', '.join(missing[1:])})" if len(missing) > 1 else "")
                         + ". Define it in the notebook before running the cell; nothing was sent.")
 
+    progress = progress or Progress()
     placement = _placement(session, options)
     retries = int(config.get("retries", options.retries))
     attempt = lost_inputs = 0
     while True:
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
+        progress.update("shipping", f"{len(names)} input(s)")
         shipped = ship_inputs(session.client, namespace, names, session.inputs)
         t_shipped = time.perf_counter()
+        progress.update("queued", f"sent {_human(shipped.sent_bytes)}, reused {len(shipped.reused)} input(s) "
+                                  f"already on the cluster")
         spec = {
             "run_id": run_id,
             "code": code,
@@ -122,7 +137,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
             "flush_interval": config.seconds("stream.flush-interval"),
         }
         try:
-            result = _submit_and_wait(session, spec, shipped.args, placement)
+            result = _submit_and_wait(session, spec, shipped.args, placement, progress)
             break
         except _InputsLost:
             lost_inputs += 1
@@ -139,6 +154,10 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                 ) from None
             print(f"depin: {e} Retrying on another worker (attempt {attempt + 1} of {retries + 1}).",
                   file=sys.stderr)
+            progress.update("retrying", f"attempt {attempt + 1} of {retries + 1}")
+        except BaseException as e:
+            progress.update("failed", type(e).__name__)
+            raise
 
     t_done = time.perf_counter()
     for name in result.get("mutated", {}):
@@ -157,8 +176,18 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     if "value" in result:
         outcome.value, outcome.has_value = result["value"], True
     if result["status"] != "ok":
+        progress.update("failed", result["error"]["type"])
         _raise_remote(result, spec)
+    progress.update("done", f"on {outcome.worker} in {outcome.timings['total']:.2f}s")
     return outcome
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
 
 
 def _placement(session: Session, options: RunOptions) -> dict[str, Any]:
@@ -193,7 +222,7 @@ def _placement(session: Session, options: RunOptions) -> dict[str, Any]:
 
 
 def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any],
-                     placement: dict[str, Any]) -> dict[str, Any]:
+                     placement: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Submit the run, echo its live output, and return its result dict (or raise a DepinError)."""
     __tracebackhide__ = True
     from distributed import KilledWorker
@@ -225,8 +254,11 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 ) from None
             if msg is _DONE:
                 break
-            emit(msg)
             seen += 1
+            if msg.get("kind") == "start":
+                progress.update("running", f"on {msg.get('name') or msg.get('worker')} ({msg.get('worker')})")
+            else:
+                emit(msg)
         try:
             result = future.result()
         except KilledWorker as e:
@@ -243,8 +275,10 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         drain_until = time.monotonic() + config.seconds("stream.drain-timeout")
         while seen < result.get("stream_count", 0) and time.monotonic() < drain_until:
             try:
-                emit(q.get(timeout=max(0.0, drain_until - time.monotonic())))
+                msg = q.get(timeout=max(0.0, drain_until - time.monotonic()))
                 seen += 1
+                if msg.get("kind") != "start":
+                    emit(msg)
             except queue.Empty:
                 break
         if seen < result.get("stream_count", 0):
