@@ -15,6 +15,7 @@ import ctypes
 import importlib
 import io
 import linecache
+import os
 import pickle
 import sys
 import threading
@@ -163,7 +164,8 @@ class _RunContext:
     def start(self, address: str | None, name: Any) -> None:
         """Tell the notebook the cell is now running, and where (for its progress display)."""
         with self._lock:
-            self._publish({"kind": "start", "worker": address, "name": None if name is None else str(name)})
+            self._publish({"kind": "start", "worker": address, "name": None if name is None else str(name),
+                           "pid": os.getpid()})
 
     def write(self, kind: str, text: str) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ from typing import Any
 from . import config
 from .cell import analyze
 from .cluster import Session
+from .failures import Death, explain_death, explain_exception
 from .errors import (
     CellTimeoutError,
     NoSuitableWorkerError,
@@ -70,6 +71,14 @@ class CellOutcome:
     reused_inputs: list[str] = field(default_factory=list)
     attempts: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class _WorkerDied(Exception):
+    """The worker running the cell died; carries the explanation."""
+
+    def __init__(self, death: Death) -> None:
+        super().__init__(death.message)
+        self.death = death
 
 
 class _InputsLost(Exception):
@@ -145,13 +154,16 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
             if lost_inputs > 3:
                 raise RemoteExecutionError("the cell's inputs keep getting lost with their workers; "
                                            "check the cluster's health (%depin status).") from None
-        except WorkerLostError as e:
+        except _WorkerDied as died:
+            death = died.death
+            if not death.retryable:
+                raise WorkerLostError(f"{death.message}") from None
             if attempt > retries:
                 raise WorkerLostError(
-                    f"{e} Tried {attempt} time(s) (--retries {retries}). If the cell itself kills its "
-                    f"worker (os._exit, a crash in native code, running out of memory), fix that or use "
-                    f"smaller inputs; otherwise raise --retries."
+                    f"{death.message} Tried {attempt} time(s) (--retries {retries}); raise --retries to "
+                    f"try more workers."
                 ) from None
+            e = death.message
             print(f"depin: {e} Retrying on another worker (attempt {attempt + 1} of {retries + 1}).",
                   file=sys.stderr)
             progress.update("retrying", f"attempt {attempt + 1} of {retries + 1}")
@@ -237,6 +249,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     timeout = spec["timeout"]
     deadline = None if timeout is None else time.monotonic() + timeout + _CANCEL_GRACE_S
     seen = 0
+    started: dict[str, Any] = {}
     try:
         while True:
             # Short waits keep Ctrl-C responsive; the done-callback ends the wait without delay.
@@ -256,14 +269,17 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 break
             seen += 1
             if msg.get("kind") == "start":
+                started = msg
                 progress.update("running", f"on {msg.get('name') or msg.get('worker')} ({msg.get('worker')})")
             else:
                 emit(msg)
         try:
             result = future.result()
         except KilledWorker as e:
-            where = getattr(getattr(e, "last_worker", None), "address", None) or "its worker"
-            raise WorkerLostError(f"the worker running the cell ({where}) died or left the cluster.") from None
+            last = getattr(e, "last_worker", None)  # the scheduler's record: address and pid
+            where = getattr(last, "address", None) or started.get("worker")
+            pid = getattr(last, "pid", None) or started.get("pid")
+            raise _WorkerDied(_why_worker_died(client, where, pid)) from None
         except FutureCancelledError as e:
             if "lost dependencies" in str(e):
                 raise _InputsLost() from None
@@ -293,6 +309,23 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         future.release()
 
 
+def _why_worker_died(client: Any, worker: str | None, pid: int | None) -> Death:
+    """Ask the cluster why a worker died: memory events on the scheduler, the nanny's exit log line."""
+    deadline = time.monotonic() + 5.0  # the nanny logs the exit once it notices it; its new worker re-registers
+    death = explain_death(worker, pid, [], [])
+    while True:
+        try:
+            events = [e for _, e in client.get_events("worker-restart-memory")]
+            logs = client.get_worker_logs(nanny=True)
+            lines = [msg for entries in logs.values() for _, msg in entries]
+        except Exception:  # noqa: BLE001 - evidence is best effort
+            events, lines = [], []
+        death = explain_death(worker, pid, lines, events)
+        if death.cause != "lost" or pid is None or time.monotonic() > deadline:
+            return death
+        time.sleep(0.2)
+
+
 def _cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
     """Stop the run on whichever worker executes it, then drop the task."""
     try:
@@ -315,5 +348,8 @@ def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
     if not isinstance(exc, BaseException):
         exc = RemoteCellError(err["type"], err["message"])
     exc.add_note(f"--- remote traceback (%%depin, worker {where}) ---\n{err['traceback'].rstrip()}")
+    hint = explain_exception(err["type"], err["module"], err["message"], result.get("worker"), result.get("gpu"))
+    if hint:
+        exc.add_note(hint)
     raise exc
 

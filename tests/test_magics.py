@@ -273,7 +273,7 @@ def test_dead_worker_is_retried_then_explained(shell, tmp_path):
     from depin_jupyter.errors import WorkerLostError
 
     assert isinstance(res.error_in_exec, WorkerLostError)
-    assert "died" in str(res.error_in_exec) and "--retries" in str(res.error_in_exec)
+    assert "exited with status 1" in str(res.error_in_exec) and "--retries" in str(res.error_in_exec)
     _assert_kernel_still_works(shell)
 
 
