@@ -13,7 +13,7 @@ import ast
 import builtins
 from dataclasses import dataclass, field
 
-__all__ = ["CellPlan", "analyze", "last_expression_shown"]
+__all__ = ["CellPlan", "analyze", "imported_packages", "last_expression_shown"]
 
 # Methods of arrays and containers that return a new object and never change their receiver.
 PURE_METHODS = frozenset(
@@ -44,6 +44,7 @@ class CellPlan:
     guarded_reads: tuple[str, ...] = field(default=())  # read only inside `try` (NameError may be handled)
     has_star_import: bool = False
     last_expr: bool = False         # the last statement is an expression whose value is shown
+    imports: tuple[str, ...] = ()   # top-level packages the cell imports (absolute imports, anywhere)
 
     def inputs(self, namespace: dict[str, object]) -> list[str]:
         """Input names: read before bound and present in ``namespace`` (dunders excluded)."""
@@ -90,7 +91,25 @@ def analyze(code: str, filename: str = "<cell>") -> CellPlan:
         guarded_reads=tuple(scan.guarded),
         has_star_import=scan.star,
         last_expr=last_expression_shown(tree, code),
+        imports=imported_packages(tree),
     )
+
+
+def imported_packages(tree: ast.AST) -> tuple[str, ...]:
+    """Top-level package names of every absolute import in ``tree`` (relative imports skipped)."""
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for n in names:
+            top = n.split(".")[0]
+            if top not in found:
+                found.append(top)
+    return tuple(found)
 
 
 class _Names(ast.NodeVisitor):

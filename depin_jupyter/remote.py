@@ -351,6 +351,46 @@ def cancel_run(run_id: str, timed_out: bool = False) -> bool:
         return _inject(entry[1], CellTimedOut if timed_out else CellCancelled)
 
 
+# ---------------------------------------------------------------- the notebook's own modules
+
+MODULES_ARG = "__depin_modules__"
+_modules_lock = threading.Lock()
+
+
+def _use_local_modules(key: str, names: list[str], files: dict[str, bytes]) -> None:
+    """Make this bundle of notebook modules the one `import` finds, replacing older versions."""
+    import shutil
+    import tempfile
+
+    root = os.path.join(tempfile.gettempdir(), "depin-modules")
+    target = os.path.join(root, key)
+    with _modules_lock:
+        if not os.path.isdir(target):
+            tmp = tempfile.mkdtemp(prefix=key + ".", dir=_mkdir(root))
+            for rel, data in files.items():
+                path = os.path.join(tmp, *rel.split("/"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+            try:
+                os.rename(tmp, target)  # atomic: another process may have won the race; both are equal
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        sys.path[:] = [p for p in sys.path if not p.startswith(root + os.sep)]
+        sys.path.insert(0, target)
+        for name in list(sys.modules):
+            top = name.split(".")[0]
+            mod_file = getattr(sys.modules[name], "__file__", None) or ""
+            if top in names and not mod_file.startswith(target + os.sep):
+                del sys.modules[name]  # an older version: the cell imports the shipped one
+        importlib.invalidate_caches()
+
+
+def _mkdir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------- execution
 
 def _rebind_globals(obj: Any, ns: dict[str, Any]) -> Any:
@@ -421,6 +461,9 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
 
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": _cell_builtins()}
+    local = spec.get("local_modules")
+    if local:
+        _use_local_modules(local["key"], local["names"], inputs.pop(MODULES_ARG))
     for name, modname in spec["modules"].items():
         ns[name] = importlib.import_module(modname)
     for value in inputs.values():

@@ -9,6 +9,7 @@ import hashlib
 import queue
 import sys
 import time
+import types
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from . import config
 from .cell import analyze
 from .cluster import Session
+from .modules import bundle_local_modules
 from .failures import Death, explain_death, explain_exception
 from .errors import (
     CellTimeoutError,
@@ -123,6 +125,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                         + ". Define it in the notebook before running the cell; nothing was sent.")
 
     progress = progress or Progress()
+    bundle = bundle_local_modules(_module_candidates(plan.imports, names, namespace))
     placement = _placement(session, options)
     retries = int(config.get("retries", options.retries))
     attempt = lost_inputs = 0
@@ -130,7 +133,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
         progress.update("shipping", f"{len(names)} input(s)")
-        shipped = ship_inputs(session.client, namespace, names, session.inputs)
+        shipped = ship_inputs(session.client, namespace, names, session.inputs, bundle)
         t_shipped = time.perf_counter()
         progress.update("queued", f"sent {_human(shipped.sent_bytes)}, reused {len(shipped.reused)} input(s) "
                                   f"already on the cluster")
@@ -144,6 +147,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
             "last_expr": plan.last_expr,
             "timeout": config.seconds("timeout", options.timeout),
             "flush_interval": config.seconds("stream.flush-interval"),
+            "local_modules": {"key": bundle.key, "names": list(bundle.names)} if bundle else None,
         }
         try:
             result = _submit_and_wait(session, spec, shipped.args, placement, progress)
@@ -200,6 +204,21 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n} B"
+
+
+def _module_candidates(imports: tuple[str, ...], names: list[str], namespace: dict[str, Any]) -> list[str]:
+    """Top-level modules a run may need: what the cell imports, and where its inputs come from."""
+    out = list(imports)
+    for name in names:
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            mod = value.__name__
+        elif isinstance(value, (type, types.FunctionType)):
+            mod = getattr(value, "__module__", None) or ""
+        else:
+            mod = type(value).__module__
+        out.append(mod.split(".")[0])
+    return out
 
 
 def _placement(session: Session, options: RunOptions) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from typing import Any
 
 from . import config
 from .errors import CellInputError
-from .remote import _rebind_globals, box, content_hash, unbox
+from .modules import ModuleBundle
+from .remote import MODULES_ARG, _rebind_globals, box, content_hash, unbox
 
 __all__ = ["InputCache", "ShippedInputs", "ship_inputs", "apply_results"]
 
@@ -111,10 +112,21 @@ def _serialized_size(name: str, value: Any) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
-def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache) -> ShippedInputs:
-    """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks."""
+def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache,
+                modules: ModuleBundle | None = None) -> ShippedInputs:
+    """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks.
+
+    ``modules``, the source of the notebook's own modules the cell needs, travels the same way.
+    """
     shipped = ShippedInputs()
     to_send: dict[str, tuple[str, Any, int]] = {}
+    if modules is not None:
+        fut = cache.get(modules.key)
+        if fut is not None:
+            shipped.args[MODULES_ARG] = fut
+        else:
+            to_send[modules.key] = (MODULES_ARG, modules.files, modules.nbytes)
+        shipped.hashes[MODULES_ARG] = modules.key
     for name in names:
         value = namespace[name]
         if isinstance(value, types.ModuleType):
