@@ -30,3 +30,20 @@ def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
     from .cluster import close_session
 
     close_session()
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The prebuilt JupyterLab extension shipped in the package (sidebar, status bar, command)."""
+    return [{"src": "labextension", "dest": "depin-jupyter"}]
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The Jupyter server extension: JSON routes under {base_url}depin/ for the JupyterLab panel."""
+    return [{"module": "depin_jupyter"}]
+
+
+def _load_jupyter_server_extension(server_app):  # type: ignore[no-untyped-def]
+    """Register the routes; dask/distributed/zarr are imported only when a route is first used."""
+    from .server import load
+
+    load(server_app)

@@ -39,6 +39,7 @@ class Session:
     """A live connection: client, optional embedded cluster, input cache, stream dispatcher."""
 
     def __init__(self, client: Any, cluster: Any | None, description: str) -> None:
+        from .envcheck import EnvironmentCache
         from .shipping import InputCache
         from .stream import StreamDispatcher
 
@@ -48,6 +49,8 @@ class Session:
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)
         self.cpu_fallback_said = False
+        self.env = EnvironmentCache()
+        self.last_workers: list[WorkerInfo] = []
         self.session_file = _publish(self)
 
     @property
@@ -71,6 +74,7 @@ class Session:
                 executing=int((w.get("metrics") or {}).get("task_counts", {}).get("executing", 0)
                               if isinstance((w.get("metrics") or {}).get("task_counts"), dict) else 0),
             ))
+        self.last_workers = out
         return out
 
     def close(self) -> None:

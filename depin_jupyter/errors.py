@@ -35,6 +35,10 @@ class NoSuitableWorkerError(RemoteExecutionError):
     """No connected worker satisfies what the cell asked for (GPUs, a named worker)."""
 
 
+class EnvironmentMismatchError(DepinError):
+    """A package the cell uses differs in version (or is missing) between the kernel and the workers."""
+
+
 class StoreIntegrityError(DepinError):
     """A stored result, manifest or the ledger does not match its digests."""
 

@@ -19,7 +19,9 @@ from .cell import analyze
 from .cluster import Session
 from .modules import bundle_local_modules
 from .failures import Death, explain_death, explain_exception
+from .envcheck import ALWAYS_CHECKED, compare, local_version
 from .errors import (
+    EnvironmentMismatchError,
     CellTimeoutError,
     NoSuitableWorkerError,
     RemoteExecutionError,
@@ -125,8 +127,10 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                         + ". Define it in the notebook before running the cell; nothing was sent.")
 
     progress = progress or Progress()
-    bundle = bundle_local_modules(_module_candidates(plan.imports, names, namespace))
-    placement = _placement(session, options)
+    needed = _module_candidates(plan.imports, names, namespace)
+    bundle = bundle_local_modules(needed)
+    placement, candidates = _placement(session, options)
+    placement = _check_environment(session, needed, bundle, placement, candidates)
     retries = int(config.get("retries", options.retries))
     attempt = lost_inputs = 0
     while True:
@@ -221,8 +225,39 @@ def _module_candidates(imports: tuple[str, ...], names: list[str], namespace: di
     return out
 
 
-def _placement(session: Session, options: RunOptions) -> dict[str, Any]:
-    """Dask submit keywords that route the cell to suitable workers; errors if none is connected."""
+def _check_environment(session: Session, needed: list[str], bundle: Any, placement: dict[str, Any],
+                       candidates: list[str]) -> dict[str, Any]:
+    """Refuse (or route around) workers whose versions of the cell's packages differ from the kernel's."""
+    mode = config.get("env-check")
+    if mode == "ignore" or not candidates:
+        return placement
+    shipped = set(bundle.names) if bundle else set()
+    packages = [p for p in dict.fromkeys([*ALWAYS_CHECKED, *needed])
+                if p and p not in shipped and p not in ("__main__", "builtins")]
+    local = {p: local_version(p) for p in packages}
+    session.env.forget(w.address for w in session.last_workers)
+    mismatches = compare(local, session.env.versions(session.client, candidates, packages))
+    if not mismatches:
+        return placement
+    listing = "; ".join(str(m) for m in mismatches)
+    if mode == "warn":
+        print(f"depin: environment differs: {listing}. Running anyway (depin.env-check: warn).", file=sys.stderr)
+        return placement
+    bad = {m.worker for m in mismatches}
+    good = [w for w in candidates if w not in bad]
+    if good:
+        print(f"depin: not using {len(bad)} worker(s) whose environment differs: {listing}.", file=sys.stderr)
+        return {**placement, "workers": good, "allow_other_workers": False}
+    first = mismatches[0]
+    raise EnvironmentMismatchError(
+        f"the cell needs {first.package} but {listing}. Install the same major.minor versions on both sides "
+        f"(pip install '{first.package}=={first.local}' on the worker, or match the notebook to the "
+        f"cluster), or set depin.env-check: warn to run anyway."
+    )
+
+
+def _placement(session: Session, options: RunOptions) -> tuple[dict[str, Any], list[str]]:
+    """Dask submit keywords that route the cell to suitable workers, and those workers' addresses."""
     workers = session.workers()
     gpus = options.gpu if options.gpu is not None else (None if options.cpu else config.get("gpus"))
     placement: dict[str, Any] = {}
@@ -233,10 +268,12 @@ def _placement(session: Session, options: RunOptions) -> dict[str, Any]:
             raise NoSuitableWorkerError(f"--worker {options.worker}: no such worker is connected. "
                                         f"Connected: {known}.")
         placement.update(workers=match, allow_other_workers=False)
+        workers = [w for w in workers if w.address in match]
     if gpus:
         capable = [w for w in workers if w.gpus >= gpus]
         if capable:
             placement["resources"] = {"GPU": gpus}
+            workers = capable
         elif config.get("gpu-fallback") == "cpu":
             if not session.cpu_fallback_said:
                 print(f"depin: no worker offers {gpus} GPU(s); running on CPU with numpy "
@@ -249,7 +286,7 @@ def _placement(session: Session, options: RunOptions) -> dict[str, Any]:
                 f"({have}). Connect to a cluster with GPU workers, run with --cpu, or set "
                 f"depin.gpu-fallback: cpu to run such cells on CPU with numpy."
             )
-    return placement
+    return placement, [w.address for w in workers]
 
 
 def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any],
