@@ -52,6 +52,9 @@ class Session:
         self.env = EnvironmentCache()
         self.last_workers: list[WorkerInfo] = []
         self.session_file = _publish(self)
+        from .remote import CancelOnRelease
+
+        client.register_plugin(CancelOnRelease())
 
     @property
     def address(self) -> str:
@@ -162,6 +165,9 @@ def _start_local() -> Session:
             cluster = LocalCluster(n_workers=n, processes=config.get(lc + "processes"), **common)
             what = f"CPU LocalCluster with {n} worker process(es) (no GPU: {why}; cells use numpy)"
     client = Client(cluster, set_as_default=False)
+    from .remote import IgnoreInterrupt
+
+    client.register_plugin(IgnoreInterrupt())
     return Session(client, cluster, what)
 
 

@@ -24,6 +24,8 @@ import traceback
 import types
 from typing import Any
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 __all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash", "box", "unbox"]
 
 STREAM_TOPIC = "depin-stream"
@@ -342,6 +344,39 @@ def _inject(ident: int, exc: type[BaseException]) -> bool:
     return res == 1
 
 
+_run_of_key: dict[Any, str] = {}
+
+
+class CancelOnRelease(WorkerPlugin):
+    """Worker plugin: when Dask cancels an executing `%%depin` task (future cancelled or released, its
+    client gone), stop the cell's thread too — Dask alone would let it run on, holding memory and a slot.
+    """
+
+    name = "depin-cancel-on-release"
+    idempotent = True
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if start == "executing" and finish in ("cancelled", "released", "forgotten"):
+            run_id = _run_of_key.get(key)
+            if run_id is not None:
+                cancel_run(run_id)
+
+
+class IgnoreInterrupt(WorkerPlugin):
+    """Worker plugin for the embedded cluster only: its worker processes share the kernel's process group,
+    so Jupyter's interrupt (SIGINT to the group) would kill them; the kernel cancels the cell instead.
+    """
+
+    name = "depin-ignore-interrupt"
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def cancel_run(run_id: str, timed_out: bool = False) -> bool:
     """Stop a run executing in this process (called through `Client.run`); True if it was running."""
     with _active_lock:
@@ -484,8 +519,11 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"status": "ok", "worker": worker_addr, "run_id": run_id}
     ident = threading.get_ident()
     _local.run = ctx
+    key = worker.get_current_task() if worker is not None else None
     with _active_lock:
         _active[run_id] = (ctx, ident)
+        if key is not None:
+            _run_of_key[key] = run_id
     timer = None
     if spec.get("timeout"):
         timer = threading.Timer(spec["timeout"], _inject, args=(ident, CellTimedOut))
@@ -509,6 +547,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
                 timer.cancel()
             with _active_lock:
                 _active.pop(run_id, None)
+                _run_of_key.pop(key, None)
     except BaseException as exc:  # noqa: BLE001 - the cell's own exception travels back
         result["status"] = "cancelled" if isinstance(exc, CellCancelled) else "error"
         result["error"] = {

@@ -27,7 +27,7 @@ from .errors import (
     RemoteExecutionError,
     WorkerLostError,
 )
-from .remote import cancel_run, run_cell as remote_run_cell
+from .remote import run_cell as remote_run_cell
 from .shipping import apply_results, ship_inputs
 from .stream import emit
 
@@ -383,12 +383,11 @@ def _why_worker_died(client: Any, worker: str | None, pid: int | None) -> Death:
 
 
 def _cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
-    """Stop the run on whichever worker executes it, then drop the task."""
+    """Cancel the run's task; the worker's CancelOnRelease plugin then stops the cell's thread."""
     try:
-        client.run(cancel_run, run_id, timed_out, wait=True)
-    except Exception:  # noqa: BLE001 - best effort: the future is cancelled below regardless
+        future.cancel(reason="timed out" if timed_out else "interrupted")
+    except Exception:  # noqa: BLE001 - the scheduler may be gone too; nothing more to do here
         pass
-    future.cancel()
 
 
 def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:

@@ -9,13 +9,18 @@ from jupyter_client.manager import start_new_kernel
 
 
 @pytest.fixture(scope="module")
-def kernel():
+def kernel_manager():
     km, kc = start_new_kernel(kernel_name="python3")
     try:
-        yield kc
+        yield km, kc
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel(kernel_manager):
+    return kernel_manager[1]
 
 
 def execute(kc, code, timeout=120):
@@ -55,3 +60,28 @@ def test_kernel_streams_displays_and_survives_errors(kernel):
     reply, msgs = execute(kernel, "%%depin\nback = 7\nback")
     assert reply["status"] == "ok"
     execute(kernel, "%depin close")
+
+
+def test_interrupt_cancels_the_remote_cell(kernel_manager, tmp_path):
+    km, kc = kernel_manager
+    beat = tmp_path / "beat"
+    reply, _ = execute(kc, f"%load_ext depin_jupyter\n%depin connect local\nbeat = {str(beat)!r}")
+    assert reply["status"] == "ok"
+    msg_id = kc.execute("%%depin\nimport time\nn = 0\nwhile True:\n    n += 1\n"
+                        "    open(beat, 'w').write(str(n))\n    time.sleep(0.01)")
+    deadline = time.monotonic() + 60
+    while not beat.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert beat.exists(), "the cell never started"
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=60)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    # the worker stopped executing the cell: the heartbeat file stops changing
+    time.sleep(1.0)
+    first = beat.read_text()
+    time.sleep(0.5)
+    assert beat.read_text() == first
+    reply, _ = execute(kc, "%%depin\nafter = 1\nafter")
+    assert reply["status"] == "ok"
+    execute(kc, "%depin close")

@@ -360,3 +360,31 @@ def test_cupy_stays_on_the_gpu(shell):
     run_ok(shell, "%%depin --gpu\ng2 = g * 2\non_device = type(g2).__module__")
     assert type(shell.user_ns["g2"]).__module__.startswith("cupy")
     assert shell.user_ns["on_device"].startswith("cupy")
+
+
+def test_a_cell_whose_kernel_dies_is_stopped_on_the_worker(depin_session, tmp_path):
+    """The client process goes away mid-cell: Dask releases the task and the worker stops the cell."""
+    import subprocess
+    import textwrap
+    import time
+
+    beat = tmp_path / "beat"
+    script = textwrap.dedent(f"""
+        import os, threading, time
+        from depin_jupyter import cluster
+        from depin_jupyter.runner import run_cell
+        s = cluster.connect({depin_session.address!r})
+        def die():
+            while not os.path.exists({str(beat)!r}):
+                time.sleep(0.02)
+            os._exit(0)
+        threading.Thread(target=die, daemon=True).start()
+        run_cell(s, "import time\\nn = 0\\nwhile True:\\n    n += 1\\n    open(beat, 'w').write(str(n))\\n"
+                    "    time.sleep(0.01)", {{"beat": {str(beat)!r}}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert beat.exists(), proc.stderr[-2000:]
+    time.sleep(2.0)  # the scheduler notices the client is gone and releases its task
+    first = beat.read_text()
+    time.sleep(0.5)
+    assert beat.read_text() == first, "the cell kept running after its kernel died"
