@@ -50,6 +50,7 @@ class Session:
         self.streams = StreamDispatcher(client)
         self.cpu_fallback_said = False
         self.env = EnvironmentCache()
+        self._gpus: dict[str, Any] = {}
         self.last_workers: list[WorkerInfo] = []
         self.session_file = _publish(self)
         from .remote import CancelOnRelease
@@ -79,6 +80,15 @@ class Session:
             ))
         self.last_workers = out
         return out
+
+    def gpu_hardware(self, addresses: list[str]) -> dict[str, Any]:
+        """GPU description (gpu.describe) of each worker, asked once per worker and cached."""
+        from .gpu import describe
+
+        unknown = [a for a in addresses if a not in self._gpus]
+        if unknown:
+            self._gpus.update(self.client.run(describe, workers=unknown, on_error="return"))
+        return {a: (self._gpus.get(a) if isinstance(self._gpus.get(a), dict) else None) for a in addresses}
 
     def close(self) -> None:
         if self.session_file is not None:

@@ -42,3 +42,26 @@ def array_module() -> ModuleType:
     import numpy
 
     return numpy
+
+
+def describe() -> dict[str, object] | None:
+    """This process's first visible GPU (name, memory in bytes, compute capability, driver), or None.
+
+    Run on a worker through `Client.run`: dask-cuda orders CUDA_VISIBLE_DEVICES so that device 0 is the
+    worker's own GPU.
+    """
+    try:
+        import cupy
+
+        if not cupy.cuda.is_available() or cupy.cuda.runtime.getDeviceCount() == 0:
+            return None
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        return {
+            "name": name.decode() if isinstance(name, bytes) else str(name),
+            "memory": int(props["totalGlobalMem"]),
+            "arch": float(f"{props['major']}.{props['minor']}"),
+            "driver": int(cupy.cuda.runtime.driverGetVersion()),
+        }
+    except Exception:  # noqa: BLE001 - no cupy, no driver: no GPU to describe
+        return None

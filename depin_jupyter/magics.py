@@ -49,6 +49,13 @@ class DepinMagics(Magics):
               help="cancel the cell on the worker after SEC seconds (config depin.timeout)")
     @argument("--retries", type=_positive(int, "--retries"), metavar="N",
               help="re-run on another worker up to N times if the worker dies (config depin.retries)")
+    @argument("--max-runtime", type=_positive(float, "--max-runtime"), metavar="SEC",
+              help="cap the run's lifetime; enforced by the worker even if this kernel is gone "
+                   "(config depin.max-runtime)")
+    @argument("--gpu-mem", type=_positive(float, "--gpu-mem"), metavar="GiB",
+              help="run only on workers whose GPU has at least this much memory (implies --gpu)")
+    @argument("--gpu-arch", type=_positive(float, "--gpu-arch"), metavar="MIN",
+              help="run only on GPUs of at least this compute capability, e.g. 8.0 (implies --gpu)")
     @argument("--name", metavar="LABEL", help="a label for this run (shown in errors and run ids)")
     @argument("--worker", metavar="NAME", help="run on this worker only (name or address; for debugging)")
     @argument("--inputs", type=_names, metavar="A,B", help="send exactly these names (overrides inference)")
@@ -64,13 +71,14 @@ class DepinMagics(Magics):
         """
         __tracebackhide__ = True
         args = parse_argstring(self.depin, line)
-        if args.cpu and args.gpu:
-            raise UsageError("--cpu and --gpu contradict each other: give one of them")
+        if args.cpu and (args.gpu or args.gpu_mem or args.gpu_arch):
+            raise UsageError("--cpu contradicts --gpu/--gpu-mem/--gpu-arch: give one of them")
         from .cluster import current_session, get_session
         from .runner import RunOptions, run_cell
 
         options = RunOptions(gpu=args.gpu, cpu=args.cpu, timeout=args.timeout, retries=args.retries,
-                             name=args.name, worker=args.worker, inputs=args.inputs, outputs=args.outputs)
+                             name=args.name, worker=args.worker, inputs=args.inputs, outputs=args.outputs,
+                             gpu_mem=args.gpu_mem, gpu_arch=args.gpu_arch, max_runtime=args.max_runtime)
         fresh = current_session() is None
         session = _usage(get_session)
         if fresh:

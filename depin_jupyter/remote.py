@@ -41,6 +41,10 @@ class CellTimedOut(CellCancelled):
     """Raised inside a cell's thread when it runs past its timeout."""
 
 
+class CellMaxRuntime(CellTimedOut):
+    """Raised inside a cell's thread when the run passes its --max-runtime (kernel present or not)."""
+
+
 # ---------------------------------------------------------------- values that need care on the wire
 
 class Boxed:
@@ -524,11 +528,12 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
         _active[run_id] = (ctx, ident)
         if key is not None:
             _run_of_key[key] = run_id
-    timer = None
-    if spec.get("timeout"):
-        timer = threading.Timer(spec["timeout"], _inject, args=(ident, CellTimedOut))
-        timer.daemon = True
-        timer.start()
+    timers = []
+    for limit, exc_type in ((spec.get("timeout"), CellTimedOut), (spec.get("max_runtime"), CellMaxRuntime)):
+        if limit:
+            timers.append(threading.Timer(limit, _inject, args=(ident, exc_type)))
+            timers[-1].daemon = True
+            timers[-1].start()
     t1 = time.time()
     ctx.start(worker_addr, getattr(worker, "name", None))
     try:
@@ -543,7 +548,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
                     result["value"] = _shippable_value(value)
             _show_figures(ctx)
         finally:
-            if timer is not None:
+            for timer in timers:
                 timer.cancel()
             with _active_lock:
                 _active.pop(run_id, None)
@@ -557,6 +562,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
             "traceback": _clean_traceback(exc, filename),
             "exception": None if isinstance(exc, CellCancelled) else _portable_exception(exc),
             "timed_out": isinstance(exc, CellTimedOut),
+            "limit": "max-runtime" if isinstance(exc, CellMaxRuntime) else "timeout",
         }
     finally:
         _local.run = None

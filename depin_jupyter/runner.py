@@ -50,6 +50,9 @@ class RunOptions:
     worker: str | None = None
     inputs: tuple[str, ...] | None = None
     outputs: tuple[str, ...] | None = None
+    gpu_mem: float | None = None        # GiB a GPU must have
+    gpu_arch: float | None = None       # minimum compute capability, e.g. 8.0
+    max_runtime: float | None = None    # seconds; enforced on the worker even if the kernel is gone
 
 
 class Progress:
@@ -150,6 +153,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
             "outputs": list(options.outputs) if options.outputs is not None else None,
             "last_expr": plan.last_expr,
             "timeout": config.seconds("timeout", options.timeout),
+            "max_runtime": config.seconds("max-runtime", options.max_runtime),
             "flush_interval": config.seconds("stream.flush-interval"),
             "local_modules": {"key": bundle.key, "names": list(bundle.names)} if bundle else None,
         }
@@ -256,6 +260,29 @@ def _check_environment(session: Session, needed: list[str], bundle: Any, placeme
     )
 
 
+def _gpu_fits(gpu: dict[str, Any] | None, options: RunOptions) -> bool:
+    if gpu is None:
+        return False
+    if options.gpu_mem and gpu["memory"] < options.gpu_mem * 2**30:
+        return False
+    return not (options.gpu_arch and gpu["arch"] < options.gpu_arch)
+
+
+def _gpu_text(gpu: dict[str, Any] | None) -> str:
+    if gpu is None:
+        return "no GPU"
+    return f"{gpu['name']}, {gpu['memory'] / 2**30:.1f} GiB, compute capability {gpu['arch']}"
+
+
+def _wanted(options: RunOptions) -> str:
+    parts = []
+    if options.gpu_mem:
+        parts.append(f"at least {options.gpu_mem:g} GiB (--gpu-mem)")
+    if options.gpu_arch:
+        parts.append(f"compute capability {options.gpu_arch:g} or newer (--gpu-arch)")
+    return " and ".join(parts)
+
+
 def _placement(session: Session, options: RunOptions) -> tuple[dict[str, Any], list[str]]:
     """Dask submit keywords that route the cell to suitable workers, and those workers' addresses."""
     workers = session.workers()
@@ -269,22 +296,35 @@ def _placement(session: Session, options: RunOptions) -> tuple[dict[str, Any], l
                                         f"Connected: {known}.")
         placement.update(workers=match, allow_other_workers=False)
         workers = [w for w in workers if w.address in match]
+    if options.gpu_mem or options.gpu_arch:
+        gpus = gpus or 1
     if gpus:
         capable = [w for w in workers if w.gpus >= gpus]
+        if capable and (options.gpu_mem or options.gpu_arch):
+            hardware = session.gpu_hardware([w.address for w in capable])
+            capable = [w for w in capable if _gpu_fits(hardware.get(w.address), options)]
+            if not capable:
+                offered = "; ".join(f"{w.name} ({w.address}): {_gpu_text(hardware.get(w.address))}"
+                                    for w in workers) or "no workers"
+                raise NoSuitableWorkerError(
+                    f"no connected worker has a GPU with {_wanted(options)}. Available: {offered}. Lower "
+                    f"--gpu-mem/--gpu-arch, or connect to a cluster with such GPUs."
+                )
         if capable:
             placement["resources"] = {"GPU": gpus}
             workers = capable
-        elif config.get("gpu-fallback") == "cpu":
+        elif config.get("gpu-fallback") == "cpu" and not (options.gpu_mem or options.gpu_arch):
             if not session.cpu_fallback_said:
                 print(f"depin: no worker offers {gpus} GPU(s); running on CPU with numpy "
                       f"(depin.gpu-fallback: cpu).", file=sys.stderr)
                 session.cpu_fallback_said = True
         else:
             have = ", ".join(f"{w.name}: {w.gpus} GPU" for w in workers) or "no workers"
+            want = f"{gpus} GPU(s)" + (f" with {_wanted(options)}" if options.gpu_mem or options.gpu_arch else "")
             raise NoSuitableWorkerError(
-                f"the cell asks for {gpus} GPU(s) (--gpu) but no connected worker has that many "
-                f"({have}). Connect to a cluster with GPU workers, run with --cpu, or set "
-                f"depin.gpu-fallback: cpu to run such cells on CPU with numpy."
+                f"the cell asks for {want} but no connected worker has that ({have}). Connect to a "
+                f"cluster with GPU workers, run with --cpu, or set depin.gpu-fallback: cpu to run such "
+                f"cells on CPU with numpy."
             )
     return placement, [w.address for w in workers]
 
@@ -302,7 +342,8 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     future = client.submit(remote_run_cell, spec, args, key=f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}",
                            pure=False, **placement)
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
-    timeout = spec["timeout"]
+    limits = [x for x in (spec["timeout"], spec.get("max_runtime")) if x]
+    timeout = min(limits) if limits else None
     deadline = None if timeout is None else time.monotonic() + timeout + _CANCEL_GRACE_S
     seen = 0
     started: dict[str, Any] = {}
@@ -317,7 +358,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                     continue
                 _cancel(client, future, run_id, timed_out=True)
                 raise CellTimeoutError(
-                    f"the cell ran past --timeout {timeout:g}s and was cancelled; its worker thread did not "
+                    f"the cell ran past its time limit ({timeout:g}s) and was cancelled; its worker thread did not "
                     f"stop in time (it is likely inside a long C call) and may finish in the background. "
                     f"Raise --timeout or split the work."
                 ) from None
@@ -396,8 +437,10 @@ def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
     where = result.get("worker") or "the worker"
     if result["status"] == "cancelled":
         if err.get("timed_out"):
-            raise CellTimeoutError(f"the cell ran past --timeout {spec['timeout']:g}s on {where} and was "
-                                   f"cancelled there. Raise --timeout or make the cell faster.")
+            flag = err.get("limit", "timeout")
+            limit = spec["max_runtime"] if flag == "max-runtime" else spec["timeout"]
+            raise CellTimeoutError(f"the cell ran past --{flag} {limit:g}s on {where} and was "
+                                   f"cancelled there. Raise --{flag} or make the cell faster.")
         raise RemoteExecutionError(f"the cell was cancelled on {where}.")
     exc = err.get("exception")
     if not isinstance(exc, BaseException):

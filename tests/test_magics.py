@@ -388,3 +388,41 @@ def test_a_cell_whose_kernel_dies_is_stopped_on_the_worker(depin_session, tmp_pa
     first = beat.read_text()
     time.sleep(0.5)
     assert beat.read_text() == first, "the cell kept running after its kernel died"
+
+
+def test_gpu_memory_and_arch_requirements_without_such_gpu(shell):
+    from depin_jupyter.errors import NoSuitableWorkerError
+
+    res = run(shell, "%%depin --gpu-mem 1000\ny = 1")
+    err = res.error_in_exec
+    assert isinstance(err, NoSuitableWorkerError)
+    assert "--gpu-mem" in str(err) and "1000" in str(err)
+    res = run(shell, "%%depin --gpu-arch 9.0\ny = 1")
+    assert isinstance(res.error_in_exec, NoSuitableWorkerError) and "--gpu-arch" in str(res.error_in_exec)
+    res = run(shell, "%%depin --cpu --gpu-mem 8\ny = 1")
+    from IPython.core.error import UsageError
+
+    assert isinstance(res.error_in_exec, UsageError)
+    _assert_kernel_still_works(shell)
+
+
+def test_max_runtime_is_enforced_by_the_worker(shell):
+    from depin_jupyter.errors import CellTimeoutError
+
+    res = run(shell, "%%depin --max-runtime 1\nimport time\nwhile True:\n    time.sleep(0.01)")
+    assert isinstance(res.error_in_exec, CellTimeoutError)
+    assert "--max-runtime 1s" in str(res.error_in_exec)
+    _assert_kernel_still_works(shell)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_routing_on_a_gpu(shell, depin_session):
+    from depin_jupyter.gpu import describe
+
+    gpu = describe()
+    have = gpu["memory"] / 2**30
+    run_ok(shell, f"%%depin --gpu-mem {have * 0.5:.1f} --gpu-arch {gpu['arch']}\n"
+                  "from distributed import get_worker\nwhere = get_worker().address")
+    assert shell.user_ns["where"] in depin_session.client.scheduler_info()["workers"]
+    res = run(shell, f"%%depin --gpu-mem {have * 4:.0f}\ny = 1")
+    assert "no connected worker has a GPU" in str(res.error_in_exec)
