@@ -14,7 +14,7 @@ from .errors import DepinUsageError
 
 __all__ = ["DepinMagics"]
 
-_SUBCOMMANDS = ("connect", "status", "config", "close")
+_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -89,10 +89,13 @@ class DepinMagics(Magics):
     @magic_arguments()
     @argument("command", choices=_SUBCOMMANDS, help="what to do")
     @argument("target", nargs="?", default=None,
-              help="for connect: nothing or 'local' (embedded cluster), or a scheduler address")
+              help="for connect: nothing or 'local' (embedded cluster), or a scheduler address; "
+                   "for cancel: a run id or --name label")
+    @argument("--all", action="store_true", help="for cancel: every run in flight on the cluster")
+    @argument("--mine", action="store_true", help="for cancel: every run this user started")
     @line_magic("depin")
     def depin_line(self, line: str) -> Any:
-        """%depin connect [TARGET] | status | config | close."""
+        """%depin connect [TARGET] | status | config | close | jobs | cancel RUN|--mine|--all."""
         __tracebackhide__ = True
         if not line.strip():
             raise UsageError(f"%depin needs a command: one of {', '.join(_SUBCOMMANDS)} (see %depin?)")
@@ -103,8 +106,16 @@ class DepinMagics(Magics):
             session = _usage(cluster.connect, args.target)
             print(f"depin: connected to {session.description} ({session.address})")
             return None
+        if args.command == "cancel":
+            return _cancel(args)
         if args.target is not None:
             raise UsageError(f"%depin {args.command} takes no argument (got {args.target!r})")
+        if args.command == "jobs":
+            from .jobs import format_jobs, list_jobs
+
+            session = cluster.current_session()
+            print(format_jobs(list_jobs(session.client)) if session else "depin: not connected")
+            return None
         if args.command == "status":
             session = cluster.current_session()
             if session is None:
@@ -119,6 +130,25 @@ class DepinMagics(Magics):
         if args.command == "close":
             print("depin: closed" if cluster.close_session() else "depin: nothing to close")
         return None
+
+
+def _cancel(args: Any) -> None:
+    from . import cluster
+    from .jobs import cancel_jobs, list_jobs, owner
+
+    if not (args.target or args.all or args.mine):
+        raise UsageError("%depin cancel needs a run id or name, --mine or --all")
+    session = cluster.current_session()
+    if session is None:
+        raise UsageError("not connected: nothing to cancel (%depin connect first)")
+    live = list_jobs(session.client)
+    chosen = [j for j in live if args.all or (args.mine and j.owner == owner()) or args.target in (j.run_id, j.name)]
+    if args.target and not chosen:
+        raise UsageError(f"no run in flight is called {args.target!r} (see %depin jobs)")
+    for j in cancel_jobs(session.client, chosen):
+        print(f"depin: cancelled {j.run_id} ({j.name}, {j.owner}, {j.age:.0f}s old)")
+    if not chosen:
+        print("depin: nothing to cancel")
 
 
 def _usage(func: Any, *args: Any) -> Any:

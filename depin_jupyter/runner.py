@@ -17,6 +17,7 @@ from typing import Any
 from . import config
 from .cell import analyze
 from .cluster import Session
+from .jobs import register as register_job
 from .modules import bundle_local_modules
 from .failures import Death, explain_death, explain_exception
 from .envcheck import ALWAYS_CHECKED, compare, local_version
@@ -146,6 +147,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                                   f"already on the cluster")
         spec = {
             "run_id": run_id,
+            "name": label,
             "code": code,
             "filename": filename,
             "modules": shipped.modules,
@@ -339,8 +341,9 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     client = session.client
     run_id = spec["run_id"]
     q = session.streams.open(run_id)
-    future = client.submit(remote_run_cell, spec, args, key=f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}",
-                           pure=False, **placement)
+    key = f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}"
+    future = client.submit(remote_run_cell, spec, args, key=key, pure=False, **placement)
+    register_job(client, run_id, key, spec["name"])
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
     limits = [x for x in (spec["timeout"], spec.get("max_runtime")) if x]
     timeout = min(limits) if limits else None

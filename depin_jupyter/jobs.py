@@ -1,0 +1,90 @@
+"""Runs in flight on a cluster: who started them, how old they are, and cancelling them.
+
+Each `%%depin` run registers itself in the scheduler's metadata (``depin/runs/<run id>``) when it is
+submitted, so any client of the same scheduler — another kernel, the `depin` CLI — can list and
+cancel it, also after the kernel that started it is gone.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Job", "owner", "register", "list_jobs", "cancel_jobs"]
+
+_PREFIX = ("depin", "runs")
+
+
+def owner() -> str:
+    """Who this process runs as: user@host (what `--mine` matches)."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A run the scheduler still holds."""
+
+    run_id: str
+    name: str
+    owner: str
+    key: str
+    started: float
+    state: str            # the scheduler's task state: queued, processing, ...
+    worker: str | None
+
+    @property
+    def age(self) -> float:
+        return time.time() - self.started
+
+
+def register(client: Any, run_id: str, key: str, name: str) -> None:
+    """Record a submitted run on the scheduler without waiting for the answer (no latency added)."""
+    info = {"key": key, "name": name, "owner": owner(), "started": time.time()}
+
+    async def send() -> None:
+        try:
+            await client.scheduler.set_metadata(keys=[*_PREFIX, run_id], value=info)
+        except Exception:  # noqa: BLE001 - listing is best effort; the run itself is unaffected
+            pass
+
+    client.loop.add_callback(send)
+
+
+def _task_states(keys: list[str], dask_scheduler: Any = None) -> dict[str, tuple[str, str | None]]:
+    out = {}
+    for k in keys:
+        ts = dask_scheduler.tasks.get(k)
+        if ts is not None and ts.state not in ("memory", "erred", "released", "forgotten"):
+            out[k] = (ts.state, ts.processing_on.address if ts.processing_on else None)
+    return out
+
+
+def list_jobs(client: Any) -> list[Job]:
+    """Runs still queued or executing on the client's scheduler, oldest first."""
+    runs = client.get_metadata(list(_PREFIX), default={}) or {}
+    states = client.run_on_scheduler(_task_states, [r["key"] for r in runs.values()]) if runs else {}
+    jobs = [Job(run_id, r["name"], r["owner"], r["key"], r["started"], *states[r["key"]])
+            for run_id, r in runs.items() if r["key"] in states]
+    return sorted(jobs, key=lambda j: j.started)
+
+
+def cancel_jobs(client: Any, jobs: list[Job]) -> list[Job]:
+    """Cancel ``jobs`` for every client that wants them; the worker plugin stops their cells."""
+    from distributed import Future
+
+    if jobs:
+        futures = [Future(j.key, client) for j in jobs]
+        client.cancel(futures, force=True, reason="cancelled with depin cancel")
+    return jobs
+
+
+def format_jobs(jobs: list[Job]) -> str:
+    if not jobs:
+        return "no runs in flight"
+    rows = [("run", "name", "owner", "age", "state", "worker")]
+    rows += [(j.run_id, j.name, j.owner, f"{j.age:.0f}s", j.state, j.worker or "-") for j in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
