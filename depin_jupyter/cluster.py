@@ -52,6 +52,7 @@ class Session:
         self.env = EnvironmentCache()
         self._gpus: dict[str, Any] = {}
         self.last_workers: list[WorkerInfo] = []
+        self._workers_at = 0.0
         self.session_file = _publish(self)
         from .remote import CancelOnRelease
 
@@ -61,9 +62,17 @@ class Session:
     def address(self) -> str:
         return str(self.client.scheduler.address)
 
-    def workers(self) -> list[WorkerInfo]:
-        """The workers now connected, with GPU model and memory where they report one."""
+    def workers(self, max_age: float = 2.0) -> list[WorkerInfo]:
+        """The workers connected (as of at most ``max_age`` seconds ago), with GPU model and memory.
+
+        Asking the scheduler costs a round trip, so a burst of cells shares one answer.
+        """
+        import time
+
+        if self.last_workers and time.monotonic() - self._workers_at < max_age:
+            return self.last_workers
         info = self.client.scheduler_info(n_workers=-1)["workers"]
+        self._workers_at = time.monotonic()
         out = []
         for addr, w in sorted(info.items()):
             gpu = w.get("gpu") or {}

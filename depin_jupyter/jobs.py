@@ -7,6 +7,7 @@ cancel it, also after the kernel that started it is gone.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import socket
 import time
@@ -18,6 +19,7 @@ __all__ = ["Job", "owner", "register", "list_jobs", "cancel_jobs"]
 _PREFIX = ("depin", "runs")
 
 
+@functools.lru_cache(maxsize=1)
 def owner() -> str:
     """Who this process runs as: user@host (what `--mine` matches)."""
     return f"{getpass.getuser()}@{socket.gethostname()}"

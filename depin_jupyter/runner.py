@@ -287,7 +287,13 @@ def _wanted(options: RunOptions) -> str:
 
 def _placement(session: Session, options: RunOptions) -> tuple[dict[str, Any], list[str]]:
     """Dask submit keywords that route the cell to suitable workers, and those workers' addresses."""
-    workers = session.workers()
+    try:
+        return _place(session, options, session.workers())
+    except NoSuitableWorkerError:  # maybe a worker joined since the cached list: ask again
+        return _place(session, options, session.workers(max_age=0))
+
+
+def _place(session: Session, options: RunOptions, workers: list[Any]) -> tuple[dict[str, Any], list[str]]:
     gpus = options.gpu if options.gpu is not None else (None if options.cpu else config.get("gpus"))
     placement: dict[str, Any] = {}
     if options.worker:
