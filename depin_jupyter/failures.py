@@ -87,7 +87,8 @@ def explain_exception(type_name: str, module: str, message: str, worker: str | N
     if module.startswith(("cupy", "cupy_backends", "torch", "numba")) and (
         type_name in _GPU_OOM and ("memory" in text or "out of memory" in text or type_name == "OutOfMemoryError")
     ):
-        what = f" ({gpu.get('name')}, {gpu.get('memory-total', 0) / 2**30:.0f} GiB)" if gpu else ""
+        total = gpu.get("memory") or gpu.get("memory-total") or 0 if gpu else 0
+        what = f" ({gpu.get('name')}, {total / 2**30:.0f} GiB)" if gpu else ""
         return (f"depin: the GPU of {where}{what} ran out of memory. Free arrays you no longer need "
                 f"(del, cupy.get_default_memory_pool().free_all_blocks()), process the data in smaller "
                 f"chunks, or ask for a larger GPU with --gpu-mem GiB.")

@@ -520,7 +520,9 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     input_objects = {id(v): n for n, v in seeded.items()
                      if n in inputs and not isinstance(v, (int, float, str, bool, type(None)))}
 
-    result: dict[str, Any] = {"status": "ok", "worker": worker_addr, "run_id": run_id}
+    result: dict[str, Any] = {"status": "ok", "worker": worker_addr, "run_id": run_id,
+                              "worker_name": None if worker is None else str(worker.name),
+                              "hardware": hardware()}
     ident = threading.get_ident()
     _local.run = ctx
     key = worker.get_current_task() if worker is not None else None
@@ -572,6 +574,35 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     result["stream_count"] = ctx.seq
     result["timings"] = {"setup": t1 - t0, "run": t2 - t1, "collect": time.time() - t2}
     return result
+
+
+_hardware_cache: dict[str, Any] | None = None
+
+
+def hardware() -> dict[str, Any]:
+    """What this worker runs on (host, CPU, memory, GPU), for the run's provenance; computed once."""
+    global _hardware_cache
+    if _hardware_cache is None:
+        import platform
+        import socket
+
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        try:
+            import psutil
+
+            memory = int(psutil.virtual_memory().total)
+        except Exception:  # noqa: BLE001
+            memory = None
+        from .gpu import describe
+
+        _hardware_cache = {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+                           "memory": memory, "gpu": describe(), "python": platform.python_version()}
+    return _hardware_cache
 
 
 def _cell_builtins() -> dict[str, Any]:

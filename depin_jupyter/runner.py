@@ -455,7 +455,8 @@ def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
     if not isinstance(exc, BaseException):
         exc = RemoteCellError(err["type"], err["message"])
     exc.add_note(f"--- remote traceback (%%depin, worker {where}) ---\n{err['traceback'].rstrip()}")
-    hint = explain_exception(err["type"], err["module"], err["message"], result.get("worker"), result.get("gpu"))
+    gpu = (result.get("hardware") or {}).get("gpu")
+    hint = explain_exception(err["type"], err["module"], err["message"], result.get("worker"), gpu)
     if hint:
         exc.add_note(hint)
     raise exc
