@@ -305,6 +305,24 @@ def _install() -> None:
     except ImportError:  # IPython missing on the worker: display() falls back to print
         pass
     threading.Thread(target=_flusher, name="depin-stream-flusher", daemon=True).start()
+    import dask
+
+    # Dask collections computed inside a cell run on the whole cluster through the worker's client;
+    # while the cell waits for them it gives up its worker slot, so cells waiting on cells never deadlock.
+    dask.config.set(scheduler=_cluster_get)
+
+
+def _cluster_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    from distributed import get_client, rejoin, secede
+
+    client = get_client()
+    if _current() is None:
+        return client.get(dsk, keys, **kwargs)
+    secede()
+    try:
+        return client.get(dsk, keys, **kwargs)
+    finally:
+        rejoin()
 
 
 def _flusher() -> None:

@@ -426,3 +426,17 @@ def test_gpu_memory_routing_on_a_gpu(shell, depin_session):
     assert shell.user_ns["where"] in depin_session.client.scheduler_info()["workers"]
     res = run(shell, f"%%depin --gpu-mem {have * 4:.0f}\ny = 1")
     assert "no connected worker has a GPU" in str(res.error_in_exec)
+
+
+def test_dask_collections_inside_a_cell_use_the_whole_cluster(shell, depin_session):
+    code = (
+        "%%depin\n"
+        "import time\nimport dask\nimport dask.array as da\nimport numpy as np\n"
+        "def where(i):\n    from distributed import get_worker\n    time.sleep(0.05)\n    return get_worker().address\n"
+        "used = set(dask.compute(*[dask.delayed(where)(i) for i in range(40)]))\n"
+        "arr = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)\n"
+        "total = float(da.from_array(arr, chunks=250).sum().compute())\n"
+    )
+    run_ok(shell, code)
+    assert len(shell.user_ns["used"]) == 2  # both workers ran the cell's tasks
+    assert shell.user_ns["total"] == float(np.arange(1_000_000, dtype=np.float64).sum())
