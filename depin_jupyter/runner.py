@@ -102,22 +102,34 @@ class RemoteCellError(RemoteExecutionError):
         self.remote_message = message
 
 
-def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
-             hidden: dict[str, Any] | None = None, progress: Progress | None = None) -> CellOutcome:
-    """Run ``code`` on the session's cluster with inputs from ``namespace``; bind its results there.
+@dataclass
+class Prepared:
+    """A run checked and routed, ready to ship: everything decided before any byte is sent."""
 
-    Raises the cell's own exception (with the remote traceback as a note), or a DepinError subclass
-    naming what went wrong outside the cell (undefined input, worker lost, timeout...).
+    run_id: str
+    label: str
+    code: str
+    filename: str
+    plan: Any
+    names: list[str]
+    bundle: Any
+    placement: dict[str, Any]
+    options: RunOptions
+    started: float = field(default_factory=time.perf_counter)
+
+
+def prepare(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
+            hidden: dict[str, Any] | None = None) -> Prepared:
+    """Analyze the cell, find its inputs (NameError before anything is sent), route it, check environments.
+
     ``hidden`` holds names the shell itself put in the namespace (IPython's `user_ns_hidden`);
     they are not sent unless the user rebound them.
     """
     __tracebackhide__ = True
-    t_start = time.perf_counter()
     label = options.name or "cell"
     run_id = f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     filename = f"<depin {label} {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
     plan = analyze(code, filename=filename)
-
     if options.inputs is not None:
         names = list(options.inputs)
         missing = [n for n in names if n not in namespace]
@@ -129,38 +141,55 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
         raise NameError(f"name {missing[0]!r} is not defined: the %%depin cell reads it"
                         + (f" (also undefined: {', '.join(missing[1:])})" if len(missing) > 1 else "")
                         + ". Define it in the notebook before running the cell; nothing was sent.")
-
-    progress = progress or Progress()
     needed = _module_candidates(plan.imports, names, namespace)
     bundle = bundle_local_modules(needed)
     placement, candidates = _placement(session, options)
     placement = _check_environment(session, needed, bundle, placement, candidates)
+    return Prepared(run_id, label, code, filename, plan, names, bundle, placement, options)
+
+
+def make_spec(prep: Prepared, shipped: Any) -> dict[str, Any]:
+    """What the worker's `remote.run_cell` needs besides the input values."""
+    options, bundle = prep.options, prep.bundle
+    return {
+        "run_id": prep.run_id,
+        "name": prep.label,
+        "code": prep.code,
+        "filename": prep.filename,
+        "modules": shipped.modules,
+        "maybe_mutated": [n for n in prep.plan.maybe_mutated if n in shipped.args],
+        "outputs": list(options.outputs) if options.outputs is not None else None,
+        "last_expr": prep.plan.last_expr,
+        "timeout": config.seconds("timeout", options.timeout),
+        "max_runtime": config.seconds("max-runtime", options.max_runtime),
+        "flush_interval": config.seconds("stream.flush-interval"),
+        "local_modules": {"key": bundle.key, "names": list(bundle.names)} if bundle else None,
+    }
+
+
+def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
+             hidden: dict[str, Any] | None = None, progress: Progress | None = None) -> CellOutcome:
+    """Run ``code`` on the session's cluster with inputs from ``namespace``; bind its results there.
+
+    Raises the cell's own exception (with the remote traceback as a note), or a DepinError subclass
+    naming what went wrong outside the cell (undefined input, worker lost, timeout...).
+    """
+    __tracebackhide__ = True
+    prep = prepare(session, code, namespace, options, hidden)
+    progress = progress or Progress()
     retries = int(config.get("retries", options.retries))
     attempt = lost_inputs = 0
     while True:
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
-        progress.update("shipping", f"{len(names)} input(s)")
-        shipped = ship_inputs(session.client, namespace, names, session.inputs, bundle)
+        progress.update("shipping", f"{len(prep.names)} input(s)")
+        shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle)
         t_shipped = time.perf_counter()
         progress.update("queued", f"sent {_human(shipped.sent_bytes)}, reused {len(shipped.reused)} input(s) "
                                   f"already on the cluster")
-        spec = {
-            "run_id": run_id,
-            "name": label,
-            "code": code,
-            "filename": filename,
-            "modules": shipped.modules,
-            "maybe_mutated": [n for n in plan.maybe_mutated if n in shipped.args],
-            "outputs": list(options.outputs) if options.outputs is not None else None,
-            "last_expr": plan.last_expr,
-            "timeout": config.seconds("timeout", options.timeout),
-            "max_runtime": config.seconds("max-runtime", options.max_runtime),
-            "flush_interval": config.seconds("stream.flush-interval"),
-            "local_modules": {"key": bundle.key, "names": list(bundle.names)} if bundle else None,
-        }
+        spec = make_spec(prep, shipped)
         try:
-            result = _submit_and_wait(session, spec, shipped.args, placement, progress)
+            result = _submit_and_wait(session, spec, shipped.args, prep.placement, progress)
             break
         except _InputsLost:
             lost_inputs += 1
@@ -177,27 +206,39 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                     f"{death.message} Tried {attempt} time(s) (--retries {retries}); raise --retries to "
                     f"try more workers."
                 ) from None
-            e = death.message
-            print(f"depin: {e} Retrying on another worker (attempt {attempt + 1} of {retries + 1}).",
-                  file=sys.stderr)
+            print(f"depin: {death.message} Retrying on another worker (attempt {attempt + 1} of "
+                  f"{retries + 1}).", file=sys.stderr)
             progress.update("retrying", f"attempt {attempt + 1} of {retries + 1}")
         except BaseException as e:
             progress.update("failed", type(e).__name__)
             raise
-
     t_done = time.perf_counter()
+    outcome = finish(session, namespace, prep, shipped, spec, result, progress)
+    outcome.attempts = attempt
+    outcome.timings.update(ship=t_shipped - prep.started, remote=t_done - t_shipped)
+    return outcome
+
+
+def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped: Any, spec: dict[str, Any],
+           result: dict[str, Any], progress: Progress | None = None,
+           keep: Any = None) -> CellOutcome:
+    """Bind a run's results into ``namespace`` and raise the cell's exception if it had one.
+
+    ``keep(name) -> bool``, when given, says which names may be bound (a background run must not
+    overwrite names the user rebound since it was submitted).
+    """
+    __tracebackhide__ = True
+    progress = progress or Progress()
     for name in result.get("mutated", {}):
         session.inputs.discard(shipped.hashes.get(name, ""))  # the cluster's copy changed in place
-    for warning in apply_results(namespace, result):
+    for warning in apply_results(namespace, result, keep):
         print(f"depin: {warning}", file=sys.stderr)
     outcome = CellOutcome(
-        run_id=run_id,
+        run_id=prep.run_id,
         worker=result.get("worker"),
         sent_bytes=shipped.sent_bytes,
         reused_inputs=shipped.reused,
-        attempts=attempt,
-        timings={"ship": t_shipped - t_start, "remote": t_done - t_shipped,
-                 "total": time.perf_counter() - t_start, **result.get("timings", {})},
+        timings={"total": time.perf_counter() - prep.started, **result.get("timings", {})},
     )
     if "value" in result:
         outcome.value, outcome.has_value = result["value"], True

@@ -157,28 +157,49 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
     return shipped
 
 
-def apply_results(namespace: dict[str, Any], result: dict[str, Any]) -> list[str]:
-    """Bind a run's results into ``namespace``; returns warnings to show the user."""
+def apply_results(namespace: dict[str, Any], result: dict[str, Any], keep: Any = None) -> list[str]:
+    """Bind a run's results into ``namespace``; returns warnings to show the user.
+
+    ``keep(name) -> bool`` may veto binding a name (it was rebound meanwhile); vetoed names are reported.
+    """
     warnings: list[str] = []
+    vetoed: list[str] = []
+
+    def allowed(name: str) -> bool:
+        if keep is None or keep(name):
+            return True
+        vetoed.append(name)
+        return False
+
     for name, modpath in result.get("modules", {}).items():
+        if not allowed(name):
+            continue
         try:
             namespace[name] = sys.modules.get(modpath) or importlib.import_module(modpath)
         except ImportError as e:
             warnings.append(f"the cell imported {modpath!r} on the worker, but it cannot be imported here ({e})")
     for name, value in result.get("mutated", {}).items():
+        if not allowed(name):
+            continue
         value = unbox(value)
         local = namespace.get(name)
         if local is None or not _update_in_place(local, value):
             namespace[name] = value
     for name, value in result.get("outputs", {}).items():
-        namespace[name] = _rebind_globals(unbox(value), namespace)
+        if allowed(name):
+            namespace[name] = _rebind_globals(unbox(value), namespace)
     for name, source in result.get("aliases", {}).items():
-        namespace[name] = namespace[source]
+        if allowed(name):
+            namespace[name] = namespace[source]
     for name in result.get("deleted", []):
-        namespace.pop(name, None)
+        if allowed(name):
+            namespace.pop(name, None)
     for name, why in result.get("skipped", {}).items():
         warnings.append(f"output {name!r} of type {why} could not be brought back from the worker; "
                         f"it is not bound here")
+    if vetoed:
+        warnings.append(f"kept your current value of {', '.join(vetoed)}: rebound or changed since the run "
+                        f"was submitted (the run's values are in its handle's .outputs)")
     return warnings
 
 
