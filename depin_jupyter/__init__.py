@@ -20,15 +20,22 @@ def xp():  # type: ignore[no-untyped-def]
 
 def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
     """`%load_ext depin_jupyter`: register `%%depin` and `%depin`."""
-    from .magics import DepinMagics
+    from .magics import DepinMagics, bind_finished_runs
 
     ipython.register_magics(DepinMagics)
+    # Finished background runs are bound before the next cell runs, never while one runs.
+    ipython.events.register("pre_run_cell", bind_finished_runs)
 
 
 def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
     """`%unload_ext depin_jupyter`: close the session's cluster connection."""
     from .cluster import close_session
+    from .magics import bind_finished_runs
 
+    try:
+        ipython.events.unregister("pre_run_cell", bind_finished_runs)
+    except ValueError:
+        pass
     close_session()
 
 

@@ -51,6 +51,7 @@ class Session:
         self.cpu_fallback_said = False
         self.env = EnvironmentCache()
         self._gpus: dict[str, Any] = {}
+        self.background: dict[str, Any] = {}   # name -> background.BackgroundRun
         self.last_workers: list[WorkerInfo] = []
         self._workers_at = 0.0
         self.session_file = _publish(self)

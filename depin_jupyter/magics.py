@@ -14,7 +14,7 @@ from .errors import DepinUsageError
 
 __all__ = ["DepinMagics"]
 
-_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel")
+_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -58,6 +58,9 @@ class DepinMagics(Magics):
               help="run only on GPUs of at least this compute capability, e.g. 8.0 (implies --gpu)")
     @argument("--name", metavar="LABEL", help="a label for this run (shown in errors and run ids)")
     @argument("--worker", metavar="NAME", help="run on this worker only (name or address; for debugging)")
+    @argument("--background", action="store_true",
+              help="return at once with a handle; outputs are bound before the next cell after the run "
+                   "finishes, or by %%depin wait [NAME]")
     @argument("--inputs", type=_names, metavar="A,B", help="send exactly these names (overrides inference)")
     @argument("--outputs", type=_names, metavar="A,B",
               help="bring back exactly these names (overrides inference)")
@@ -83,6 +86,10 @@ class DepinMagics(Magics):
         session = _usage(get_session)
         if fresh:
             print(f"depin: started {session.description}", file=sys.stderr)
+        if args.background:
+            from . import background
+
+            return _usage(background.submit, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden)
         outcome = _usage(run_cell, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden)
         return outcome.value if outcome.has_value else None
 
@@ -108,6 +115,14 @@ class DepinMagics(Magics):
             return None
         if args.command == "cancel":
             return _cancel(args)
+        if args.command == "wait":
+            from . import background
+
+            session = cluster.current_session()
+            if session is None:
+                raise UsageError("not connected: there is nothing to wait for")
+            _usage(background.wait, session, self.shell.user_ns, args.target)
+            return None
         if args.target is not None:
             raise UsageError(f"%depin {args.command} takes no argument (got {args.target!r})")
         if args.command == "jobs":
@@ -130,6 +145,22 @@ class DepinMagics(Magics):
         if args.command == "close":
             print("depin: closed" if cluster.close_session() else "depin: nothing to close")
         return None
+
+
+def bind_finished_runs(*_: Any) -> None:
+    """IPython pre_run_cell hook: bind background runs that finished since the last cell."""
+    from . import cluster
+
+    session = cluster.current_session()
+    if session is None or not session.background:
+        return
+    from IPython import get_ipython
+
+    from .background import bind_finished
+
+    shell = get_ipython()
+    if shell is not None:
+        bind_finished(session, shell.user_ns)
 
 
 def _cancel(args: Any) -> None:
