@@ -14,7 +14,7 @@ from .errors import DepinUsageError
 
 __all__ = ["DepinMagics"]
 
-_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait")
+_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait", "runs", "load")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -58,6 +58,10 @@ class DepinMagics(Magics):
               help="run only on GPUs of at least this compute capability, e.g. 8.0 (implies --gpu)")
     @argument("--name", metavar="LABEL", help="a label for this run (shown in errors and run ids)")
     @argument("--worker", metavar="NAME", help="run on this worker only (name or address; for debugging)")
+    @argument("--store", metavar="URL", help="result store for this run (a path or fsspec URL; "
+                                             "config depin.store.url, default ./depin-results.zarr)")
+    @argument("--no-store", action="store_true", help="do not store this run's results")
+    @argument("--no-cache", action="store_true", help="run even if an identical run is stored")
     @argument("--background", action="store_true",
               help="return at once with a handle; outputs are bound before the next cell after the run "
                    "finishes, or by %%depin wait [NAME]")
@@ -81,7 +85,8 @@ class DepinMagics(Magics):
 
         options = RunOptions(gpu=args.gpu, cpu=args.cpu, timeout=args.timeout, retries=args.retries,
                              name=args.name, worker=args.worker, inputs=args.inputs, outputs=args.outputs,
-                             gpu_mem=args.gpu_mem, gpu_arch=args.gpu_arch, max_runtime=args.max_runtime)
+                             gpu_mem=args.gpu_mem, gpu_arch=args.gpu_arch, max_runtime=args.max_runtime,
+                             store=args.store, no_store=args.no_store, no_cache=args.no_cache)
         fresh = current_session() is None
         session = _usage(get_session)
         if fresh:
@@ -97,12 +102,16 @@ class DepinMagics(Magics):
     @argument("command", choices=_SUBCOMMANDS, help="what to do")
     @argument("target", nargs="?", default=None,
               help="for connect: nothing or 'local' (embedded cluster), or a scheduler address; "
-                   "for cancel: a run id or --name label")
+                   "for cancel and wait: a run id or --name label; for runs: a store URL; "
+                   "for load: a run id")
+    @argument("names", nargs="*", help="for load: the outputs to bind (default: all)")
+    @argument("--store", metavar="URL", help="for load: the store (default: config depin.store.url)")
     @argument("--all", action="store_true", help="for cancel: every run in flight on the cluster")
     @argument("--mine", action="store_true", help="for cancel: every run this user started")
     @line_magic("depin")
     def depin_line(self, line: str) -> Any:
-        """%depin connect [TARGET] | status | config | close | jobs | cancel RUN|--mine|--all."""
+        """%depin connect [TARGET] | status | config | close | jobs | cancel RUN|--mine|--all | wait [NAME]
+        | runs [STORE] | load RUN [NAME...] [--store URL]."""
         __tracebackhide__ = True
         if not line.strip():
             raise UsageError(f"%depin needs a command: one of {', '.join(_SUBCOMMANDS)} (see %depin?)")
@@ -123,6 +132,14 @@ class DepinMagics(Magics):
                 raise UsageError("not connected: there is nothing to wait for")
             _usage(background.wait, session, self.shell.user_ns, args.target)
             return None
+        if args.command == "runs":
+            from .store import open_store
+
+            store = _usage(open_store, args.target, create=False)
+            print(f"depin: runs in {store.url}\n{format_runs(store.runs())}")
+            return None
+        if args.command == "load":
+            return _load(self.shell.user_ns, args)
         if args.target is not None:
             raise UsageError(f"%depin {args.command} takes no argument (got {args.target!r})")
         if args.command == "jobs":
@@ -163,6 +180,21 @@ def bind_finished_runs(*_: Any) -> None:
         bind_finished(session, shell.user_ns)
 
 
+def _load(namespace: dict[str, Any], args: Any) -> None:
+    """`%depin load RUN [NAME...]`: bind a stored run's outputs, arrays lazily."""
+    if not args.target:
+        raise UsageError("%depin load needs a run id (see %depin runs)")
+    from .store import open_store
+
+    store = _usage(open_store, args.store, create=False)
+    values = _usage(store.load, args.target, args.names or None)
+    from .persist import VALUE_NAME
+
+    values.pop(VALUE_NAME, None)
+    namespace.update(values)
+    print(f"depin: bound {', '.join(values) or 'nothing'} from run {args.target} ({store.url})")
+
+
 def _cancel(args: Any) -> None:
     from . import cluster
     from .jobs import cancel_jobs, list_jobs, owner
@@ -182,11 +214,11 @@ def _cancel(args: Any) -> None:
         print("depin: nothing to cancel")
 
 
-def _usage(func: Any, *args: Any) -> Any:
+def _usage(func: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``func``, turning DepinUsageError into IPython's UsageError (shown without a traceback)."""
     __tracebackhide__ = True
     try:
-        return func(*args)
+        return func(*args, **kwargs)
     except DepinUsageError as e:
         raise UsageError(str(e)) from None
 
@@ -202,6 +234,17 @@ def format_status(session: Any) -> str:
     lines = [f"depin: {session.description} at {session.address}"]
     lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows]
     return "\n".join(lines)
+
+
+def format_runs(summaries: Any) -> str:
+    """`%depin runs`: one line per stored run."""
+    rows = [("run", "name", "status", "complete", "outputs")]
+    rows += [(r.run_id, r.name or "-", r.status, "yes" if r.complete else "no", ",".join(r.outputs) or "-")
+             for r in summaries]
+    if len(rows) == 1:
+        return "(no runs)"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows)
 
 
 def _gib(n: int | None) -> str:

@@ -5,6 +5,7 @@ This is the plain API under `%%depin`; the magic only parses arguments and calls
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import queue
 import sys
@@ -14,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import config
+from . import config, persist
 from .cell import analyze
 from .cluster import Session
 from .jobs import register as register_job
@@ -29,7 +30,7 @@ from .errors import (
     WorkerLostError,
 )
 from .remote import run_cell as remote_run_cell
-from .shipping import apply_results, ship_inputs
+from .shipping import apply_results, fingerprints, ship_inputs
 from .stream import emit
 
 __all__ = ["RunOptions", "CellOutcome", "RemoteCellError", "run_cell"]
@@ -54,6 +55,9 @@ class RunOptions:
     gpu_mem: float | None = None        # GiB a GPU must have
     gpu_arch: float | None = None       # minimum compute capability, e.g. 8.0
     max_runtime: float | None = None    # seconds; enforced on the worker even if the kernel is gone
+    store: str | None = None            # result store URL (default: config depin.store.url)
+    no_store: bool = False
+    no_cache: bool = False
 
 
 class Progress:
@@ -79,6 +83,7 @@ class CellOutcome:
     reused_inputs: list[str] = field(default_factory=list)
     attempts: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+    cached: bool = False
 
 
 class _WorkerDied(Exception):
@@ -100,6 +105,12 @@ class RemoteCellError(RemoteExecutionError):
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.remote_message = message
+
+
+def new_run_id() -> str:
+    """A time-sortable unique run id, ``YYYYmmddTHHMMSS.ffffffZ-<8 hex>`` (UTC): the store's format."""
+    t = datetime.datetime.now(datetime.UTC)
+    return f"{t:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
@@ -127,7 +138,7 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
     """
     __tracebackhide__ = True
     label = options.name or "cell"
-    run_id = f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    run_id = new_run_id()
     filename = f"<depin {label} {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
     plan = analyze(code, filename=filename)
     if options.inputs is not None:
@@ -177,13 +188,22 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     __tracebackhide__ = True
     prep = prepare(session, code, namespace, options, hidden)
     progress = progress or Progress()
+    store = persist.open_for(options)  # an unwritable store fails here, before any compute
+    hashes = fingerprints(namespace, prep.names)
+    key = None
+    if store is not None:
+        key = persist.cache_key(code, hashes, prep.bundle.key if prep.bundle else None, options)
+        if config.get("store.cache") and not options.no_cache:
+            hit = persist.serve_cached(store, key, namespace)
+            if hit is not None:
+                return _cached(session, namespace, prep, hit, progress)
     retries = int(config.get("retries", options.retries))
     attempt = lost_inputs = 0
     while True:
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
         progress.update("shipping", f"{len(prep.names)} input(s)")
-        shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle)
+        shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes)
         t_shipped = time.perf_counter()
         progress.update("queued", f"sent {_human(shipped.sent_bytes)}, reused {len(shipped.reused)} input(s) "
                                   f"already on the cluster")
@@ -213,9 +233,42 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
             progress.update("failed", type(e).__name__)
             raise
     t_done = time.perf_counter()
+    timings = {"ship_s": t_shipped - prep.started, "remote_s": t_done - t_shipped,
+               "run_s": result.get("timings", {}).get("run", 0.0)}
+    if store is not None:
+        progress.update("storing", store.url)
+        _record(store, prep, hashes, key, result, session, timings)
     outcome = finish(session, namespace, prep, shipped, spec, result, progress)
     outcome.attempts = attempt
-    outcome.timings.update(ship=t_shipped - prep.started, remote=t_done - t_shipped)
+    outcome.timings.update(ship=timings["ship_s"], remote=timings["remote_s"])
+    return outcome
+
+
+def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None, result: dict[str, Any],
+            session: Session, timings: dict[str, float]) -> None:
+    """Store the run; a failure to store is reported, never allowed to lose the results just computed."""
+    try:
+        warning = persist.record(store, run_id=prep.run_id, label=prep.label, code=prep.code, hashes=hashes,
+                                 key=key or "", options=prep.options, result=result, client=session.client,
+                                 timings=timings)
+    except Exception as e:  # noqa: BLE001 - the namespace still gets the results
+        warning = (f"the run's results are bound here but could not be stored in {store.url}: "
+                   f"{type(e).__name__}: {e}")
+    if warning:
+        print(f"depin: {warning}", file=sys.stderr)
+
+
+def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tuple[str, dict[str, Any]],
+            progress: Progress) -> CellOutcome:
+    run_id, result = hit
+    for warning in apply_results(namespace, result):
+        print(f"depin: {warning}", file=sys.stderr)
+    persist.say_cached(run_id, prep.options.name)
+    progress.update("cached", f"run {run_id}")
+    outcome = CellOutcome(run_id=run_id, worker=result.get("worker"), cached=True,
+                          timings={"total": time.perf_counter() - prep.started})
+    if "value" in result:
+        outcome.value, outcome.has_value = result["value"], True
     return outcome
 
 

@@ -112,11 +112,18 @@ def _serialized_size(name: str, value: Any) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
+def fingerprints(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """Content hash of each input (modules by import path): the cache key's and the cluster's view."""
+    return {n: ("module:" + namespace[n].__name__ if isinstance(namespace[n], types.ModuleType)
+                else content_hash(namespace[n])) for n in names}
+
+
 def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache,
-                modules: ModuleBundle | None = None) -> ShippedInputs:
+                modules: ModuleBundle | None = None, hashes: dict[str, str] | None = None) -> ShippedInputs:
     """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks.
 
-    ``modules``, the source of the notebook's own modules the cell needs, travels the same way.
+    ``modules``, the source of the notebook's own modules the cell needs, travels the same way;
+    ``hashes`` are the inputs' `fingerprints` when the caller already computed them.
     """
     shipped = ShippedInputs()
     to_send: dict[str, tuple[str, Any, int]] = {}
@@ -135,7 +142,7 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
         if _is_inline(value):
             shipped.args[name] = value
             continue
-        key = "depin-input-" + content_hash(value)
+        key = "depin-input-" + (hashes[name] if hashes and name in hashes else content_hash(value))
         shipped.hashes[name] = key
         fut = cache.get(key)
         if fut is not None:

@@ -14,6 +14,17 @@ import pytest
 os.environ.setdefault("DASK_CONFIG", os.path.join(os.path.dirname(__file__), "_no_dask_config"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _results_store(tmp_path_factory):
+    """Runs of the suite go to a temporary result store, not ./depin-results.zarr."""
+    import dask
+
+    url = str(tmp_path_factory.mktemp("store") / "suite-results.zarr")
+    os.environ["DASK_DEPIN__STORE__URL"] = url  # subprocesses (other kernels, the CLI) too
+    with dask.config.set({"depin.store.url": url}):
+        yield url
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

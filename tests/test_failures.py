@@ -47,7 +47,7 @@ def test_exception_hints():
 # ---------------------------------------------------------------- real workers dying
 
 def _still_works(shell):
-    assert run_ok(shell, "%%depin\nfine = 40 + 2\nfine") == 42
+    assert run_ok(shell, "%%depin --no-cache\nfine = 40 + 2\nfine") == 42
 
 
 def test_segfault_is_explained_and_not_retried(shell):

@@ -192,7 +192,7 @@ def test_same_namespace_and_stdout_as_a_plain_run(shell, capsys):
 # ---------------------------------------------------------------- bad input: clear errors, kernel keeps working
 
 def _assert_kernel_still_works(shell):
-    assert run_ok(shell, "%%depin\nalive = 1 + 1\nalive") == 2
+    assert run_ok(shell, "%%depin --no-cache\nalive = 1 + 1\nalive") == 2
 
 
 @pytest.mark.parametrize("line, words", [

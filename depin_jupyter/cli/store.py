@@ -1,0 +1,97 @@
+"""`depin runs`, `depin show`, `depin verify`: read and check a result store from the shell.
+
+Exit codes: 0 success; 1 a mismatch (verify) or a run that is not complete (show); 2 the store
+cannot be opened or the arguments are wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import main
+
+
+def _open(url: str | None) -> Any:
+    """The store at ``url`` (or depin.store.url / ./depin-results.zarr), opened read-only."""
+    from ..store import StoreAccessError, open_store
+
+    try:
+        return open_store(url, create=False, writable=False)
+    except StoreAccessError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("store", required=False)
+def runs(store: str | None) -> None:
+    """List the runs in STORE (default: depin.store.url or ./depin-results.zarr)."""
+    rs = _open(store)
+    rows = [("RUN", "NAME", "STATUS", "COMPLETE", "OUTPUTS", "CREATED")]
+    for s in rs.runs():
+        rows.append((s.run_id, s.name or "-", s.status, "yes" if s.complete else "no",
+                     ",".join(s.outputs) or "-", s.created or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if len(rows) == 1:
+        click.echo(f"(no runs in {rs.url})")
+
+
+def _elide(doc: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with per-chunk digest lists shortened to a count (shown with --full)."""
+    def shorten(rec: dict[str, Any]) -> dict[str, Any]:
+        rec = dict(rec)
+        if "chunk_digests" in rec:
+            rec["chunk_digests"] = f"<{len(rec['chunk_digests'])} chunk digests; --full shows them>"
+        if "variables" in rec:
+            rec["variables"] = {k: shorten(v) for k, v in rec["variables"].items()}
+        return rec
+
+    return {**doc, "outputs": {k: shorten(v) for k, v in doc["outputs"].items()}}
+
+
+@main.command()
+@click.argument("run")
+@click.option("--store", "store", default=None, help="store path or URL (default: depin.store.url)")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--full", is_flag=True, help="include every chunk digest")
+def show(run: str, store: str | None, fmt: str, full: bool) -> None:
+    """Print the manifest of RUN (an id or a unique prefix; incomplete runs are reported, exit 1)."""
+    from ..store import RunIncompleteError, RunNotFoundError, StoreIntegrityError
+
+    rs = _open(store)
+    matches = [s.run_id for s in rs.runs() if s.run_id.startswith(run)]
+    run = matches[0] if len(matches) == 1 else run  # a unique prefix is enough
+    try:
+        doc = rs.manifest(run).to_json()
+    except RunNotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (RunIncompleteError, StoreIntegrityError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    doc = doc if full else _elide(doc)
+    if fmt == "json":
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        import yaml
+
+        click.echo(yaml.safe_dump(doc, sort_keys=False, width=100))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--quiet", "-q", is_flag=True, help="print only mismatches and the verdict")
+def verify(store: str, quiet: bool) -> None:
+    """Re-hash every chunk, manifest and ledger entry of STORE; exit 1 naming any mismatch."""
+    report = _open(store).verify()
+    for line in report.format().splitlines():
+        if quiet and line.startswith("incomplete "):
+            continue
+        click.echo(line, err=line.startswith("MISMATCH"))
+    sys.exit(0 if report.ok else 1)

@@ -1,0 +1,129 @@
+"""Runs into the Zarr result store and back: the cache key, recording a finished run, serving a hit.
+
+A run is recorded after its results are bound: its outputs (including inputs it changed in place
+and the value of its last expression) go into a run group, and how they were bound (aliases,
+deletions, modules, in-place changes) into the manifest's ``extra``, so a cache hit can rebind the
+namespace exactly as the run did. A run is only cacheable when every output could be stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Any
+
+from . import config
+from .remote import unbox
+
+__all__ = ["open_for", "cache_key", "serve_cached", "record", "VALUE_NAME"]
+
+VALUE_NAME = "_depin_value"   # the stored last-expression value
+KEY_VERSION = 1
+
+
+def open_for(options: Any) -> Any | None:
+    """The run's store (probed for writability, before any compute), or None with --no-store."""
+    if options.no_store or (not config.get("store.enabled") and not options.store):
+        return None
+    from .store import open_store
+
+    return open_store(options.store)
+
+
+def result_options(options: Any) -> dict[str, Any]:
+    """The options that can change what a cell computes (part of the cache key and the manifest)."""
+    return {"gpu": options.gpu, "cpu": options.cpu, "gpu_arch": options.gpu_arch,
+            "inputs": list(options.inputs) if options.inputs is not None else None,
+            "outputs": list(options.outputs) if options.outputs is not None else None}
+
+
+def cache_key(code: str, hashes: dict[str, str], modules_key: str | None, options: Any) -> str:
+    """What must match for a stored run to stand in for running the cell again."""
+    payload = {"v": KEY_VERSION, "code": code, "inputs": sorted(hashes.items()), "modules": modules_key,
+               "options": result_options(options)}
+    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """If a complete run has this key, bind its outputs (lazily) and return (run id, result dict)."""
+    run_id = store.lookup_cache(key)
+    if run_id is None:
+        return None
+    manifest = store.manifest(run_id)
+    bindings = (manifest.extra or {}).get("bindings", {})
+    values = store.load(run_id)
+    mutated = set(bindings.get("mutated", []))
+    result: dict[str, Any] = {
+        "status": "ok",
+        "outputs": {n: v for n, v in values.items() if n not in mutated and n != VALUE_NAME},
+        # In-place changes are applied to the existing local objects: those need concrete values.
+        "mutated": {n: _concrete(v) for n, v in values.items() if n in mutated},
+        "aliases": bindings.get("aliases", {}),
+        "deleted": bindings.get("deleted", []),
+        "modules": bindings.get("modules", {}),
+        "worker": (manifest.worker or {}).get("address"),
+    }
+    if VALUE_NAME in values:
+        result["value"] = values[VALUE_NAME]
+    return run_id, result
+
+
+def _concrete(value: Any) -> Any:
+    return value.compute() if hasattr(value, "compute") and hasattr(value, "dask") else value
+
+
+def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, str], key: str,
+           options: Any, result: dict[str, Any], client: Any = None,
+           timings: dict[str, float] | None = None) -> str | None:
+    """Write a finished run into ``store``; returns a warning to show, or None.
+
+    Never raises for an output it cannot store: the run is then stored without it and is not
+    cacheable, and the warning names the output.
+    """
+    from .store import UnsupportedOutputError
+    from .store._outputs import classify
+
+    mutated = {n: unbox(v) for n, v in result.get("mutated", {}).items()}
+    outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **mutated}
+    value = result.get("value")
+    if value is not None and type(value).__name__ != "RichValue":
+        outputs[VALUE_NAME] = value
+    allow_pickle = bool(config.get("store.allow-pickle"))
+    unstorable = [n for n, v in outputs.items() if classify(v) == "other" and not allow_pickle]
+    cacheable = result.get("status") == "ok" and not result.get("skipped") and not unstorable
+    writer = store.begin_run(code=code, inputs=hashes, options=result_options(options),
+                             cache_key=key if cacheable else None, name=label, run_id=run_id)
+    problems = []
+    compute = {"scheduler": client} if client is not None else None
+    for name, v in outputs.items():
+        if name in unstorable:
+            problems.append(f"{name} ({type(v).__module__}.{type(v).__qualname__})")
+            continue
+        try:
+            writer.write_output(name, v, compute_kwargs=compute)
+        except UnsupportedOutputError as e:
+            problems.append(f"{name} ({e})")
+    hardware = dict(result.get("hardware") or {})
+    environment = hardware.pop("environment", None)
+    worker = {"address": result.get("worker"), "name": result.get("worker_name"), **hardware}
+    extra: dict[str, Any] = {"bindings": {"aliases": result.get("aliases", {}),
+                                          "deleted": list(result.get("deleted", [])),
+                                          "modules": result.get("modules", {}),
+                                          "mutated": sorted(mutated)}}
+    if result.get("status") != "ok":
+        err = result.get("error") or {}
+        extra["error"] = {"type": err.get("type"), "message": err.get("message")}
+    if problems:
+        extra["not_stored"] = problems
+    writer.finish(status="ok" if result.get("status") == "ok" else "error", worker=worker,
+                  environment=environment, timings=timings or {}, extra=extra)
+    if problems:
+        return (f"stored run {run_id} without {', '.join(problems)}: not portable; it will not serve as a "
+                f"cache hit (set depin.store.allow-pickle: true to store such values as pickles)")
+    return None
+
+
+def say_cached(run_id: str, label: str | None) -> None:
+    print(f"depin: cached (run {run_id}{', ' + label if label else ''}): the cell was not run again; "
+          f"outputs are loaded lazily from the store. Use --no-cache to recompute.", file=sys.stderr)

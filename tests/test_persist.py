@@ -1,0 +1,128 @@
+"""Every %%depin run lands in the Zarr result store with its manifest; an unchanged cell is a cache hit."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from IPython.utils.capture import capture_output
+
+from conftest import run, run_ok
+from depin_jupyter.store import open_store
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    return str(tmp_path / "results.zarr")
+
+
+def test_run_is_stored_with_its_manifest(shell, store_url):
+    run_ok(shell, "import numpy as np\nbase = np.arange(12.0).reshape(3, 4)\nk = 2")
+    run_ok(shell, f"%%depin --store {store_url} --name scale\nscaled = base * k\nlabel = 'x2'\nfloat(scaled.sum())")
+    store = open_store(store_url, create=False)
+    [summary] = store.runs()
+    assert summary.complete and summary.name == "scale"
+    manifest = store.manifest(summary.run_id)
+    assert "scaled = base * k" in manifest.code
+    assert set(manifest.inputs) == {"base", "k"}
+    assert {"scaled", "label"} <= set(manifest.outputs)
+    assert manifest.worker["address"].startswith("tcp://127.0.0.1")
+    assert manifest.worker["cpu"] and "gpu" in manifest.worker
+    np.testing.assert_array_equal(store.load(summary.run_id, ["scaled"])["scaled"], np.arange(12.0).reshape(3, 4) * 2)
+    assert store.verify().ok
+
+
+def test_unchanged_cell_is_served_from_the_cache(shell, store_url, tmp_path):
+    marker = tmp_path / "ran"
+    shell.user_ns.update(marker=str(marker), data=np.linspace(0, 1, 1000))
+    cell = (f"%%depin --store {store_url}\nopen(marker, 'a').write('x')\n"
+            "smooth = np.convolve(data, np.ones(5) / 5, mode='same')\nn = len(smooth)\nn")
+    run_ok(shell, "import numpy as np")
+    assert run_ok(shell, cell) == 1000
+    first = shell.user_ns["smooth"]
+    with capture_output() as cap:
+        value = run_ok(shell, cell)
+    assert "cached (run" in cap.stderr
+    assert marker.read_text() == "x"  # the cell did not run again
+    assert value == 1000
+    np.testing.assert_allclose(np.asarray(shell.user_ns["smooth"]), first)
+    assert len(open_store(store_url, create=False).runs()) == 1
+
+    run_ok(shell, cell.replace("--store", "--no-cache --store"))
+    assert marker.read_text() == "xx"  # --no-cache recomputes
+    shell.user_ns["data"] = np.linspace(0, 2, 1000)
+    run_ok(shell, cell)
+    assert marker.read_text() == "xxx"  # a changed input is a miss
+
+
+def test_mutated_input_is_replayed_on_a_hit(shell, store_url):
+    run_ok(shell, "L = [3, 1, 2]")
+    run_ok(shell, f"%%depin --store {store_url}\nL.sort()\nm = max(L)")
+    run_ok(shell, "L = [3, 1, 2]\nalias = L")
+    with capture_output() as cap:
+        run_ok(shell, f"%%depin --store {store_url}\nL.sort()\nm = max(L)")
+    assert "cached" in cap.stderr
+    assert shell.user_ns["L"] == [1, 2, 3] and shell.user_ns["alias"] is shell.user_ns["L"]
+
+
+def test_no_store_records_nothing(shell, store_url):
+    run_ok(shell, f"%%depin --no-store --store {store_url}\nz = 1")
+    assert not os.path.exists(store_url) or not open_store(store_url, create=False).runs()
+
+
+def test_unwritable_store_fails_before_any_compute(shell, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    marker = tmp_path / "ran"
+    shell.user_ns["marker"] = str(marker)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): permissions cannot make it read-only")
+        res = run(shell, f"%%depin --store {ro}/r.zarr\nopen(marker, 'w').write('x')")
+        assert "not writable" in str(res.error_in_exec) or "cannot create" in str(res.error_in_exec)
+        assert not marker.exists()
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_store_path_that_is_a_file_fails_before_any_compute(shell, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    marker = tmp_path / "ran"
+    shell.user_ns["marker"] = str(marker)
+    res = run(shell, f"%%depin --store {blocker}/r.zarr\nopen(marker, 'w').write('x')")
+    assert res.error_in_exec is not None and str(blocker) in str(res.error_in_exec)
+    assert not marker.exists()
+    assert run_ok(shell, "%%depin --no-cache\nok = 1\nok") == 1
+
+
+def test_unportable_output_is_named_and_the_run_is_not_cached(shell, store_url, tmp_path):
+    marker = tmp_path / "ran"
+    shell.user_ns["marker"] = str(marker)
+    cell = f"%%depin --store {store_url}\nopen(marker, 'a').write('x')\nclass Thing:\n    pass\nt = Thing()\nok = 1"
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "t (__main__.Thing)" in cap.stderr and "allow-pickle" in cap.stderr
+    run_ok(shell, cell)
+    assert marker.read_text() == "xx"  # not served from the cache: the stored run lacks `t`
+
+
+def test_load_binds_a_stored_run_lazily(shell, store_url):
+    run_ok(shell, f"%%depin --store {store_url}\nimport numpy as np\nbig = np.ones((400, 300))\nsmall = 3")
+    run_id = open_store(store_url, create=False).runs()[0].run_id
+    run_ok(shell, "del big, small")
+    run_ok(shell, f"%depin load {run_id} big --store {store_url}")
+    assert "small" not in shell.user_ns
+    big = shell.user_ns["big"]
+    assert hasattr(big, "dask") and float(big.sum().compute()) == 120000.0  # lazy: a dask array
+    res = run(shell, f"%depin load 20000101T000000.000000Z-dead --store {store_url}")
+    assert res.error_in_exec is not None and "20000101T000000.000000Z-dead" in str(res.error_in_exec)
+
+
+def test_runs_line_magic_lists_the_store(shell, store_url, capsys):
+    run_ok(shell, f"%%depin --store {store_url} --name listed\nq = 5")
+    shell.run_line_magic("depin", f"runs {store_url}")
+    out = capsys.readouterr().out
+    assert "listed" in out and "yes" in out
