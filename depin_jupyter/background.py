@@ -12,6 +12,8 @@ import queue
 import sys
 import time
 import uuid
+
+from distributed import fire_and_forget
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,8 @@ from .cluster import Session
 from .jobs import register as register_job
 from .remote import run_cell as remote_run_cell
 from .runner import CellOutcome, Prepared, RunOptions, finish, make_spec, prepare
-from .shipping import ship_inputs
+from . import persist
+from .shipping import fingerprints, ship_inputs
 from .stream import emit
 
 __all__ = ["BackgroundRun", "submit", "bind_finished", "wait"]
@@ -97,17 +100,45 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
     if options.name is None:
         options = RunOptions(**{**options.__dict__, "name": f"bg{len(session.background) + 1}"})
     prep = prepare(session, code, namespace, options, hidden)
-    shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle)
+    store = persist.open_for(options)  # probed before any compute
+    hashes = fingerprints(namespace, prep.names)
+    shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes)
     spec = make_spec(prep, shipped)
+    if store is not None:
+        # The worker stores the results itself, so they reach the store even if this kernel dies.
+        spec["record"] = {"url": store.url, "storage_options": store.storage_options, "label": prep.label,
+                          "hashes": hashes, "options": prep.options,
+                          "key": persist.cache_key(code, hashes, prep.bundle.key if prep.bundle else None,
+                                                   prep.options)}
     stream = session.streams.open(prep.run_id)
     key = f"depin-run-{prep.run_id}-{uuid.uuid4().hex[:6]}"
     future = session.client.submit(remote_run_cell, spec, shipped.args, key=key, pure=False, **prep.placement)
+    if store is not None:
+        fire_and_forget(future)  # the cluster keeps the run when this kernel goes away
+        _confirm_kept(session.client, key)
     register_job(session.client, prep.run_id, key, prep.label)
     watched = set(prep.plan.binds) | set(prep.plan.deletes) | set(prep.names)
     snapshot = {n: namespace.get(n, _MISSING) for n in watched}
     run = BackgroundRun(prep, shipped, spec, future, stream, snapshot)
     session.background[prep.label] = run
     return run
+
+
+def _kept(key: str, dask_scheduler: Any = None) -> bool:
+    ts = dask_scheduler.tasks.get(key)
+    return ts is not None and any(cs.client_key == "fire-and-forget" for cs in ts.who_wants or ())
+
+
+def _confirm_kept(client: Any, key: str, timeout: float = 10.0) -> None:
+    """Wait until the scheduler holds the run for no client in particular, so a kernel killed right after
+    `%%depin --background` returns cannot take the run with it."""
+    deadline = time.monotonic() + timeout
+    while not client.run_on_scheduler(_kept, key):
+        if time.monotonic() > deadline:
+            print("depin: could not confirm that the scheduler keeps this run if the kernel dies",
+                  file=sys.stderr)
+            return
+        time.sleep(0.01)
 
 
 def _bind(session: Session, run: BackgroundRun, namespace: dict[str, Any]) -> None:
@@ -138,6 +169,8 @@ def _bind(session: Session, run: BackgroundRun, namespace: dict[str, Any]) -> No
     def keep(name: str) -> bool:
         return namespace.get(name, _MISSING) is run.snapshot.get(name, _MISSING)
 
+    if result.get("record_warning"):
+        print(f"depin: {result['record_warning']}", file=sys.stderr)
     try:
         run.outcome = finish(session, namespace, run.prep, run.shipped, run.spec, result, keep=keep)
     except BaseException as e:  # noqa: BLE001 - the cell's exception: shown now, kept on the handle

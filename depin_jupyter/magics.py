@@ -95,7 +95,14 @@ class DepinMagics(Magics):
             from . import background
 
             return _usage(background.submit, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden)
-        outcome = _usage(run_cell, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden)
+        from .widgets import make_progress
+
+        progress = make_progress(options.name or "cell")
+        try:
+            outcome = _usage(run_cell, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden,
+                             progress)
+        finally:
+            progress.close()
         return outcome.value if outcome.has_value else None
 
     @magic_arguments()
@@ -187,12 +194,16 @@ def _load(namespace: dict[str, Any], args: Any) -> None:
     from .store import open_store
 
     store = _usage(open_store, args.store, create=False)
-    values = _usage(store.load, args.target, args.names or None)
+    run_id = args.target
+    named = [r for r in store.runs() if r.name == run_id and r.complete]
+    if named:  # a --name label: its newest complete run
+        run_id = named[-1].run_id
+    values = _usage(store.load, run_id, args.names or None)
     from .persist import VALUE_NAME
 
     values.pop(VALUE_NAME, None)
     namespace.update(values)
-    print(f"depin: bound {', '.join(values) or 'nothing'} from run {args.target} ({store.url})")
+    print(f"depin: bound {', '.join(values) or 'nothing'} from run {run_id} ({store.url})")
 
 
 def _cancel(args: Any) -> None:

@@ -589,9 +589,33 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
         ctx.flush()
     t2 = time.time()
     _collect(result, ns, seeded, input_objects, before, spec)
-    result["stream_count"] = ctx.seq
     result["timings"] = {"setup": t1 - t0, "run": t2 - t1, "collect": time.time() - t2}
+    if spec.get("record"):
+        _record_here(spec, result, ctx)
+    result["stream_count"] = ctx.seq
     return result
+
+
+def _record_here(spec: dict[str, Any], result: dict[str, Any], ctx: _RunContext) -> None:
+    """Store the run from the worker (background runs: the results must not depend on the kernel)."""
+    from distributed import rejoin, secede
+
+    from . import persist
+    from .store import open_store
+
+    rec = spec["record"]
+    secede()  # dask-array outputs are computed by the cluster while this thread waits
+    try:
+        store = open_store(rec["url"], storage_options=rec["storage_options"])
+        warning = persist.record(store, run_id=spec["run_id"], label=rec["label"], code=spec["code"],
+                                 hashes=rec["hashes"], key=rec["key"], options=rec["options"], result=result,
+                                 timings={"run_s": result["timings"]["run"]})
+    except Exception as e:  # noqa: BLE001 - reported to the notebook; the outputs still travel back
+        warning = f"the worker could not store the run in {rec['url']}: {type(e).__name__}: {e}"
+    finally:
+        rejoin()
+    if warning:
+        result["record_warning"] = warning
 
 
 _hardware_cache: dict[str, Any] | None = None

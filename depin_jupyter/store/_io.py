@@ -162,16 +162,15 @@ class DigestingStore(WrapperStore[Store]):
     Hashing runs in a thread alongside the write itself (hashlib releases the GIL).
     """
 
-    def __init__(self, store: Store, *, enabled: bool = True) -> None:
+    def __init__(self, store: Store) -> None:
         super().__init__(store)
-        self.enabled = enabled
         self.digests: dict[str, str] = {}
 
     def _with_store(self, store: Store) -> DigestingStore:
-        return type(self)(store, enabled=self.enabled)
+        return type(self)(store)
 
     async def set(self, key: str, value: Any) -> None:
-        if not self.enabled or key.endswith("zarr.json"):
+        if key.endswith("zarr.json"):
             await self._store.set(key, value)
             return
         view = value.as_buffer_like()

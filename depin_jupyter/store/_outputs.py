@@ -195,12 +195,12 @@ def _write_chunkwise(z: zarr.Array, arr: np.ndarray, chunks: tuple[int, ...]) ->
 
 
 def write_numpy(store: Store, path: str, value: np.ndarray, settings: Settings, *,
-                name: str, pytype: str, kind: str = "array", enabled: bool = True) -> OutputRecord:
+                name: str, pytype: str, kind: str = "array") -> OutputRecord:
     """Write a host array through a digesting wrapper: encode, hash and store in one pass."""
     arr = np.asarray(value)
     dtype = _zarr_dtype(arr)
     itemsize = arr.dtype.itemsize if arr.dtype != object else 64
-    wrapped = _io.DigestingStore(store, enabled=enabled)
+    wrapped = _io.DigestingStore(store)
     chunks = chunk_shape(arr.shape, itemsize, settings.chunk_bytes)
     z = create_array(wrapped, path, arr.shape, dtype, chunks, settings)
     if arr.size and arr.ndim and dtype is not str:

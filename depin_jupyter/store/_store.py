@@ -113,9 +113,14 @@ class RunWriter:
             raise RunNotFoundError(f"run {self.run_id} does not exist in {self.url}")
         return _attrs(raw)
 
-    def _settings_now(self) -> _outputs.Settings:
+    def _open_run(self) -> _outputs.Settings:
+        """The run's write settings; refuses a run that is already finished or aborted."""
+        attrs = self._run_attrs()
+        if MANIFEST_ATTR in attrs or attrs[RUN_ATTR].get("status") == "aborted":
+            raise DepinUsageError(f"run {self.run_id} is already {attrs[RUN_ATTR].get('status')}: "
+                                  "no more outputs can be written to it")
         if self._settings is None:
-            self._settings = _outputs.Settings(**self._run_attrs()[RUN_ATTR]["settings"])
+            self._settings = _outputs.Settings(**attrs[RUN_ATTR]["settings"])
         return self._settings
 
     def write_output(self, name: str, value: object, *, compute_kwargs: dict[str, Any] | None = None) -> None:
@@ -134,7 +139,7 @@ class RunWriter:
         if not isinstance(name, str) or not _NAME.match(name) or name.startswith("__") or name in (".", ".."):
             raise DepinUsageError(f"output name {name!r} cannot name a Zarr node (no '/', no leading '__')")
         store = self._store
-        settings = self._settings_now()
+        settings = self._open_run()
         pending = f"depin/pending/{self.run_id}/{name}/zarr.json"
         if _io.exists(store, pending):
             raise DepinUsageError(f"output {name!r} was already written to run {self.run_id}")
@@ -346,7 +351,8 @@ class ResultStore:
         try:
             attrs = _attrs(raw)
         except ValueError as exc:
-            raise StoreIntegrityError(f"run {run_id}: its zarr.json is unreadable ({exc}); run `depin verify`")
+            raise StoreIntegrityError(
+                f"run {run_id}: its zarr.json is unreadable ({exc}); run `depin verify`") from exc
         if MANIFEST_ATTR not in attrs:
             status = attrs.get(RUN_ATTR, {}).get("status", "incomplete")
             raise RunIncompleteError(

@@ -151,6 +151,9 @@ def verify_store(rs: ResultStore) -> VerifyReport:
     metas = _io.get_many(store, [f"{p}/zarr.json" for p in [*arrays, *groups]])
     for run_id, manifest in to_check.items():
         problems += _check_outputs(run_id, manifest, hashes, listed, metas)
+        stored = {n for n in _io.list_dir(store, f"runs/{run_id}") if n != "zarr.json"}
+        for extra in sorted(stored - {r.path.rsplit("/", 1)[-1] for r in manifest.outputs.values() if r.path}):
+            problems.append(Problem(f"node {extra!r} is not in the manifest (added after sealing)", run_id))
     return VerifyReport(
         url=rs.url, problems=tuple(problems), incomplete=tuple(incomplete),
         runs_checked=len(to_check), chunks_checked=len(chunk_keys), ledger_entries=len(entries),

@@ -1,0 +1,254 @@
+"""Benchmark of the result store against raw files on the same disk; prints a table, writes JSON.
+
+    python benchmarks/store.py [--size-mib 1024] [--repeats 3] [--dir DIR] [--fsync]
+
+Measures, for a float32 array of random and of smooth data: store writes (uncompressed and zstd,
+through `begin_run`/`write_output`/`finish`) and eager reads against `ndarray.tofile`/`np.fromfile`
+and `np.save`/`np.load`; the share of write time spent on digests (hashed as written, vs no digests,
+vs hashed by reading back);
+and cache-hit latency (`lookup_cache` + lazy `load`) for 1 MiB and SIZE outputs. Candidates and
+baselines are interleaved in one process after a warm-up round; medians are reported. Without
+``--fsync`` writes land in the page cache (what a notebook waits for); with it every writer syncs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS = {"write_vs_tofile": 0.8, "read_vs_fromfile": 0.8, "cache_hit_ms": 50.0, "digest_share": 0.10}
+
+
+Writer = tuple[Callable[[], None], Callable[[], None]]
+"""(prepare, write): prepare (untimed) removes the previous output, so every writer starts alike."""
+
+
+def _timed(fn: Callable[[], Any], fsync: bool) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if fsync:
+        os.sync()
+    return time.perf_counter() - t0
+
+
+def _touch(nbytes: int) -> None:
+    """Fault in and free ``nbytes`` of memory (untimed), so no reader or writer pays the VM for
+    memory the host took back since the previous one (RECIPES §7: re-touching 1 GiB costs seconds)."""
+    np.ones(nbytes, dtype=np.uint8).sum()
+
+
+def _file_writer(path: str, write: Callable[[], None]) -> Writer:
+    def prepare() -> None:
+        if os.path.exists(path):
+            os.remove(path)
+    return prepare, write
+
+
+def _data(kind: str, n: int) -> np.ndarray:
+    if kind == "random":
+        return np.random.default_rng(0).random(n, dtype=np.float32)
+    return np.sin(np.linspace(0, 200 * np.pi, n, dtype=np.float64)).astype(np.float32)
+
+
+def _store_writer(rs: Any, x: np.ndarray, last: dict[str, str], compression: str) -> Writer:
+    """A whole run: begin_run, write_output, finish (manifest, ledger, index)."""
+    import dask.config
+
+    def prepare() -> None:
+        if "run" in last:
+            shutil.rmtree(os.path.join(rs.url, "runs", last["run"], "x"), ignore_errors=True)
+
+    def write() -> None:
+        with dask.config.set({"depin.store.compression": compression}):
+            w = rs.begin_run(code="x = data", inputs={}, options={}, cache_key=None)
+        w.write_output("x", x)
+        w.finish()
+        last["run"] = w.run_id
+    return prepare, write
+
+
+def _digest_writers(rs: Any, x: np.ndarray, settings: Any) -> dict[str, Writer]:
+    """One array write three ways: digests as written (what the store does), no digests at all,
+    and digests by reading the chunks back afterwards (the obvious alternative)."""
+    from depin_jupyter.store import _io, _outputs
+
+    def writer(mode: str) -> Writer:
+        path = f"bench/{mode}"
+
+        def prepare() -> None:
+            shutil.rmtree(os.path.join(rs.url, path), ignore_errors=True)
+
+        def write() -> None:
+            if mode == "digest_on":
+                _outputs.write_numpy(rs.zarr_store, path, x, settings, name="x", pytype="numpy.ndarray")
+                return
+            chunks = _outputs.chunk_shape(x.shape, x.dtype.itemsize, settings.chunk_bytes)
+            z = _outputs.create_array(rs.zarr_store, path, x.shape, x.dtype, chunks, settings)
+            _outputs._write_chunkwise(z, x, chunks)
+            if mode == "digest_reread":
+                _io.hash_keys(rs.zarr_store, _io.list_prefix(rs.zarr_store, f"{path}/c"))
+        return prepare, write
+    return {mode: writer(mode) for mode in ("digest_on", "digest_off", "digest_reread")}
+
+
+def bench_io(kind: str, n: int, workdir: str, repeats: int, fsync: bool) -> dict[str, float]:
+    """Median seconds of each writer/reader on one data kind (first round is warm-up)."""
+    from depin_jupyter.store import open_store
+    from depin_jupyter.store._outputs import Settings
+
+    x = _data(kind, n)
+    raw, npy = os.path.join(workdir, "raw.bin"), os.path.join(workdir, "raw.npy")
+    stores: dict[str, Any] = {}
+    last: dict[str, dict[str, str]] = {}
+    for comp in ("none", "zstd"):
+        stores[comp] = open_store(os.path.join(workdir, f"{kind}-{comp}.zarr"))
+        last[comp] = {}
+    writers: dict[str, Writer] = {
+        "tofile": _file_writer(raw, lambda: x.tofile(raw)),
+        "np.save": _file_writer(npy, lambda: np.save(npy, x)),
+        "store_none": _store_writer(stores["none"], x, last["none"], "none"),
+        "store_zstd": _store_writer(stores["zstd"], x, last["zstd"], "zstd"),
+    }
+    settings = Settings.from_config()
+    writers.update(_digest_writers(stores["none"], x, Settings(**{**settings.__dict__, "compression": "none"})))
+    readers = {
+        "fromfile": lambda: np.fromfile(raw, dtype=np.float32),
+        "np.load": lambda: np.load(npy),
+        "store_none": lambda: stores["none"].load(last["none"]["run"], lazy=False)["x"],
+        "store_zstd": lambda: stores["zstd"].load(last["zstd"]["run"], lazy=False)["x"],
+    }
+    times: dict[str, list[float]] = {}
+    for rnd in range(repeats + 1):
+        order = list(writers)
+        if rnd % 2:  # alternate which of the digest pair goes first
+            i, j = order.index("digest_on"), order.index("digest_off")
+            order[i], order[j] = order[j], order[i]
+        for name in order:
+            prepare, write = writers[name]
+            prepare()
+            _touch(x.nbytes)
+            t = _timed(write, fsync)
+            if rnd:
+                times.setdefault(f"write {name}", []).append(t)
+        for name in list(readers)[rnd % len(readers):] + list(readers)[:rnd % len(readers)]:
+            fn = readers[name]
+            _touch(x.nbytes)
+            t0 = time.perf_counter()
+            out = fn()
+            t = time.perf_counter() - t0
+            assert out.shape == x.shape
+            del out
+            if rnd:
+                times.setdefault(f"read {name}", []).append(t)
+    for comp, rs in stores.items():
+        m = rs.manifest(last[comp]["run"]).outputs["x"]
+        stored = sum(os.path.getsize(os.path.join(rs.url, m.path or "", *k.split("/")))
+                     for k in (m.chunk_digests or {}))
+        times[f"stored/raw {comp}"] = [stored / x.nbytes]
+    t0 = time.perf_counter()
+    import hashlib
+
+    hashlib.sha256(x.data).digest()
+    times["sha256 of the data"] = [time.perf_counter() - t0]
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_cache(nbytes: int, workdir: str, repeats: int = 20) -> dict[str, float]:
+    """Median ms of a cache hit (lookup_cache + lazy load) for an output of ``nbytes``."""
+    from depin_jupyter.store import open_store
+
+    rs = open_store(os.path.join(workdir, f"cache-{nbytes}.zarr"))
+    key = f"cache-key-{nbytes}"
+    w = rs.begin_run(code="x = data", inputs={}, options={}, cache_key=key)
+    w.write_output("x", np.ones(nbytes // 4, dtype=np.float32))
+    w.finish()
+    samples = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        run_id = rs.lookup_cache(key)
+        assert run_id is not None
+        out: Any = rs.load(run_id)["x"]
+        samples.append((time.perf_counter() - t0) * 1000)
+        assert out.shape == (nbytes // 4,)
+    return {"median_ms": statistics.median(samples[1:]), "max_ms": max(samples[1:])}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=float, default=1024, help="array size (MiB), default 1024")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: $TMPDIR)")
+    ap.add_argument("--fsync", action="store_true", help="sync after every write (all writers)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "store.json"))
+    args = ap.parse_args(argv)
+    n = int(args.size_mib * 2**20) // 4
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="depin-bench-", dir=args.dir)
+    try:
+        io = {kind: bench_io(kind, n, workdir, args.repeats, args.fsync) for kind in ("random", "smooth")}
+        cache = {"1MiB": bench_cache(2**20, workdir), f"{args.size_mib:g}MiB": bench_cache(n * 4, workdir)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ratios = {}
+    for kind, t in io.items():
+        ratios[kind] = {
+            "write none / tofile (speed)": t["write tofile"] / t["write store_none"],
+            "write zstd / tofile (speed)": t["write tofile"] / t["write store_zstd"],
+            "read none / fromfile (speed)": t["read fromfile"] / t["read store_none"],
+            "read zstd / fromfile (speed)": t["read fromfile"] / t["read store_zstd"],
+            "digest share of write": max(0.0, t["write digest_on"] - t["write digest_off"]) / t["write digest_on"],
+            "  same, digests by re-reading": (max(0.0, t["write digest_reread"] - t["write digest_off"])
+                                              / t["write digest_reread"]),
+            "sha256 CPU time / write none": t["sha256 of the data"] / t["write store_none"],
+        }
+    result = {
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "cpus": os.cpu_count()},
+        "size_mib": args.size_mib, "repeats": args.repeats, "fsync": args.fsync, "dir": workdir,
+        "load_average": os.getloadavg(),
+        "seconds": io, "ratios": ratios, "cache_hit": cache, "targets": TARGETS,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    _print(result)
+    return result
+
+
+def _print(r: dict[str, Any]) -> None:
+    gb = r["size_mib"] * 2**20 / 1e9
+    print(f"\nstore benchmark: {r['size_mib']:g} MiB float32, median of {r['repeats']}, "
+          f"fsync={r['fsync']}, {r['machine']['cpus']} CPUs, load average "
+          f"{' '.join(f'{v:.1f}' for v in r['load_average'])}")
+    print(f"{'operation':28} {'random s':>9} {'GB/s':>6} {'smooth s':>9} {'GB/s':>6}")
+    for key in r["seconds"]["random"]:
+        a, b = r["seconds"]["random"][key], r["seconds"]["smooth"][key]
+        if key.startswith("stored/raw"):
+            print(f"{key:28} {a:9.3f} {'':6} {b:9.3f}")
+        else:
+            print(f"{key:28} {a:9.3f} {gb / a:6.2f} {b:9.3f} {gb / b:6.2f}")
+    print(f"\n{'ratio (target)':42} {'random':>8} {'smooth':>8}")
+    targets = {"write none": 0.8, "read none": 0.8, "digest share": 0.10}
+    for key in r["ratios"]["random"]:
+        tgt = next((f"(>= {v})" if "digest" not in k else f"(<= {v})" for k, v in targets.items()
+                    if key.startswith(k)), "")
+        print(f"{key + ' ' + tgt:42} {r['ratios']['random'][key]:8.2f} {r['ratios']['smooth'][key]:8.2f}")
+    print("\ncache hit (lookup_cache + lazy load), target <= 50 ms")
+    for size, c in r["cache_hit"].items():
+        print(f"  {size:>10}: median {c['median_ms']:.1f} ms, max {c['max_ms']:.1f} ms")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(HERE))
+    main()

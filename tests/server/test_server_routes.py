@@ -1,0 +1,111 @@
+"""The routes under {base_url}depin/ through a real Jupyter server (pytest-jupyter's jp_fetch)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+import depin_jupyter
+
+ROUTES = [("GET", "depin/status"), ("GET", "depin/runs"), ("GET", "depin/runs/20260101T000000.000000Z-abcd"),
+          ("POST", "depin/reproduce")]
+
+
+def body(response: Any) -> Any:
+    return json.loads(response.body)
+
+
+async def test_status_not_connected(jp_fetch: Any) -> None:
+    r = await jp_fetch("depin", "status")
+    assert r.code == 200 and r.headers["Content-Type"].startswith("application/json")
+    s = body(r)
+    assert s["connected"] is False and s["connections"] == [] and "%depin connect" in s["message"]
+
+
+async def test_status_lists_the_published_session(published: Any, jp_fetch: Any) -> None:
+    s = body(await jp_fetch("depin", "status"))
+    assert s["connected"] is True and s["workers"] == 1 and s["gpus"] == 0
+    (conn,) = s["connections"]
+    assert conn["scheduler"] == published.address and conn["ok"]
+    assert {"name", "address", "nthreads", "memory_limit", "gpu_model", "gpu_memory_total",
+            "gpu_utilization", "executing", "volunteer", "trust", "credit"} <= set(conn["workers"][0])
+
+
+async def test_runs_and_run(store_with_runs: Any, jp_fetch: Any) -> None:
+    rs, (first, second, unfinished) = store_with_runs
+    out = body(await jp_fetch("depin", "runs", params={"store": "depin-results.zarr"}))
+    assert out["store"] == rs.url and [r["run_id"] for r in out["runs"]] == [unfinished, second, first]
+    assert out["runs"][1]["worker"] == "worker-7" and out["runs"][1]["duration_s"] == 1.25
+    verified = body(await jp_fetch("depin", "runs", params={"verify": "1"}))
+    assert verified["verify"]["ok"] and verified["runs"][1]["verified"] is True
+    doc = body(await jp_fetch("depin", "runs", first))
+    assert doc["manifest"]["run_id"] == first and doc["manifest"]["status"] == "ok"
+
+
+async def test_unknown_run_is_404_with_a_message(store_with_runs: Any, jp_fetch: Any) -> None:
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("depin", "runs", "20990101T000000.000000Z-dead")
+    assert err.value.code == 404
+    assert "no run 20990101T000000.000000Z-dead" in body(err.value.response)["message"]
+
+
+async def test_incomplete_run_is_409_and_missing_store_404(store_with_runs: Any, jp_fetch: Any) -> None:
+    _, (_, _, unfinished) = store_with_runs
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("depin", "runs", unfinished)
+    assert err.value.code == 409 and "incomplete" in body(err.value.response)["message"]
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("depin", "runs", params={"store": "nowhere.zarr"})
+    assert err.value.code == 404 and "no depin store at" in body(err.value.response)["message"]
+
+
+async def test_reproduce_answers_501_not_a_fake_verdict(store_with_runs: Any, jp_fetch: Any) -> None:
+    _, (first, _, _) = store_with_runs
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("depin", "reproduce", method="POST", body=json.dumps({"run_id": first}))
+    assert err.value.code == 501 and "issue #6" in body(err.value.response)["message"]
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("depin", "reproduce", method="POST", body=json.dumps({"store": "x"}))
+    assert err.value.code == 400
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+async def test_every_route_needs_the_token(method: str, path: str, http_server_client: Any,
+                                           jp_base_url: str) -> None:
+    for headers in ({}, {"Authorization": "token wrong"}):
+        r = await http_server_client.fetch(f"{jp_base_url}{path}", method=method, headers=headers,
+                                           body="{}" if method == "POST" else None, raise_error=False)
+        assert r.code == 403, (path, headers, r.code)
+
+
+async def test_post_with_a_login_cookie_needs_xsrf(store_with_runs: Any, http_server_client: Any,
+                                                   jp_base_url: str, jp_serverapp: Any) -> None:
+    """A browser session (cookie, no token header) must echo the _xsrf cookie in X-XSRFToken."""
+    _, (first, _, _) = store_with_runs
+    token = jp_serverapp.identity_provider.token
+    r = await http_server_client.fetch(f"{jp_base_url}depin/status?token={token}")  # logs in: sets cookies
+    cookies = {c.split("=", 1)[0]: c.split(";", 1)[0] for c in r.headers.get_list("Set-Cookie")}
+    login = next(v for k, v in cookies.items() if k.startswith("username-"))
+    r = await http_server_client.fetch(f"{jp_base_url}login")
+    xsrf = next(c.split(";", 1)[0] for c in r.headers.get_list("Set-Cookie") if c.startswith("_xsrf="))
+    url, payload = f"{jp_base_url}depin/reproduce", json.dumps({"run_id": first})
+    refused = await http_server_client.fetch(url, method="POST", body=payload, raise_error=False,
+                                             headers={"Cookie": f"{login}; {xsrf}"})
+    assert refused.code == 403 and "_xsrf" in body(refused)["message"]
+    cookie_ok = await http_server_client.fetch(url, method="POST", body=payload, raise_error=False, headers={
+        "Cookie": f"{login}; {xsrf}", "X-XSRFToken": xsrf.split("=", 1)[1]})
+    assert cookie_ok.code == 501  # authenticated and XSRF-checked: the route itself answers
+
+
+def test_extension_hooks_point_at_the_build() -> None:
+    import pathlib
+
+    (lab,) = depin_jupyter._jupyter_labextension_paths()
+    built = pathlib.Path(depin_jupyter.__file__).parent / lab["src"] / "package.json"
+    assert built.exists(), "the labextension is not built: run `pip install -e .` (or `jlpm build`)"
+    meta = json.loads(built.read_text())
+    assert meta["name"] == lab["dest"] == "depin-jupyter" and meta["jupyterlab"]["_build"]["load"]
+    assert depin_jupyter._jupyter_server_extension_points() == [{"module": "depin_jupyter"}]

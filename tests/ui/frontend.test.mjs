@@ -1,0 +1,58 @@
+// Unit tests of the frontend's pure logic (src/format.ts, compiled to lib/format.js by `jlpm build:lib`).
+// Run by tests/ui/test_frontend_logic.py with node's built-in test runner: `node --test`.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const f = await import(pathToFileURL(path.join(here, '..', '..', 'lib', 'format.js')).href);
+
+test('prependMagic puts %%depin on top, once', () => {
+  assert.deepEqual(f.prependMagic('x = 1'), { source: '%%depin\nx = 1', changed: true });
+  assert.deepEqual(f.prependMagic('# note\nx = 1'), { source: '%%depin\n# note\nx = 1', changed: true });
+  for (const src of ['%%depin\nx = 1', '%%depin --gpu 1\nx', '\n\n%%depin\nx']) {
+    assert.deepEqual(f.prependMagic(src), { source: src, changed: false });
+  }
+  assert.throws(() => f.prependMagic('%%depinx\ny'), /%%depinx/); // another magic, not ours
+});
+
+test('prependMagic refuses an empty cell and a cell with another cell magic', () => {
+  assert.throws(() => f.prependMagic('  \n'), /empty/);
+  assert.throws(() => f.prependMagic('%%time\nx = 1'), /%%time/);
+});
+
+test('formatting of sizes, durations, GPUs and utilization', () => {
+  assert.equal(f.formatBytes(512), '512 B');
+  assert.equal(f.formatBytes(1536), '1.5 KiB');
+  assert.equal(f.formatBytes(80 * 2 ** 30), '80.0 GiB');
+  assert.equal(f.formatBytes(null), '–');
+  assert.equal(f.formatDuration(0.25), '250 ms');
+  assert.equal(f.formatDuration(12.34), '12.3 s');
+  assert.equal(f.formatDuration(245), '4 min 05 s');
+  assert.equal(f.formatMemory(2 ** 30, 4 * 2 ** 30), '1.0 GiB / 4.0 GiB');
+  assert.equal(f.formatMemory(null, null), '–');
+  assert.equal(f.gpuLabel({ gpus: 0, gpu_model: null }), 'CPU');
+  assert.equal(f.gpuLabel({ gpus: 1, gpu_model: 'NVIDIA H100' }), 'NVIDIA H100');
+  assert.equal(f.gpuLabel({ gpus: 2, gpu_model: 'NVIDIA A10' }), '2× NVIDIA A10');
+  assert.equal(f.formatUtilization(37.4), '37 %');
+  assert.equal(f.formatUtilization(null), '–');
+});
+
+test('status bar text', () => {
+  assert.equal(f.statusBarText(null, null), 'DePIN: …');
+  assert.equal(f.statusBarText(null, 'boom'), 'DePIN: server error');
+  assert.equal(f.statusBarText({ connected: false }, null), 'DePIN: not connected');
+  assert.equal(f.statusBarText({ connected: true, workers: 1, gpus: 0, runs_in_flight: 0 }, null),
+    'DePIN: connected · 1 worker · 0 GPUs');
+  assert.equal(f.statusBarText({ connected: true, workers: 4, gpus: 1, runs_in_flight: 2 }, null),
+    'DePIN: connected · 4 workers · 1 GPU · 2 running');
+});
+
+test('store beside the notebook and short run ids', () => {
+  assert.equal(f.storeBeside('a/b/nb.ipynb'), 'a/b/depin-results.zarr');
+  assert.equal(f.storeBeside('nb.ipynb'), 'depin-results.zarr');
+  assert.equal(f.storeBeside(null), 'depin-results.zarr');
+  assert.equal(f.shortRunId('20261125T164320.785606Z-adfe1b3c'), '16:43:20 adfe');
+  assert.equal(f.shortRunId('custom'), 'custom');
+});
