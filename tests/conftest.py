@@ -120,3 +120,18 @@ def scheduler_process():
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def kernel_execute(kc, code: str, timeout: float = 120):
+    """Run code in a jupyter_client kernel; return (reply content, [(arrival time, iopub msg)] of it)."""
+    msg_id = kc.execute(code)
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append((time.monotonic(), msg))
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    return kc.get_shell_msg(timeout=timeout)["content"], msgs

@@ -7,6 +7,8 @@ import time
 import pytest
 from jupyter_client.manager import start_new_kernel
 
+from conftest import kernel_execute
+
 
 @pytest.fixture(scope="module")
 def kernel_manager():
@@ -24,19 +26,7 @@ def kernel(kernel_manager):
 
 
 def execute(kc, code, timeout=120):
-    """Run code; return (reply content, [(arrival time, iopub msg)] for this request)."""
-    msg_id = kc.execute(code)
-    msgs = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append((time.monotonic(), msg))
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    reply = kc.get_shell_msg(timeout=timeout)
-    return reply["content"], msgs
+    return kernel_execute(kc, code, timeout)
 
 
 def test_kernel_streams_displays_and_survives_errors(kernel):

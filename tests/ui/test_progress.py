@@ -6,6 +6,7 @@ import io
 import time
 
 import pytest
+from conftest import kernel_execute
 
 from depin_jupyter import widgets
 from depin_jupyter.runner import Progress
@@ -58,17 +59,8 @@ def kernel():
 
 
 def _execute(kc, code: str, timeout: float = 60) -> tuple[dict, list[dict]]:
-    msg_id = kc.execute(code)
-    msgs = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    return kc.get_shell_msg(timeout=timeout)["content"], msgs
+    reply, msgs = kernel_execute(kc, code, timeout)
+    return reply, [m for _, m in msgs]
 
 
 def test_widget_in_a_kernel_updates_live_and_leaves_a_text_fallback(kernel) -> None:
