@@ -4,6 +4,7 @@
 
 Prints a table of median and p90 (milliseconds) and writes JSON with machine info. Targets (issue #2):
 (c) trivial %%depin <= 1.5x (b) client.submit; (d) second use of a 64 MiB input <= 1.5x (b).
+(c) and (d) run with --no-store (shipping and execution alone); (c2) stores every run, (c3) is a cache hit.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ def main() -> None:
     import numpy as np
     from IPython.core.interactiveshell import InteractiveShell
 
+    import tempfile
+
+    import dask
+
     from depin_jupyter import cluster
 
+    dask.config.set({"depin.store.url": os.path.join(tempfile.mkdtemp(prefix="depin-bench-"), "r.zarr")})
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "depin_jupyter")
     session = cluster.connect("local")
@@ -53,8 +59,8 @@ def main() -> None:
             out.append(time.perf_counter() - t)
         return out
 
-    def depin(code):  # noqa: ANN001, ANN202
-        res = shell.run_cell("%%depin\n" + code, store_history=False)
+    def depin(code, flags="--no-store"):  # noqa: ANN001, ANN202
+        res = shell.run_cell(f"%%depin {flags}\n" + code, store_history=False)
         if not res.success:
             raise SystemExit(f"benchmark cell failed: {res.error_in_exec!r}")
 
@@ -66,12 +72,16 @@ def main() -> None:
         client.submit(_inc, 1, pure=False).result()
         depin(code)
 
-    # Interleave the candidates so machine noise hits them alike.
-    a, b, c = [], [], []
+    # Interleave the candidates so machine noise hits them alike. (c) runs without the store, as the
+    # pure shipping/execution overhead; (c2) records every run in a store; (c3) is a cache hit.
+    a, b, c, c2, c3 = [], [], [], [], []
+    depin(code, "")  # the run the cache hits below are served from
     for _ in range(args.reps):
         a += timed(lambda: exec(compiled, local_ns), 1)
         b += timed(lambda: client.submit(_inc, 1, pure=False).result(), 1)
         c += timed(lambda: depin(code), 1)
+        c2 += timed(lambda: depin(code, "--no-cache"), 1)
+        c3 += timed(lambda: depin(code, ""), 1)
 
     n = args.input_mib * 2**20 // 8
     first, second = [], []
@@ -88,6 +98,8 @@ def main() -> None:
         "a_local_exec": _stats(a),
         "b_client_submit": _stats(b),
         "c_depin_trivial": _stats(c),
+        "c2_depin_trivial_stored": _stats(c2),
+        "c3_depin_trivial_cache_hit": _stats(c3),
         f"d_depin_{args.input_mib}MiB_first": _stats(first),
         f"d_depin_{args.input_mib}MiB_second": _stats(second),
     }

@@ -29,6 +29,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 __all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash", "box", "unbox"]
 
 STREAM_TOPIC = "depin-stream"
+ANNOUNCE_AFTER_S = 0.1  # a run still going after this long tells the notebook where it runs
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range, types.ModuleType,
               types.FunctionType, type)
 
@@ -168,12 +169,22 @@ class _RunContext:
             self.worker.log_event(STREAM_TOPIC, msg)
 
     def start(self, address: str | None, name: Any) -> None:
-        """Tell the notebook the cell is now running, and where (for its progress display)."""
+        """Note where the cell runs; the notebook hears of it only if the run lasts (see `announce`)."""
+        self._start = {"kind": "start", "worker": address, "name": None if name is None else str(name),
+                       "pid": os.getpid()}
+        self._started_at = time.monotonic()
+
+    def announce(self, after: float = ANNOUNCE_AFTER_S) -> None:
+        """Tell the notebook the cell is running, and where, once it has run ``after`` seconds: quick
+        cells send no event at all (every message costs the scheduler and the kernel some time)."""
         with self._lock:
-            self._publish({"kind": "start", "worker": address, "name": None if name is None else str(name),
-                           "pid": os.getpid()})
+            start = getattr(self, "_start", None)
+            if start is not None and time.monotonic() - self._started_at >= after:
+                self._start = None
+                self._publish(start)
 
     def write(self, kind: str, text: str) -> None:
+        self.announce(after=0.0)  # output shows the cell is running: say where first
         with self._lock:
             if self._buf and self._buf[-1][0] == kind:
                 self._buf[-1] = (kind, self._buf[-1][1] + text)
@@ -195,6 +206,7 @@ class _RunContext:
                 self._flush_locked()
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self.announce(after=0.0)
         with self._lock:
             self._flush_locked()
             self._publish({"kind": "display", "data": data, "metadata": metadata})
@@ -332,6 +344,7 @@ def _flusher() -> None:
             contexts = [c for c, _ in _active.values()]
         for ctx in contexts:
             try:
+                ctx.announce()
                 ctx.flush(stale_only=True)
             except Exception:
                 pass

@@ -36,6 +36,7 @@ from .stream import emit
 __all__ = ["RunOptions", "CellOutcome", "RemoteCellError", "run_cell"]
 
 _DONE: Any = object()  # queue sentinel: the run's future finished
+_REGISTER_AFTER_S = 0.2  # runs still going after this long are listed on the scheduler
 # Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
 _CANCEL_GRACE_S = 5.0
 
@@ -69,6 +70,9 @@ class Progress:
 
     def update(self, stage: str, detail: str = "") -> None:
         pass
+
+    def close(self) -> None:
+        """Stop any timers; called once the run is over, whatever happened."""
 
 
 @dataclass
@@ -443,7 +447,8 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     q = session.streams.open(run_id)
     key = f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}"
     future = client.submit(remote_run_cell, spec, args, key=key, pure=False, **placement)
-    register_job(client, run_id, key, spec["name"])
+    registered = False  # a run is listed on the scheduler (`depin jobs`) only once it lasts a while
+    submitted = time.monotonic()
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
     limits = [x for x in (spec["timeout"], spec.get("max_runtime")) if x]
     timeout = min(limits) if limits else None
@@ -453,10 +458,17 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     try:
         while True:
             # Short waits keep Ctrl-C responsive; the done-callback ends the wait without delay.
-            wait = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+            wait = 0.5 if registered else _REGISTER_AFTER_S
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
             try:
                 msg = q.get(timeout=wait)
             except queue.Empty:
+                msg = None
+            if not registered and time.monotonic() - submitted >= _REGISTER_AFTER_S:
+                register_job(client, run_id, key, spec["name"])
+                registered = True
+            if msg is None:
                 if deadline is None or time.monotonic() < deadline:
                     continue
                 _cancel(client, future, run_id, timed_out=True)

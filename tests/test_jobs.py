@@ -28,6 +28,16 @@ def _start_looping_run(address, beat, name):
                             text=True)
 
 
+def _listed(address, name, timeout=30):
+    """`depin jobs` output once it lists ``name`` (a run is registered once it has run ~0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = CliRunner().invoke(main, ["jobs", "--scheduler", address])
+        if name in out.output or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
+
+
 def _wait_for(path, timeout=60):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:
@@ -41,7 +51,7 @@ def test_jobs_lists_and_cancel_stops_a_run_of_another_client(depin_session, tmp_
     try:
         _wait_for(beat)
         runner = CliRunner()
-        out = runner.invoke(main, ["jobs", "--scheduler", depin_session.address])
+        out = _listed(depin_session.address, "looper")
         assert out.exit_code == 0, out.output
         assert "looper" in out.output and owner() in out.output and "processing" in out.output
 
@@ -66,6 +76,7 @@ def test_line_magic_jobs_and_cancel_mine(shell, depin_session, tmp_path, capsys)
     proc = _start_looping_run(depin_session.address, beat, "mine")
     try:
         _wait_for(beat)
+        _listed(depin_session.address, "mine")
         shell.run_line_magic("depin", "jobs")
         assert "mine" in capsys.readouterr().out
         shell.run_line_magic("depin", "cancel --mine")
