@@ -260,6 +260,15 @@ def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None,
                    f"{type(e).__name__}: {e}")
     if warning:
         print(f"depin: {warning}", file=sys.stderr)
+    # Dask-array outputs were computed by the workers straight into the store: bind the stored, lazy
+    # view rather than the graph, so using them reads the result instead of computing it again.
+    lazy = [n for n, v in result.get("outputs", {}).items() if type(v).__name__ == "Array"
+            and type(v).__module__.startswith("dask")]
+    if lazy and result.get("status") == "ok":
+        try:
+            result["outputs"].update(store.load(prep.run_id, lazy))
+        except Exception:  # noqa: BLE001 - not stored (reported above): keep the graph
+            pass
 
 
 def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tuple[str, dict[str, Any]],
