@@ -169,7 +169,8 @@ def _start_local() -> Session:
     lc = "local-cluster."
     common: dict[str, Any] = dict(
         threads_per_worker=config.get(lc + "threads-per-worker"),
-        dashboard_address=config.get(lc + "dashboard-address"),
+        # null: a free port, so a second cluster never warns that 8787 is taken
+        dashboard_address=config.get(lc + "dashboard-address") or ":0",
         memory_limit=config.get(lc + "memory-limit"),
     )
     n_workers = config.get(lc + "n-workers")

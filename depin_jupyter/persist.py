@@ -9,8 +9,10 @@ namespace exactly as the run did. A run is only cacheable when every output coul
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import sys
+import types
 from typing import Any
 
 from . import config
@@ -64,9 +66,30 @@ def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, 
         "modules": bindings.get("modules", {}),
         "worker": (manifest.worker or {}).get("address"),
     }
+    for name, (module, qualname) in bindings.get("imports", {}).items():
+        result["outputs"][name] = _import(module, qualname)
     if VALUE_NAME in values:
         result["value"] = values[VALUE_NAME]
     return run_id, result
+
+
+def _importable(value: Any) -> bool:
+    """A function or class defined in an installed (not notebook-local) module, found again by import."""
+    if not isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return False
+    module = getattr(value, "__module__", None)
+    if not module or module == "__main__" or "<" in getattr(value, "__qualname__", "<"):
+        return False
+    from .modules import is_local
+
+    return not is_local(module.split(".")[0])
+
+
+def _import(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _concrete(value: Any) -> Any:
@@ -86,6 +109,10 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
 
     mutated = {n: unbox(v) for n, v in result.get("mutated", {}).items()}
     outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **mutated}
+    # Functions and classes of installed packages are stored by reference: they are importable anywhere.
+    imports = {n: [v.__module__, v.__qualname__] for n, v in outputs.items() if _importable(v)}
+    for n in imports:
+        del outputs[n]
     value = result.get("value")
     if value is not None and type(value).__name__ != "RichValue":
         outputs[VALUE_NAME] = value
@@ -110,6 +137,7 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     extra: dict[str, Any] = {"bindings": {"aliases": result.get("aliases", {}),
                                           "deleted": list(result.get("deleted", [])),
                                           "modules": result.get("modules", {}),
+                                          "imports": imports,
                                           "mutated": sorted(mutated)}}
     if result.get("status") != "ok":
         err = result.get("error") or {}

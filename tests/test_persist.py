@@ -138,3 +138,17 @@ def test_dask_array_output_is_written_by_workers_and_bound_as_a_stored_view(shel
     store = open_store(store_url, create=False)
     rec = store.manifest(store.runs()[-1].run_id).outputs["arr"]
     assert tuple(rec.shape) == (800, 600)
+
+
+def test_functions_imported_from_packages_do_not_spoil_the_cache(shell, store_url, tmp_path):
+    marker = tmp_path / "ran"
+    shell.user_ns["marker"] = str(marker)
+    cell = f"%%depin --store {store_url}\nopen(marker, 'a').write('x')\nfrom json import dumps\nfrom depin_jupyter import xp\ns = dumps([1])"
+    run_ok(shell, cell)
+    shell.user_ns.pop("dumps")
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "cached" in cap.stderr and marker.read_text() == "x"
+    import json
+
+    assert shell.user_ns["dumps"] is json.dumps  # rebound by import on the hit
