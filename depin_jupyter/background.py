@@ -109,7 +109,7 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
         spec["record"] = {"url": store.url, "storage_options": store.storage_options, "label": prep.label,
                           "hashes": hashes, "options": prep.options,
                           "key": persist.cache_key(code, hashes, prep.bundle.key if prep.bundle else None,
-                                                   prep.options)}
+                                                   prep.options, persist.deps_digests(prep.options.deps))}
     stream = session.streams.open(prep.run_id)
     key = f"depin-run-{prep.run_id}-{uuid.uuid4().hex[:6]}"
     future = session.client.submit(remote_run_cell, spec, shipped.args, key=key, pure=False, **prep.placement)

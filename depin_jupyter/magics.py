@@ -62,6 +62,8 @@ class DepinMagics(Magics):
                                              "config depin.store.url, default ./depin-results.zarr)")
     @argument("--no-store", action="store_true", help="do not store this run's results")
     @argument("--no-cache", action="store_true", help="run even if an identical run is stored")
+    @argument("--deps", nargs="+", metavar="PATH",
+              help="files (globs, directories) the cell reads: their content is part of the cache key")
     @argument("--background", action="store_true",
               help="return at once with a handle; outputs are bound before the next cell after the run "
                    "finishes, or by %%depin wait [NAME]")
@@ -86,7 +88,8 @@ class DepinMagics(Magics):
         options = RunOptions(gpu=args.gpu, cpu=args.cpu, timeout=args.timeout, retries=args.retries,
                              name=args.name, worker=args.worker, inputs=args.inputs, outputs=args.outputs,
                              gpu_mem=args.gpu_mem, gpu_arch=args.gpu_arch, max_runtime=args.max_runtime,
-                             store=args.store, no_store=args.no_store, no_cache=args.no_cache)
+                             store=args.store, no_store=args.no_store, no_cache=args.no_cache,
+                             deps=tuple(args.deps) if args.deps else None)
         fresh = current_session() is None
         session = _usage(get_session)
         if fresh:

@@ -22,6 +22,7 @@ __all__ = ["open_for", "cache_key", "serve_cached", "record", "VALUE_NAME"]
 
 VALUE_NAME = "_depin_value"   # the stored last-expression value
 KEY_VERSION = 1
+REPLAY_MAX_BYTES = 8 * 2**20  # printed/displayed output kept with a run for replay (JSON in the manifest)
 
 
 def open_for(options: Any) -> Any | None:
@@ -37,13 +38,53 @@ def result_options(options: Any) -> dict[str, Any]:
     """The options that can change what a cell computes (part of the cache key and the manifest)."""
     return {"gpu": options.gpu, "cpu": options.cpu, "gpu_arch": options.gpu_arch,
             "inputs": list(options.inputs) if options.inputs is not None else None,
-            "outputs": list(options.outputs) if options.outputs is not None else None}
+            "outputs": list(options.outputs) if options.outputs is not None else None,
+            "deps": list(options.deps) if getattr(options, "deps", None) else None}
 
 
-def cache_key(code: str, hashes: dict[str, str], modules_key: str | None, options: Any) -> str:
+def deps_digests(patterns: Any) -> dict[str, str]:
+    """SHA-256 of each file `--deps` names (globs expanded; a directory such as a Zarr store is hashed
+    over its file listing and contents). A pattern that matches nothing is a usage error."""
+    import glob
+    import os
+
+    from .errors import DepinUsageError
+
+    out: dict[str, str] = {}
+    for pattern in patterns or ():
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            raise DepinUsageError(f"--deps {pattern}: no such file or directory (relative paths start at "
+                                  f"{os.getcwd()}); nothing was run")
+        for path in matches:
+            out[path] = _digest_path(path)
+    return out
+
+
+def _digest_path(path: str) -> str:
+    import os
+
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                h.update(os.path.relpath(full, path).encode() + b"\0" + _file_digest(full).encode())
+        return "dir:" + h.hexdigest()
+    return _file_digest(path)
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_key(code: str, hashes: dict[str, str], modules_key: str | None, options: Any,
+              deps: dict[str, str] | None = None) -> str:
     """What must match for a stored run to stand in for running the cell again."""
     payload = {"v": KEY_VERSION, "code": code, "inputs": sorted(hashes.items()), "modules": modules_key,
-               "options": result_options(options)}
+               "options": result_options(options), "deps": sorted((deps or {}).items())}
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -68,6 +109,7 @@ def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, 
     }
     for name, (module, qualname) in bindings.get("imports", {}).items():
         result["outputs"][name] = _import(module, qualname)
+    result["shown"] = (manifest.extra or {}).get("shown", [])
     if VALUE_NAME in values:
         result["value"] = values[VALUE_NAME]
     return run_id, result
@@ -144,6 +186,11 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
         extra["error"] = {"type": err.get("type"), "message": err.get("message")}
     if problems:
         extra["not_stored"] = problems
+    shown = result.get("shown") or []
+    if shown and len(json.dumps(shown)) <= REPLAY_MAX_BYTES:
+        extra["shown"] = shown  # printed text and display bundles, replayed on a cache hit
+    elif shown:
+        extra["shown"] = [{"kind": "stderr", "text": "depin: the run's output was too large to keep for replay\n"}]
     writer.finish(status="ok" if result.get("status") == "ok" else "error", worker=worker,
                   environment=environment, timings=timings or {}, extra=extra)
     if problems:

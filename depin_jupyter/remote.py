@@ -267,6 +267,8 @@ def _display_hook(original: Any) -> Any:
         return None
 
     display.__doc__ = original.__doc__
+    # It stands in for IPython's own: stored (by reference) and shown as that one.
+    display.__module__, display.__qualname__ = original.__module__, original.__qualname__
     return display
 
 

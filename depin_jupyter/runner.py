@@ -59,6 +59,7 @@ class RunOptions:
     store: str | None = None            # result store URL (default: config depin.store.url)
     no_store: bool = False
     no_cache: bool = False
+    deps: tuple[str, ...] | None = None  # files the cell reads (globs): their content is part of the cache key
 
 
 class Progress:
@@ -196,7 +197,8 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     hashes = fingerprints(namespace, prep.names)
     key = None
     if store is not None:
-        key = persist.cache_key(code, hashes, prep.bundle.key if prep.bundle else None, options)
+        key = persist.cache_key(code, hashes, prep.bundle.key if prep.bundle else None, options,
+                                persist.deps_digests(options.deps))
         if config.get("store.cache") and not options.no_cache:
             hit = persist.serve_cached(store, key, namespace)
             if hit is not None:
@@ -274,6 +276,8 @@ def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None,
 def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tuple[str, dict[str, Any]],
             progress: Progress) -> CellOutcome:
     run_id, result = hit
+    for msg in result.get("shown", []):  # what the run printed and displayed, as it first appeared
+        emit(msg)
     for warning in apply_results(namespace, result):
         print(f"depin: {warning}", file=sys.stderr)
     persist.say_cached(run_id, prep.options.name)
@@ -464,6 +468,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     deadline = None if timeout is None else time.monotonic() + timeout + _CANCEL_GRACE_S
     seen = 0
     started: dict[str, Any] = {}
+    shown: list[dict[str, Any]] = []  # what the cell printed and displayed, kept for a cache hit's replay
     try:
         while True:
             # Short waits keep Ctrl-C responsive; the done-callback ends the wait without delay.
@@ -494,6 +499,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 progress.update("running", f"on {msg.get('name') or msg.get('worker')} ({msg.get('worker')})")
             else:
                 emit(msg)
+                shown.append(msg)
         try:
             result = future.result()
         except KilledWorker as e:
@@ -516,11 +522,13 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 seen += 1
                 if msg.get("kind") != "start":
                     emit(msg)
+                    shown.append(msg)
             except queue.Empty:
                 break
         if seen < result.get("stream_count", 0):
             print(f"depin: {result['stream_count'] - seen} output message(s) of the cell did not arrive.",
                   file=sys.stderr)
+        result["shown"] = shown
         return result
     except KeyboardInterrupt:
         _cancel(client, future, run_id, timed_out=False)

@@ -152,3 +152,40 @@ def test_functions_imported_from_packages_do_not_spoil_the_cache(shell, store_ur
     import json
 
     assert shell.user_ns["dumps"] is json.dumps  # rebound by import on the hit
+
+
+def test_a_cache_hit_replays_printed_output_displays_and_figures(shell, store_url):
+    cell = (f"%%depin --store {store_url}\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+            "from IPython.display import display, HTML\nprint('hello from the run')\ndisplay(HTML('<b>bold</b>'))\n"
+            "plt.figure()\nplt.plot([3, 1, 2])\nkept = 1")
+    with capture_output() as first:
+        run_ok(shell, cell)
+    with capture_output() as again:
+        run_ok(shell, cell)
+    assert "cached (run" in again.stderr
+    assert "hello from the run" in again.stdout
+    bundles = lambda cap: [sorted(o.data) for o in cap.outputs]  # noqa: E731
+    assert bundles(again) == bundles(first) and any("image/png" in b for b in bundles(again))
+    assert [o.data.get("text/html") for o in again.outputs] == [o.data.get("text/html") for o in first.outputs]
+
+
+def test_declared_files_are_part_of_the_cache_key(shell, store_url, tmp_path):
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n1,2\n")
+    marker = tmp_path / "ran"
+    shell.user_ns.update(marker=str(marker), csv_path=str(csv))
+    cell = (f"%%depin --store {store_url} --deps {csv}\nopen(marker, 'a').write('x')\n"
+            "rows = open(csv_path).read().splitlines()")
+    run_ok(shell, cell)
+    run_ok(shell, cell)
+    assert marker.read_text() == "x"  # unchanged file: a hit
+    os.utime(csv)
+    run_ok(shell, cell)
+    assert marker.read_text() == "x"  # touched, same content: still a hit
+    csv.write_text("a,b\n1,2\n3,4\n")
+    run_ok(shell, cell)
+    assert marker.read_text() == "xx" and len(shell.user_ns["rows"]) == 3  # changed content: a miss
+    res = run(shell, f"%%depin --store {store_url} --deps {tmp_path}/nosuch.csv\nz = 1")
+    from IPython.core.error import UsageError
+
+    assert isinstance(res.error_in_exec, UsageError) and "nosuch.csv" in str(res.error_in_exec)
