@@ -532,7 +532,8 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     ctx = _RunContext(run_id, worker, spec.get("flush_interval", 0.05))
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
 
-    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": _cell_builtins()}
+    opened: list[str] = []
+    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": _cell_builtins(opened)}
     local = spec.get("local_modules")
     if local:
         _use_local_modules(local["key"], local["names"], inputs.pop(MODULES_ARG))
@@ -605,6 +606,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     t2 = time.time()
     _collect(result, ns, seeded, input_objects, before, spec)
     result["timings"] = {"setup": t1 - t0, "run": t2 - t1, "collect": time.time() - t2}
+    result["opened"] = opened[:100]  # files read with open(): the notebook asks for --deps on them
     if spec.get("record"):
         _record_here(spec, result, ctx)
     result["stream_count"] = ctx.seq
@@ -662,8 +664,26 @@ def hardware() -> dict[str, Any]:
     return _hardware_cache
 
 
-def _cell_builtins() -> dict[str, Any]:
+def _auditing_open(opened: list[str]) -> Any:
+    """`open` for the cell: records the files it reads, so the notebook can say which to declare."""
+    real_open = builtins.open
+
+    def open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:  # noqa: A001 - stands in for it
+        if isinstance(file, (str, os.PathLike)) and not any(c in mode for c in "wax+"):
+            path = os.path.abspath(os.fspath(file))
+            if path not in opened:
+                opened.append(path)
+        return real_open(file, mode, *args, **kwargs)
+
+    open.__doc__ = real_open.__doc__
+    open.__module__, open.__qualname__ = "builtins", "open"
+    return open
+
+
+def _cell_builtins(opened: list[str] | None = None) -> dict[str, Any]:
     b = dict(vars(builtins))
+    if opened is not None:
+        b["open"] = _auditing_open(opened)
     try:
         import IPython.display as ipd
 

@@ -244,6 +244,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     if store is not None:
         progress.update("storing", store.url)
         _record(store, prep, hashes, key, result, session, timings)
+        _ask_for_deps(session, result.get("opened", []), options.deps)
     outcome = finish(session, namespace, prep, shipped, spec, result, progress)
     outcome.attempts = attempt
     outcome.timings.update(ship=timings["ship_s"], remote=timings["remote_s"])
@@ -271,6 +272,23 @@ def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None,
             result["outputs"].update(store.load(prep.run_id, lazy))
         except Exception:  # noqa: BLE001 - not stored (reported above): keep the graph
             pass
+
+
+def _ask_for_deps(session: Session, opened: list[str], deps: tuple[str, ...] | None) -> None:
+    """Say once per file: the cell read it with open() but did not declare it, so a cache hit could be stale."""
+    import glob
+    import os
+
+    declared = {os.path.abspath(p) for pattern in deps or () for p in glob.glob(pattern, recursive=True)}
+    said = session.__dict__.setdefault("deps_said", set())
+    for path in opened:
+        inside = any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in declared)
+        if inside or path in said or not os.path.isfile(path):
+            continue
+        said.add(path)
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+        print(f"depin: this cell read {shown}; add --deps {shown} so that a change to it is not served "
+              f"from the cache", file=sys.stderr)
 
 
 def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tuple[str, dict[str, Any]],

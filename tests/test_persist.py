@@ -189,3 +189,38 @@ def test_declared_files_are_part_of_the_cache_key(shell, store_url, tmp_path):
     from IPython.core.error import UsageError
 
     assert isinstance(res.error_in_exec, UsageError) and "nosuch.csv" in str(res.error_in_exec)
+
+
+def test_an_undeclared_file_the_cell_reads_is_named_once(shell, store_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "table.csv").write_text("1,2\n")
+    cell = f"%%depin --store {store_url} --no-cache\nwith open('{tmp_path}/table.csv') as f:\n    text = f.read()"
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "read table.csv; add --deps table.csv" in cap.stderr
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "--deps" not in cap.stderr  # said once
+    with capture_output() as cap:
+        run_ok(shell, cell.replace("--no-cache", f"--no-cache --deps {tmp_path}/table.csv").replace("text", "t2"))
+    assert "--deps" not in cap.stderr
+
+
+@pytest.mark.parametrize("shape, chunks", [
+    ((1000,), (333,)),                       # a short last block
+    ((97, 53), (10, 7)),                     # many small blocks, ragged edges
+    ((64, 64), ((30, 34), (20, 44))),        # irregular blocks: rechunked before writing
+    ((20, 30, 40), (7, 11, 13)),
+])
+def test_dask_arrays_written_by_two_workers_read_back_exactly(depin_session, tmp_path, shape, chunks):
+    import dask.array as da
+
+    store = open_store(str(tmp_path / "p.zarr"))
+    expected = np.random.default_rng(sum(shape)).random(shape)
+    writer = store.begin_run(code="x", inputs={}, options={}, cache_key=None)
+    writer.write_output("x", da.from_array(expected, chunks=chunks),
+                        compute_kwargs={"scheduler": depin_session.client})
+    writer.finish()
+    got = store.load(writer.run_id, ["x"], lazy=False)["x"]
+    np.testing.assert_array_equal(got, expected)
+    assert store.verify().ok
