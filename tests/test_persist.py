@@ -224,3 +224,24 @@ def test_dask_arrays_written_by_two_workers_read_back_exactly(depin_session, tmp
     got = store.load(writer.run_id, ["x"], lazy=False)["x"]
     np.testing.assert_array_equal(got, expected)
     assert store.verify().ok
+
+
+def test_a_chunk_changed_between_write_and_seal_leaves_the_run_incomplete(depin_session, tmp_path):
+    import dask.array as da
+
+    from depin_jupyter.store import RunIncompleteError, StoreIntegrityError
+
+    store = open_store(str(tmp_path / "c.zarr"))
+    writer = store.begin_run(code="x", inputs={}, options={}, cache_key="k")
+    writer.write_output("x", da.ones((100, 100), chunks=50), compute_kwargs={"scheduler": depin_session.client})
+    chunk = next(p for p in (tmp_path / "c.zarr" / "runs" / writer.run_id / "x" / "c").rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))  # another writer stepped on it after the digest was taken
+    with pytest.raises(StoreIntegrityError, match="changed between its write"):
+        writer.finish()
+    [summary] = store.runs()
+    assert not summary.complete
+    with pytest.raises(RunIncompleteError):
+        store.load(writer.run_id)
+    assert store.lookup_cache("k") is None

@@ -85,6 +85,14 @@ def _attrs(raw: bytes) -> dict[str, Any]:
     return dict(doc.get("attributes") or {})
 
 
+def _rehash_before_seal(record: OutputRecord) -> bool:
+    """Whether finish re-reads an output's chunks: config depin.store.verify-before-seal (parallel/all/none)."""
+    mode = config.get("store.verify-before-seal")
+    if mode == "all":
+        return True
+    return mode == "parallel" and (record.pytype.startswith("dask.") or record.pytype == "xarray.Variable")
+
+
 class RunWriter:
     """Writes one run's outputs; picklable (url, storage options, run id) so Dask workers can write."""
 
@@ -201,6 +209,15 @@ class RunWriter:
                 raise StoreIntegrityError(
                     f"run {self.run_id}, output {name}: chunks of {path} differ from those digested "
                     f"({len(keys)} stored, {len(rec.chunk_digests or {})} digested); not sealing")
+            if _rehash_before_seal(record):
+                # Written in parallel by workers: re-read every chunk, so a chunk another writer changed
+                # between its write and now is caught before the run is sealed (zarr-python#3682).
+                got = _io.get_many(store, [f"{path}/{k}" for k in sorted(keys)])
+                for k in sorted(keys):
+                    if sha256_hex(got[f"{path}/{k}"] or b"") != (rec.chunk_digests or {})[k]:
+                        raise StoreIntegrityError(
+                            f"run {self.run_id}, output {name}: chunk {path}/{k} changed between its write "
+                            f"and the seal; the run is left incomplete. Re-run the cell.")
 
     def finish(self, *, status: str = "ok", worker: dict[str, Any] | None = None,
                timings: dict[str, float] | None = None, extra: dict[str, Any] | None = None,
@@ -219,8 +236,12 @@ class RunWriter:
         if begin.get("status") == "aborted":
             raise DepinUsageError(f"run {self.run_id} was aborted ({begin.get('reason')}); start a new run")
         outputs, store_s = self._pending()
-        for name, rec in outputs.items():
-            self._check(name, rec)
+        try:
+            for name, rec in outputs.items():
+                self._check(name, rec)
+        except StoreIntegrityError as exc:
+            self.abort(str(exc))  # marked, never served
+            raise
         times = {k: float(v) for k, v in (timings or {}).items()}
         times.setdefault("store_s", store_s)
         manifest = RunManifest(
