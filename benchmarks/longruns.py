@@ -1,0 +1,94 @@
+"""Long runs: how fast an interrupt frees the cluster, and how fast `%%depin --background` returns.
+
+    python benchmarks/longruns.py [--reps 10] [--out benchmarks/results/longruns.json]
+
+Interrupt: a cell spinning in Python is interrupted (KeyboardInterrupt in the kernel's main thread, as the
+■ button does) 0.5 s after it starts; we time from the interrupt until the scheduler reports no task
+processing. Background: the time `%%depin --background` takes to return, next to a plain
+`client.submit` (which also returns at once) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import _thread
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+
+def _inc(v):  # noqa: ANN001, ANN202
+    return v + 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "longruns.json"))
+    args = ap.parse_args()
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from depin_jupyter import cluster
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "depin_jupyter")
+    session = cluster.connect("local")
+    client = session.client
+    client.wait_for_workers(1)
+
+    def idle() -> bool:
+        return not any(client.processing().values())
+
+    interrupt_s = []
+    for _ in range(args.reps):
+        start = threading.Event()
+        fired: list[float] = []
+
+        def interrupter() -> None:
+            start.wait()
+            time.sleep(0.5)
+            fired.append(time.perf_counter())
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupter, daemon=True).start()
+        start.set()
+        # IPython catches the KeyboardInterrupt itself and shows it, as in a notebook
+        shell.run_cell("%%depin --no-store\nn = 0\nwhile True:\n    n += 1", store_history=False)
+        while not idle():
+            time.sleep(0.005)
+        interrupt_s.append(time.perf_counter() - fired[0])
+
+    background_s, submit_s = [], []
+    for i in range(args.reps):
+        t = time.perf_counter()
+        shell.run_cell(f"%%depin --background --no-store --name b{i}\nimport time\ntime.sleep(0.2)", store_history=False)
+        background_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        client.submit(_inc, i, pure=False)
+        submit_s.append(time.perf_counter() - t)
+    shell.run_line_magic("depin", "wait")
+
+    rows = {"interrupt_to_idle": interrupt_s, "background_return": background_s, "submit_return": submit_s}
+    table = {k: {"median_ms": statistics.median(v) * 1e3, "max_ms": max(v) * 1e3, "n": len(v)} for k, v in rows.items()}
+    print(f"{'case':22} {'median ms':>10} {'max ms':>10}")
+    for k, r in table.items():
+        print(f"{k:22} {r['median_ms']:10.1f} {r['max_ms']:10.1f}")
+    result = {"benchmark": "longruns", "rows": table,
+              "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                          "cpus": os.cpu_count(), "cluster": session.description},
+              "targets": {"interrupt_to_idle_max_s": 5.0, "background_return_max_s": 1.0},
+              "met": {"interrupt": max(interrupt_s) <= 5.0, "background": max(background_s) <= 1.0}}
+    print("targets met:", result["met"])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    cluster.close_session()
+
+
+if __name__ == "__main__":
+    main()
