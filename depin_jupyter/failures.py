@@ -11,7 +11,10 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Death", "explain_death", "explain_exception"]
+__all__ = ["Death", "explain_death", "explain_exception", "STUCK_EXIT_STATUS"]
+
+# The exit status of a worker process that ended itself because a cancelled cell would not stop.
+STUCK_EXIT_STATUS = 70
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ def explain_death(worker: str | None, pid: int | None, nanny_logs: Iterable[str]
                     f"the worker {where} was killed by {name} from outside (the operating system's "
                     f"out-of-memory killer, a scheduler or a person)."
                 ), retryable=True)
+            if m.group(3) is not None and int(m.group(3)) == STUCK_EXIT_STATUS:
+                return Death("stuck", (
+                    f"the cell on {where} did not stop when it was cancelled or ran out of time (it was inside "
+                    f"a long C call), so its worker process was restarted to free its memory and GPU."
+                ), retryable=False)
             if m.group(3) is not None:
                 return Death("exit", (
                     f"the worker process {where} exited with status {m.group(3)} while running the cell "

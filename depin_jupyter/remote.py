@@ -414,13 +414,38 @@ class IgnoreInterrupt(WorkerPlugin):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def cancel_run(run_id: str, timed_out: bool = False) -> bool:
-    """Stop a run executing in this process (called through `Client.run`); True if it was running."""
+def cancel_run(run_id: str, timed_out: bool = False, exc_type: type[BaseException] | None = None) -> bool:
+    """Stop a run executing in this process; True if it was running.
+
+    The cell's thread gets an exception between two bytecodes. A cell stuck in one long C call never
+    reaches one: if it is still running after `depin.cancel-grace`, the worker process exits and its
+    nanny starts a fresh one, which frees the cell's memory and GPU (other work there is re-run).
+    """
     with _active_lock:
         entry = _active.get(run_id)
         if entry is None:
             return False
-        return _inject(entry[1], CellTimedOut if timed_out else CellCancelled)
+        stopped = _inject(entry[1], exc_type or (CellTimedOut if timed_out else CellCancelled))
+    threading.Thread(target=_escalate, args=(run_id,), name="depin-cancel-escalation", daemon=True).start()
+    return stopped
+
+
+def _escalate(run_id: str) -> None:
+    import dask
+
+    grace = float(dask.utils.parse_timedelta(dask.config.get("depin.cancel-grace", "3s"), default="s"))
+    time.sleep(grace)
+    with _active_lock:
+        entry = _active.get(run_id)
+    if entry is None:
+        return
+    worker = entry[0].worker
+    if worker is not None and getattr(worker, "nanny", None):
+        sys.__stderr__.write(f"depin: run {run_id} did not stop within {grace:g}s of being cancelled (a long C "
+                             f"call); restarting this worker process to free it\n")
+        from .failures import STUCK_EXIT_STATUS
+
+        os._exit(STUCK_EXIT_STATUS)  # the nanny notices and starts a new worker process
 
 
 # ---------------------------------------------------------------- the notebook's own modules
@@ -567,7 +592,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     timers = []
     for limit, exc_type in ((spec.get("timeout"), CellTimedOut), (spec.get("max_runtime"), CellMaxRuntime)):
         if limit:
-            timers.append(threading.Timer(limit, _inject, args=(ident, exc_type)))
+            timers.append(threading.Timer(limit, cancel_run, args=(run_id,), kwargs={"exc_type": exc_type}))
             timers[-1].daemon = True
             timers[-1].start()
     t1 = time.time()

@@ -483,7 +483,10 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
     limits = [x for x in (spec["timeout"], spec.get("max_runtime")) if x]
     timeout = min(limits) if limits else None
-    deadline = None if timeout is None else time.monotonic() + timeout + _CANCEL_GRACE_S
+    # The worker stops the cell at the limit, or restarts itself cancel-grace later if the cell is stuck:
+    # the notebook waits for either, and gives up on its own only well after that.
+    grace = config.seconds("cancel-grace") + _CANCEL_GRACE_S
+    deadline = None if timeout is None else time.monotonic() + timeout + grace
     seen = 0
     started: dict[str, Any] = {}
     shown: list[dict[str, Any]] = []  # what the cell printed and displayed, kept for a cache hit's replay
@@ -505,9 +508,9 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                     continue
                 _cancel(client, future, run_id, timed_out=True)
                 raise CellTimeoutError(
-                    f"the cell ran past its time limit ({timeout:g}s) and was cancelled; its worker thread did not "
-                    f"stop in time (it is likely inside a long C call) and may finish in the background. "
-                    f"Raise --timeout or split the work."
+                    f"the cell ran past its time limit ({timeout:g}s) and was cancelled, but its worker did not "
+                    f"confirm that it stopped (a worker without a nanny cannot be restarted, and a C call "
+                    f"there may finish in the background). Raise --timeout or split the work."
                 ) from None
             if msg is _DONE:
                 break
@@ -524,7 +527,10 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
             last = getattr(e, "last_worker", None)  # the scheduler's record: address and pid
             where = getattr(last, "address", None) or started.get("worker")
             pid = getattr(last, "pid", None) or started.get("pid")
-            raise _WorkerDied(_why_worker_died(client, where, pid)) from None
+            death = _why_worker_died(client, where, pid)
+            if death.cause == "stuck" and timeout is not None:
+                raise CellTimeoutError(f"the cell ran past its time limit ({timeout:g}s): {death.message}") from None
+            raise _WorkerDied(death) from None
         except FutureCancelledError as e:
             if "lost dependencies" in str(e):
                 raise _InputsLost() from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dask
 import pytest
 from distributed import LocalCluster
@@ -86,4 +88,18 @@ def test_worker_over_its_memory_limit_is_explained(shell, depin_session):
         cluster.close_session()
         small.close()
         cluster._session = depin_session
+    _still_works(shell)
+
+
+def test_a_cell_stuck_in_a_c_call_is_stopped_by_restarting_its_worker(shell, depin_session):
+    from depin_jupyter.errors import CellTimeoutError
+
+    pids = set(depin_session.client.run(os.getpid).values())
+    res = run(shell, "%%depin --timeout 1 --no-store\nimport time\ntime.sleep(600)")
+    err = res.error_in_exec
+    assert isinstance(err, CellTimeoutError), err
+    assert "C call" in str(err) and "restarted" in str(err)
+    depin_session.client.wait_for_workers(2, timeout=60)
+    assert not any(depin_session.client.processing().values())  # nothing left running the cell
+    assert set(depin_session.client.run(os.getpid).values()) != pids  # a fresh worker process took over
     _still_works(shell)

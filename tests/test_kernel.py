@@ -75,3 +75,31 @@ def test_interrupt_cancels_the_remote_cell(kernel_manager, tmp_path):
     reply, _ = execute(kc, "%%depin\nafter = 1\nafter")
     assert reply["status"] == "ok"
     execute(kc, "%depin close")
+
+
+def test_interrupt_frees_the_cluster_from_a_cell_stuck_in_a_c_call(kernel_manager):
+    """time.sleep(600) never returns to Python: the worker restarts itself; within 5 s nothing runs it."""
+    from distributed import Client
+
+    from depin_jupyter.cluster import published_sessions
+
+    km, kc = kernel_manager
+    reply, _ = execute(kc, "%load_ext depin_jupyter\n%depin connect local")
+    assert reply["status"] == "ok"
+    [mine] = [s for s in published_sessions() if s["pid"] == km.provisioner.pid]
+    with Client(mine["scheduler"], timeout=30) as client:
+        msg_id = kc.execute("%%depin --no-store\nimport time\ntime.sleep(600)")
+        deadline = time.monotonic() + 60
+        while not any(client.processing().values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(client.processing().values()), "the cell never started"
+        km.interrupt_kernel()
+        t0 = time.monotonic()
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
+        while any(client.processing().values()) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 5, "the worker kept running the interrupted cell"
+    reply, _ = execute(kc, "%%depin --no-store\nafter = 2\nafter")
+    assert reply["status"] == "ok"
+    execute(kc, "%depin close")
