@@ -2,9 +2,9 @@
 
     python benchmarks/longruns.py [--reps 10] [--out benchmarks/results/longruns.json]
 
-Interrupt: a cell spinning in Python is interrupted (KeyboardInterrupt in the kernel's main thread, as the
-■ button does) 0.5 s after it starts; we time from the interrupt until the scheduler reports no task
-processing. Background: the time `%%depin --background` takes to return, next to a plain
+Interrupt: a cell spinning in Python, and one stuck in a C call (time.sleep(600)), are interrupted
+(KeyboardInterrupt in the kernel's main thread, as the ■ button does) 0.5 s after they start; we time from
+the interrupt until the scheduler reports no task processing. Background: the time `%%depin --background` takes to return, next to a plain
 `client.submit` (which also returns at once) measured in the same run.
 """
 
@@ -25,6 +25,12 @@ def _inc(v):  # noqa: ANN001, ANN202
     return v + 1
 
 
+def _executing_cells() -> int:
+    from depin_jupyter import remote
+
+    return len(remote._active)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=10)
@@ -42,26 +48,38 @@ def main() -> None:
     client.wait_for_workers(1)
 
     def idle() -> bool:
-        return not any(client.processing().values())
+        """No task processing on the scheduler, and no worker thread still executing a depin cell."""
+        if any(client.processing().values()):
+            return False
+        try:
+            return not any(client.run(_executing_cells).values())
+        except Exception:  # noqa: BLE001 - a worker restarting right now: not idle yet
+            return False
 
-    interrupt_s = []
-    for _ in range(args.reps):
-        start = threading.Event()
-        fired: list[float] = []
+    def interrupt_to_idle(cell: str, reps: int) -> list[float]:
+        out = []
+        for _ in range(reps):
+            fired: list[float] = []
 
-        def interrupter() -> None:
-            start.wait()
-            time.sleep(0.5)
-            fired.append(time.perf_counter())
-            _thread.interrupt_main()
+            def interrupter() -> None:
+                while not any(client.processing().values()):
+                    time.sleep(0.01)
+                time.sleep(0.5)
+                fired.append(time.perf_counter())
+                _thread.interrupt_main()
 
-        threading.Thread(target=interrupter, daemon=True).start()
-        start.set()
-        # IPython catches the KeyboardInterrupt itself and shows it, as in a notebook
-        shell.run_cell("%%depin --no-store\nn = 0\nwhile True:\n    n += 1", store_history=False)
-        while not idle():
-            time.sleep(0.005)
-        interrupt_s.append(time.perf_counter() - fired[0])
+            threading.Thread(target=interrupter, daemon=True).start()
+            # IPython catches the KeyboardInterrupt itself and shows it, as in a notebook
+            shell.run_cell(cell, store_history=False)
+            while not idle():
+                time.sleep(0.005)
+            out.append(time.perf_counter() - fired[0])
+            client.wait_for_workers(1)
+        return out
+
+    interrupt_s = interrupt_to_idle("%%depin --no-store\nn = 0\nwhile True:\n    n += 1", args.reps)
+    # A cell inside one long C call: stopped by restarting its worker process after depin.cancel-grace.
+    c_call_s = interrupt_to_idle("%%depin --no-store\nimport time\ntime.sleep(600)", max(3, args.reps // 3))
 
     background_s, submit_s = [], []
     for i in range(args.reps):
@@ -73,7 +91,8 @@ def main() -> None:
         submit_s.append(time.perf_counter() - t)
     shell.run_line_magic("depin", "wait")
 
-    rows = {"interrupt_to_idle": interrupt_s, "background_return": background_s, "submit_return": submit_s}
+    rows = {"interrupt_to_idle": interrupt_s, "interrupt_c_call_to_idle": c_call_s,
+            "background_return": background_s, "submit_return": submit_s}
     table = {k: {"median_ms": statistics.median(v) * 1e3, "max_ms": max(v) * 1e3, "n": len(v)} for k, v in rows.items()}
     print(f"{'case':22} {'median ms':>10} {'max ms':>10}")
     for k, r in table.items():
@@ -82,7 +101,7 @@ def main() -> None:
               "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                           "cpus": os.cpu_count(), "cluster": session.description},
               "targets": {"interrupt_to_idle_max_s": 5.0, "background_return_max_s": 1.0},
-              "met": {"interrupt": max(interrupt_s) <= 5.0, "background": max(background_s) <= 1.0}}
+              "met": {"interrupt": max(interrupt_s + c_call_s) <= 5.0, "background": max(background_s) <= 1.0}}
     print("targets met:", result["met"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -10,9 +10,8 @@ from conftest import run, run_ok
 
 
 def test_background_returns_at_once_and_wait_binds(shell):
-    t = time.monotonic()
-    handle = run_ok(shell, "%%depin --background --name slow\nimport time\ntime.sleep(2)\nprint('slept')\nans = 42")
-    assert time.monotonic() - t < 1.5  # returned long before the 2 s cell finished
+    handle = run_ok(shell, "%%depin --background --name slow\nimport time\ntime.sleep(3)\nprint('slept')\nans = 42")
+    assert not handle.done()  # returned while the cell still runs (the time it takes: benchmarks/longruns.py)
     assert "slow" in repr(handle) and "ans" not in shell.user_ns
     with capture_output() as cap:
         run_ok(shell, "%depin wait slow")
