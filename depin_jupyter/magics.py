@@ -14,7 +14,7 @@ from .errors import DepinUsageError
 
 __all__ = ["DepinMagics"]
 
-_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait", "runs", "load")
+_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait", "runs", "load", "reproduce")
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -121,7 +121,7 @@ class DepinMagics(Magics):
     @line_magic("depin")
     def depin_line(self, line: str) -> Any:
         """%depin connect [TARGET] | status | config | close | jobs | cancel RUN|--mine|--all | wait [NAME]
-        | runs [STORE] | load RUN [NAME...] [--store URL]."""
+        | runs [STORE] | load RUN [NAME...] [--store URL] | reproduce NOTEBOOK --store STORE."""
         __tracebackhide__ = True
         if not line.strip():
             raise UsageError(f"%depin needs a command: one of {', '.join(_SUBCOMMANDS)} (see %depin?)")
@@ -150,6 +150,12 @@ class DepinMagics(Magics):
             return None
         if args.command == "load":
             return _load(self.shell.user_ns, args)
+        if args.command == "reproduce":
+            if not args.target or not args.store:
+                raise UsageError("%depin reproduce NOTEBOOK --store STORE")
+            from .reproduce import reproduce
+
+            return _usage(reproduce, args.target, args.store)  # shown as an HTML table
         if args.target is not None:
             raise UsageError(f"%depin {args.command} takes no argument (got {args.target!r})")
         if args.command == "jobs":

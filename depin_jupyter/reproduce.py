@@ -16,7 +16,9 @@ from typing import Any
 
 from .compare import compare
 
-__all__ = ["CellVerdict", "Report", "reproduce"]
+__all__ = ["CellVerdict", "Report", "reproduce", "REPORT_SCHEMA"]
+
+REPORT_SCHEMA = os.path.join(os.path.dirname(__file__), "reproduce-report-schema.json")
 
 PASS = ("reproduced",)
 
@@ -50,6 +52,26 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
+
+    def _repr_html_(self) -> str:
+        """The report as an HTML table (what `%depin reproduce` shows in a notebook)."""
+        from html import escape
+
+        color = {"reproduced": "#1a7f37", "identical": "#1a7f37", "within tolerance": "#1a7f37"}
+        head = "REPRODUCED" if self.ok else "NOT REPRODUCED"
+        rows = []
+        for c in self.cells:
+            rows.append(f"<tr><td>{c.index}</td><td>{escape(c.name or '')}</td><td></td>"
+                        f"<td style='color:{color.get(c.verdict, '#cf222e')}'>{escape(c.verdict)}</td>"
+                        f"<td>{escape(c.detail)}</td></tr>")
+            for var, v in c.variables.items():
+                rows.append(f"<tr><td></td><td></td><td>{escape(var)}</td>"
+                            f"<td style='color:{color.get(v['verdict'], '#cf222e')}'>{escape(v['verdict'])}</td>"
+                            f"<td>{escape(v.get('detail') or '')}</td></tr>")
+        error = f"<pre>{escape(self.error)}</pre>" if self.error else ""
+        return (f"<div class='depin-reproduce'><b>{head}</b>: {escape(self.notebook)} against "
+                f"{escape(self.store)}{error}<table><tr><th>cell</th><th>name</th><th>variable</th>"
+                f"<th>verdict</th><th>detail</th></tr>{''.join(rows)}</table></div>")
 
     def format(self) -> str:
         lines = [f"notebook {self.notebook}, published store {self.store}: "

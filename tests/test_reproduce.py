@@ -83,3 +83,16 @@ def test_a_tampered_store_stops_before_re_execution(published):
     chunk.write_bytes(bytes(data))
     report = reproduce(str(nb_path), str(store))
     assert not report.verified and "does not verify" in report.error and not report.cells
+
+
+def test_report_matches_its_schema_and_renders_as_html(published, shell):
+    import jsonschema
+
+    from depin_jupyter.reproduce import REPORT_SCHEMA
+
+    nb_path, store = published
+    report = shell.run_line_magic("depin", f"reproduce {nb_path} --store {store}")
+    with open(REPORT_SCHEMA) as f:
+        jsonschema.validate(json.loads(json.dumps(report.to_json(), default=str)), json.load(f))
+    html = report._repr_html_()
+    assert "REPRODUCED" in html and "double" in html and "identical" in html
