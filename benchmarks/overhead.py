@@ -10,12 +10,13 @@ Prints a table of median and p90 (milliseconds) and writes JSON with machine inf
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+
+from _results import save  # a script run from this folder: its siblings are importable
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -118,10 +119,7 @@ def main() -> None:
     print(f"{'case':32} {'median ms':>10} {'p90 ms':>10} {'x submit':>9}")
     for name, r in rows.items():
         print(f"{name:32} {r['median_ms']:10.3f} {r['p90_ms']:10.3f} {r['x_submit']:9.2f}")
-    print("targets met:", result["met"])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    save(args.out, result)
     cluster.close_session()
 
 

@@ -147,7 +147,7 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     cacheable, and the warning names the output.
     """
     from .store import UnsupportedOutputError
-    from .store._outputs import classify
+    from .store import output_kind as classify
 
     mutated = {n: unbox(v) for n, v in result.get("mutated", {}).items()}
     outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **mutated}

@@ -26,7 +26,8 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash", "box", "unbox"]
+__all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash", "box", "unbox",
+           "rebind_globals"]
 
 STREAM_TOPIC = "depin-stream"
 ANNOUNCE_AFTER_S = 0.1  # a run still going after this long tells the notebook where it runs
@@ -490,7 +491,7 @@ def _mkdir(path: str) -> str:
 
 # ---------------------------------------------------------------- execution
 
-def _rebind_globals(obj: Any, ns: dict[str, Any]) -> Any:
+def rebind_globals(obj: Any, ns: dict[str, Any]) -> Any:
     """A copy of a notebook-defined function whose globals are ``ns``, so it sees the cell's names.
 
     Classes keep the globals cloudpickle gave their methods (the names they used when shipped).
@@ -572,7 +573,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
                     ns.setdefault(gname, gvalue)
     inputs = {name: unbox(value) for name, value in inputs.items()}
     for name, value in inputs.items():
-        ns[name] = _rebind_globals(value, ns)
+        ns[name] = rebind_globals(value, ns)
     # What the cell starts with: anything still bound to the same object afterwards is no output.
     seeded = {n: v for n, v in ns.items() if n not in ("__name__", "__builtins__")}
     before = {n: _fingerprint(seeded[n]) for n in spec["maybe_mutated"] if n in inputs}

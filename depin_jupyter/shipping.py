@@ -21,7 +21,7 @@ from typing import Any
 from . import config
 from .errors import CellInputError
 from .modules import ModuleBundle
-from .remote import MODULES_ARG, _rebind_globals, box, content_hash, unbox
+from .remote import MODULES_ARG, rebind_globals, box, content_hash, unbox
 
 __all__ = ["InputCache", "ShippedInputs", "ship_inputs", "apply_results"]
 
@@ -194,7 +194,7 @@ def apply_results(namespace: dict[str, Any], result: dict[str, Any], keep: Any =
             namespace[name] = value
     for name, value in result.get("outputs", {}).items():
         if allowed(name):
-            namespace[name] = _rebind_globals(unbox(value), namespace)
+            namespace[name] = rebind_globals(unbox(value), namespace)
     for name, source in result.get("aliases", {}).items():
         if allowed(name):
             namespace[name] = namespace[source]

@@ -14,6 +14,7 @@ from ._errors import (
     StoreIntegrityError,
     UnsupportedOutputError,
 )
+from ._outputs import classify as output_kind
 from ._store import ResultStore, RunWriter, new_run_id, open_store
 from .ledger import LedgerEntry
 from .manifest import OutputRecord, RunManifest, RunSummary, local_environment, local_worker
@@ -37,4 +38,5 @@ __all__ = [
     "local_worker",
     "new_run_id",
     "open_store",
+    "output_kind",
 ]

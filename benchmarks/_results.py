@@ -1,0 +1,18 @@
+"""Shared by the benchmark scripts: where results go and how they are written."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def save(path: str, result: dict[str, Any]) -> None:
+    """Print whether the targets were met and write ``result`` as JSON to ``path``."""
+    if "met" in result:
+        print("targets met:", result["met"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
