@@ -17,7 +17,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import demo, jobs, reproduce  # noqa: F401  (each module adds its commands to `main`)
+    from . import demo, jobs, network, reproduce  # noqa: F401  (each module adds its commands to `main`)
 
     try:
         from . import store  # noqa: F401

@@ -1,0 +1,179 @@
+"""The volunteer network: `depin scheduler`, `depin worker`, `depin token ...`, `depin credits`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import main
+
+_state_option = click.option("--state-dir", default=None, metavar="DIR",
+                             help="the coordinator's directory (default: config depin.coordinator.state-dir)")
+
+
+def _state(state_dir: str | None):  # type: ignore[no-untyped-def]
+    from ..coordinator import StateDir
+
+    return StateDir(state_dir)
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="interface to listen on")
+@click.option("--port", default=None, type=int, help="port (default: config depin.coordinator.port)")
+@click.option("--advertise", default=None, metavar="ADDRESS",
+              help="address written into tokens, e.g. tls://gpu.example.org:8786 (default: this host)")
+@click.option("--dashboard-address", default=None, help="Dask dashboard (default 127.0.0.1:8787; no login)")
+@_state_option
+def scheduler(host: str, port: int | None, advertise: str | None, dashboard_address: str | None,
+              state_dir: str | None) -> None:
+    """Run the coordinator: a Dask scheduler with mutual TLS and its own certificate authority."""
+    import asyncio
+    import signal
+
+    from .. import config
+    from ..coordinator import serve
+
+    state = _state(state_dir)
+    port = config.get("coordinator.port") if port is None else port
+    first = not state.exists
+
+    async def run() -> None:
+        sched = await serve(state, host, port, advertise, dashboard_address)
+        click.echo(f"depin scheduler: listening at {sched.address}; tokens point at {state.address}", err=True)
+        click.echo(f"depin scheduler: state in {state.path}", err=True)
+        if "dashboard" in sched.services:
+            dash = sched.services["dashboard"].port
+            click.echo(f"depin scheduler: Dask dashboard on port {dash} (no login: keep it private)", err=True)
+        if first:
+            w = state.issue_token("worker", "volunteer")
+            c = state.issue_token("client", "scientist")
+            click.echo("worker join token (name 'volunteer'; give it to volunteers: depin worker TOKEN):")
+            click.echo(w.encode())
+            click.echo("client token (name 'scientist'; in a notebook: %depin connect TOKEN):")
+            click.echo(c.encode())
+            click.echo("Issue one token per person with `depin token issue`, so each can be revoked alone.",
+                       err=True)
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        finished = asyncio.ensure_future(sched.finished())
+        await asyncio.wait([finished, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        await sched.close()
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("token")
+@click.option("--gpus", default="all", show_default=True, help="all, none, or device indices such as 0,2")
+@click.option("--memory-limit", default="auto", show_default=True, help="host memory per worker")
+@click.option("--name", default=None, help="worker name (default: the token's name)")
+@click.option("--nthreads", default=None, type=int, help="task threads per worker (default 1)")
+@click.option("--contact-address", default=None, hidden=True,
+              help="address advertised to peers (tests use an unreachable one to act as a NATed volunteer)")
+def worker(token: str, gpus: str, memory_limit: str, name: str | None, nthreads: int | None,
+           contact_address: str | None) -> None:
+    """Join a coordinator with TOKEN (the string, or a file holding it) and share this machine's GPUs."""
+    from ..errors import DepinError
+    from ..volunteer import run
+
+    try:
+        code = run(token, gpus=gpus, memory_limit=memory_limit, name=name, nthreads=nthreads,
+                   contact_address=contact_address)
+    except DepinError as e:
+        _fail(e)
+    sys.exit(code)
+
+
+@main.group()
+def token() -> None:
+    """Issue, list and revoke the tokens of a coordinator."""
+
+
+@token.command("issue")
+@click.option("--role", type=click.Choice(["worker", "client"]), required=True)
+@click.option("--name", required=True, help="who it is for (one name per person or machine)")
+@click.option("--days", default=None, type=float, help="validity (default: config depin.coordinator.token-days)")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="write the token to this file (0600)")
+@_state_option
+def token_issue(role: str, name: str, days: float | None, out: str | None, state_dir: str | None) -> None:
+    """Issue a token: the coordinator's address, its CA, and a certificate for NAME in ROLE."""
+    import os
+
+    from ..errors import DepinError
+
+    try:
+        text = _state(state_dir).issue_token(role, name, days).encode()
+    except DepinError as e:
+        _fail(e)
+    if out:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        click.echo(f"wrote the {role} token for {name!r} to {out}", err=True)
+    else:
+        click.echo(text)
+
+
+@token.command("list")
+@_state_option
+def token_list(state_dir: str | None) -> None:
+    """List the certificates issued, with role, expiry and revocation."""
+    import datetime as dt
+
+    state = _state(state_dir)
+    if not state.exists:
+        raise click.ClickException(f"no coordinator in {state.path}")
+    rows = [("NAME", "ROLE", "EXPIRES", "STATUS")]
+    for c in state.registry()["certificates"]:
+        exp = dt.datetime.fromtimestamp(c["expires"], dt.timezone.utc)
+        status = ("revoked" if c["revoked"] else "expired" if exp < dt.datetime.now(dt.timezone.utc) else "valid")
+        rows.append((c["name"], c["role"], f"{exp:%Y-%m-%d}", status))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+@token.command("revoke")
+@click.argument("name")
+@_state_option
+def token_revoke(name: str, state_dir: str | None) -> None:
+    """Revoke every certificate of NAME: it cannot connect again, and a running coordinator drops it."""
+    from ..errors import DepinError
+
+    try:
+        n = _state(state_dir).revoke(name)
+    except DepinError as e:
+        _fail(e)
+    click.echo(f"revoked {n} certificate(s) of {name!r}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_state_option
+def credits(as_json: bool, state_dir: str | None) -> None:
+    """Contributed compute per volunteer: GPU-seconds and CPU-seconds of completed work."""
+    import json
+
+    state = _state(state_dir)
+    data = state.credits() if state.path.exists() else {}
+    if as_json:
+        click.echo(json.dumps(data, indent=1, sort_keys=True))
+        return
+    if not data:
+        click.echo("no completed work recorded yet")
+        return
+    click.echo(f"{'VOLUNTEER':<24} {'GPU-SECONDS':>12} {'CPU-SECONDS':>12} {'TASKS':>7}")
+    for name, e in sorted(data.items(), key=lambda kv: -(kv[1].get("gpu_seconds", 0) + kv[1].get("cpu_seconds", 0))):
+        click.echo(f"{name:<24} {e.get('gpu_seconds', 0):>12.1f} {e.get('cpu_seconds', 0):>12.1f} "
+                   f"{int(e.get('tasks', 0)):>7}")

@@ -1,0 +1,224 @@
+"""A volunteer's worker: `depin worker TOKEN` joins a coordinator with mutual TLS and leaves gracefully.
+
+With GPUs it starts one worker per GPU through dask-cuda (``resources={'GPU': 1}``), otherwise one CPU
+worker; each runs under a nanny that restarts it if it dies. The worker advertises what it is (GPU model,
+memory, driver, or CPU) so `%depin status` can show it. Ctrl-C or SIGTERM hands the work back: the
+coordinator retires the workers (tasks running there are re-run elsewhere, not failed) before they close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from distributed import Nanny, Worker
+from distributed.utils import NoOpAwaitable
+
+from . import config
+from .errors import ClusterConnectionError, DepinUsageError
+from .pki import Token, peer_identity
+
+__all__ = ["VolunteerWorker", "run", "wait_for_scheduler", "volunteer_info"]
+
+logger = logging.getLogger("depin.volunteer")
+
+# What a peer worker may ask of this worker when it dials in: the data of finished tasks, nothing else.
+_PEER_WORKER_OPS = frozenset({"get_data", "identity", "close-stream"})
+
+
+def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
+    """What this worker advertises to the coordinator (shown by `%depin status`)."""
+    from .gpu import describe
+
+    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid()}
+    try:
+        gpu = describe()
+    except Exception:  # noqa: BLE001 - no GPU (or no NVML): a CPU volunteer
+        gpu = None
+    if isinstance(gpu, dict) and gpu.get("name"):
+        info["gpu"] = {k: gpu.get(k) for k in ("name", "memory", "driver", "arch") if k in gpu}
+    else:
+        info["cpu"] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return info
+
+
+class VolunteerWorker(Worker):
+    """A Dask worker that only lets the coordinator command it; peer workers may only fetch data."""
+
+    def handle_comm(self, comm: Any) -> Any:
+        _, roles, _ = peer_identity(comm.extra_info.get("peercert"))
+        if "scheduler" in roles or "client" in roles:
+            return super().handle_comm(comm)
+        if "worker" not in roles:
+            logger.warning("refused a connection from %s without a depin role", comm.peer_address)
+            comm.abort()
+            return NoOpAwaitable()
+        read = comm.read
+
+        async def peer_read(deserializers: Any = None) -> Any:
+            msg = await read(deserializers)
+            for m in msg if isinstance(msg, (list, tuple)) else (msg,):
+                if isinstance(m, dict) and m.get("op") not in _PEER_WORKER_OPS:
+                    logger.warning("refused %r from peer worker %s", m.get("op"), comm.peer_address)
+                    raise PermissionError(f"a peer worker may not call {m.get('op')!r}")
+            return msg
+
+        comm.read = peer_read
+        return super().handle_comm(comm)
+
+
+async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -> None:
+    """Return once the coordinator answers this identity; retry with backoff while it is unreachable.
+
+    A refusal (revoked token, another coordinator's certificate) is final and raised at once.
+    """
+    import ssl
+
+    from distributed.comm import connect
+    from distributed.comm.core import CommClosedError
+
+    args = token.security("worker").get_connection_args("worker")
+    delay = config.seconds("volunteer.join-retry-initial") or 1.0
+    longest = config.seconds("volunteer.join-retry-max") or 60.0
+    tries = config.get("volunteer.join-tries")
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            comm = await connect(token.address, timeout=max(delay, 5.0), **args)
+        except (OSError, TimeoutError, CommClosedError) as e:
+            reason = _reason(e)
+            if isinstance(e.__cause__ or e, ssl.SSLError) or "SSL" in reason or "certificate" in reason:
+                raise ClusterConnectionError(
+                    f"the coordinator at {token.address} refused this token's certificate ({reason}). It was "
+                    f"issued by another coordinator or has expired: ask for a new worker token.") from None
+            if tries is not None and attempt >= int(tries):
+                raise ClusterConnectionError(f"the coordinator at {token.address} stayed unreachable after "
+                                             f"{attempt} tries ({reason}).") from None
+            say(f"depin worker: the coordinator at {token.address} is unreachable ({reason}); "
+                f"retrying in {delay:g}s (try {attempt + 1}).")
+            await asyncio.sleep(delay)
+            delay = min(longest, delay * 2)
+            continue
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            await asyncio.wait_for(comm.read(), 10)
+        except (OSError, CommClosedError, asyncio.TimeoutError):
+            raise ClusterConnectionError(
+                f"the coordinator at {token.address} closed the connection of {token.info.name!r}: the token "
+                f"was revoked or is unknown there. Ask the coordinator for a new worker token.") from None
+        finally:
+            comm.abort()
+        return
+
+
+def _reason(e: BaseException) -> str:
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    text = f"{type(root).__name__}: {root}" if str(root) else type(root).__name__
+    return text[:200]
+
+
+def _gpu_list(gpus: str) -> list[str] | None:
+    """Which GPUs to use: None for no GPU, [] for all, else the device indices given."""
+    if gpus == "none":
+        return None
+    if gpus == "all":
+        return []
+    items = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not items or not all(g.isdigit() for g in items):
+        raise DepinUsageError(f"--gpus {gpus!r}: give all, none, or device indices such as 0,2")
+    return items
+
+
+async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
+                 contact_address: str | None, say: Callable[[str], None]) -> list[Nanny]:
+    from .gpu import detect
+
+    security = token.security("worker")
+    common: dict[str, Any] = dict(security=security, nthreads=nthreads, memory_limit=memory_limit,
+                                  worker_class=VolunteerWorker, contact_address=contact_address,
+                                  startup_information={"depin": volunteer_info}, dashboard=False,
+                                  host=None if contact_address is None else "127.0.0.1")
+    wanted = _gpu_list(gpus)
+    n_gpus, why = (0, "--gpus none") if wanted is None else detect()
+    if n_gpus:
+        from dask_cuda import CUDAWorker
+
+        if wanted:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(wanted)
+        cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
+        await cw
+        say(f"depin worker: joined {token.address} as {name!r} with {len(cw.nannies)} GPU worker(s).")
+        return list(cw.nannies)
+    if wanted:
+        raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
+    nanny = Nanny(token.address, name=name, **common)
+    await nanny
+    say(f"depin worker: joined {token.address} as {name!r} with a CPU worker ({why}); cells use numpy here.")
+    return [nanny]
+
+
+async def _leave(token: Token, nannies: list[Nanny], say: Callable[[str], None]) -> None:
+    """Hand the work back: ask the coordinator to retire our workers, then close them."""
+    from distributed.core import rpc
+
+    addresses = [n.worker_address for n in nannies if n.worker_address]
+    for n in nannies:
+        n.close_gracefully(reason="volunteer-leaving")  # the nanny must not restart a worker we retire
+    say(f"depin worker: leaving; handing {len(addresses)} worker(s) back to the coordinator...")
+    timeout = config.seconds("volunteer.leave-timeout") or 20.0
+    args = token.security("worker").get_connection_args("worker")
+    async with rpc(token.address, connection_args=args) as sched:
+        try:
+            await asyncio.wait_for(sched.retire_workers(workers=addresses, close_workers=False, remove=True,
+                                                        stimulus_id=f"depin-leave-{time.time()}"), timeout)
+        except Exception as e:  # noqa: BLE001 - fall back to a plain, still expected, departure
+            say(f"depin worker: retiring took too long or failed ({_reason(e)}); leaving anyway "
+                f"(running cells are re-run elsewhere).")
+            for a in addresses:
+                try:
+                    await asyncio.wait_for(sched.unregister(address=a, expected=True, close=False,
+                                                            stimulus_id=f"depin-leave-{time.time()}"), 5)
+                except Exception:  # noqa: BLE001 - the scheduler notices the closed connection itself
+                    pass
+    await asyncio.gather(*(n.close(timeout=5, reason="volunteer-left") for n in nannies), return_exceptions=True)
+    say("depin worker: left gracefully.")
+
+
+async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
+                contact_address: str | None, say: Callable[[str], None]) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await wait_for_scheduler(token, say)
+    nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
+    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        await _leave(token, nannies, say)
+        return 0
+    say("depin worker: the coordinator closed this worker.")
+    return 1
+
+
+def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: str | None = None,
+        nthreads: int | None = None, contact_address: str | None = None) -> int:
+    """Join the coordinator named in the token and work until stopped; the process exit code."""
+    token = Token.decode(token_text)
+    token.check_valid("worker")
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    nthreads = nthreads or int(config.get("volunteer.nthreads"))
+    return asyncio.run(_main(token, gpus, memory_limit, name or token.info.name, nthreads, contact_address, say))
