@@ -92,6 +92,12 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
            hidden: dict[str, Any] | None = None) -> BackgroundRun:
     """Check, ship and submit the cell; return a handle without waiting for it."""
     __tracebackhide__ = True
+    if session.untrusted:
+        from .errors import DepinUsageError
+
+        raise DepinUsageError("--background is not available on a volunteer network yet: its results are "
+                              "stored by the worker, which would need your store's credentials. Run the cell "
+                              "without --background.")
     if options.name and options.name in session.background and not session.background[options.name].bound:
         from .errors import DepinUsageError
 

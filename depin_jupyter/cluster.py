@@ -38,13 +38,16 @@ class WorkerInfo:
 class Session:
     """A live connection: client, optional embedded cluster, input cache, stream dispatcher."""
 
-    def __init__(self, client: Any, cluster: Any | None, description: str) -> None:
+    def __init__(self, client: Any, cluster: Any | None, description: str, untrusted: bool = False) -> None:
         from .envcheck import EnvironmentCache
         from .shipping import InputCache
         from .stream import StreamDispatcher
 
         self.client = client
         self.cluster = cluster
+        # A volunteer network: results come through the coordinator's relay, decoded without unpickling,
+        # and nothing dials a worker (volunteers install the depin worker plugins themselves).
+        self.untrusted = untrusted
         self.description = description
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)
@@ -55,9 +58,10 @@ class Session:
         self.last_workers: list[WorkerInfo] = []
         self._workers_at = 0.0
         self.session_file = _publish(self)
-        from .remote import CancelOnRelease
+        if not untrusted:
+            from .remote import CancelOnRelease
 
-        client.register_plugin(CancelOnRelease())
+            client.register_plugin(CancelOnRelease())
 
     @property
     def address(self) -> str:
@@ -77,6 +81,9 @@ class Session:
         out = []
         for addr, w in sorted(info.items()):
             gpu = w.get("gpu") or {}
+            volunteer = (w.get("depin") or {}).get("gpu") if isinstance(w.get("depin"), dict) else None
+            if not gpu.get("name") and isinstance(volunteer, dict):
+                gpu = {"name": volunteer.get("name"), "memory-total": volunteer.get("memory")}
             out.append(WorkerInfo(
                 address=addr,
                 name=str(w.get("name", addr)),
@@ -96,9 +103,24 @@ class Session:
         from .gpu import describe
 
         unknown = [a for a in addresses if a not in self._gpus]
-        if unknown:
+        if unknown and self.untrusted:  # what volunteers advertised when they joined; never dial them
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            self._gpus.update({a: ((info.get(a) or {}).get("depin") or {}).get("gpu") for a in unknown})
+        elif unknown:
             self._gpus.update(self.client.run(describe, workers=unknown, on_error="return"))
         return {a: (self._gpus.get(a) if isinstance(self._gpus.get(a), dict) else None) for a in addresses}
+
+    def worker_versions(self, workers: list[str], packages: list[str]) -> dict[str, dict[str, str | None]]:
+        """Package versions on ``workers``: asked of each worker, or as volunteers advertised them."""
+        if not self.untrusted:
+            return self.env.versions(self.client, workers, packages)
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        out = {}
+        for w in workers:
+            advertised = ((info.get(w) or {}).get("depin") or {}).get("versions")
+            if isinstance(advertised, dict):
+                out[w] = {p: advertised.get(p) for p in packages}
+        return out
 
     def close(self) -> None:
         if self.session_file is not None:
@@ -207,6 +229,32 @@ def _connect_address(address: str) -> Session:
     return Session(client, None, f"scheduler at {address}")
 
 
+def _connect_token(text: str) -> Session:
+    """Join a volunteer network with a client token (mutual TLS; results relayed, never unpickled)."""
+    from distributed import Client
+
+    from .pki import Token
+
+    token = Token.decode(text)
+    token.check_valid("client")
+    timeout = config.seconds("connect-timeout")
+    who = token.info.name
+    try:
+        client = Client(token.address, security=token.security("client"), timeout=timeout, set_as_default=False)
+    except ImportError as e:  # the coordinator's refusal arrives this way (stream-start error)
+        raise ClusterConnectionError(f"{e}. Ask the coordinator for a client token "
+                                     f"(`depin token issue --role client --name {who}`).") from None
+    except (OSError, TimeoutError) as e:
+        text_e = f"{type(e).__name__}: {e}"
+        hint = ("the coordinator refused this certificate (revoked, expired or from another coordinator): "
+                "ask for a new client token" if "SSL" in text_e or "closed" in text_e.lower()
+                else "check that `depin scheduler` runs there and that its port is reachable")
+        raise ClusterConnectionError(f"could not join the volunteer network at {token.address} as {who!r} "
+                                     f"within {timeout:g}s ({text_e}); {hint}.") from None
+    return Session(client, None, f"volunteer network at {token.address} as {who!r} (results relayed, "
+                                 f"decoded without pickle)", untrusted=True)
+
+
 def connect(target: str | None = None) -> Session:
     """Connect this kernel to ``target`` (None/"local": embedded default; an address).
 
@@ -214,15 +262,20 @@ def connect(target: str | None = None) -> Session:
     """
     global _session
     target = target if target is not None else config.get("scheduler-address")
+    from .pki import TOKEN_PREFIX
+
     if target in (None, "", "local"):
         new = _start_local()
+    elif target.startswith(TOKEN_PREFIX) or (os.path.isfile(os.path.expanduser(target))
+                                             and "://" not in target):
+        new = _connect_token(target)
     elif "://" in target or ":" in target:
         new = _connect_address(target if "://" in target else f"tcp://{target}")
     else:
         raise DepinUsageError(
             f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
-            f"a scheduler address such as tcp://host:8786 or tls://host:8786 (join tokens arrive with "
-            f"the volunteer network)."
+            f"a scheduler address such as tcp://host:8786, or a volunteer network's client token (or a "
+            f"file holding it)."
         )
     with _session_lock:
         old, _session = _session, new

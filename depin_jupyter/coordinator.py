@@ -276,9 +276,11 @@ class RoleGate:
             self.scheduler.note_worker(str(msg.get("address")), self.name)
         elif op == "retire_workers":
             asked = set(msg.get("workers") or ())
-            if not asked or not asked <= mine or msg.get("names"):
+            others = {a for a in asked if a in self.scheduler.workers} - mine
+            if not asked or others or msg.get("names"):
                 return self._refuse(msg, "a worker identity may only retire its own workers", stream)
-        elif op == "unregister" and msg.get("address") not in mine:
+        elif op == "unregister" and msg.get("address") in self.scheduler.workers and msg.get("address") not in mine:
+            # (an address no longer connected is a no-op: a nanny reports its dead worker after the fact)
             return self._refuse(msg, "a worker identity may only unregister its own workers", stream)
         elif op == "task-erred":
             # The text only: a volunteer's pickled exception never reaches anyone.

@@ -75,8 +75,8 @@ def issue(ca_cert: str, ca_key: str, name: str, role: str, *, days: float = 365,
     ca_private = serialization.load_pem_private_key(ca_key.encode(), password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _utcnow()
-    start = not_before or now - dt.timedelta(minutes=5)
     end = not_after or now + dt.timedelta(days=days)
+    start = not_before or min(now - dt.timedelta(minutes=5), end - dt.timedelta(days=1))
     sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                     x509.UniformResourceIdentifier(_ROLE_URI + role)]
     for h in hosts:

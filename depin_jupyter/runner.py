@@ -12,6 +12,7 @@ import sys
 import time
 import types
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from .errors import (
     RemoteExecutionError,
     WorkerLostError,
 )
+from .relay import run_cell_relayed
 from .remote import run_cell as remote_run_cell
 from .shipping import apply_results, fingerprints, ship_inputs
 from .stream import emit
@@ -209,7 +211,8 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
         progress.update("shipping", f"{len(prep.names)} input(s)")
-        shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes)
+        shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes,
+                              inline=session.untrusted)
         t_shipped = time.perf_counter()
         progress.update("queued", f"sent {_human(shipped.sent_bytes)}, reused {len(shipped.reused)} input(s) "
                                   f"already on the cluster")
@@ -371,7 +374,7 @@ def _check_environment(session: Session, needed: list[str], bundle: Any, placeme
                 if p and p not in shipped and p not in ("__main__", "builtins")]
     local = {p: local_version(p) for p in packages}
     session.env.forget(w.address for w in session.last_workers)
-    mismatches = compare(local, session.env.versions(session.client, candidates, packages))
+    mismatches = compare(local, session.worker_versions(candidates, packages))
     if not mismatches:
         return placement
     listing = "; ".join(str(m) for m in mismatches)
@@ -477,7 +480,11 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     run_id = spec["run_id"]
     q = session.streams.open(run_id)
     key = f"depin-run-{run_id}-{uuid.uuid4().hex[:6]}"
-    future = client.submit(remote_run_cell, spec, args, key=key, pure=False, **placement)
+    relayed = session.untrusted and not config.get("volunteer.allow-pickle")
+    func = run_cell_relayed if relayed else remote_run_cell
+    with warnings.catch_warnings():  # inputs ride inside the task on volunteer networks, by design
+        warnings.filterwarnings("ignore", message=".*Large object.*")
+        future = client.submit(func, spec, args, key=key, pure=False, **placement)
     registered = False  # a run is listed on the scheduler (`depin jobs`) only once it lasts a while
     submitted = time.monotonic()
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
@@ -522,12 +529,15 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 emit(msg)
                 shown.append(msg)
         try:
-            result = future.result()
+            if relayed and future.status == "finished":
+                result = _relayed_result(client, key)
+            else:
+                result = future.result()
         except KilledWorker as e:
             last = getattr(e, "last_worker", None)  # the scheduler's record: address and pid
             where = getattr(last, "address", None) or started.get("worker")
             pid = getattr(last, "pid", None) or started.get("pid")
-            death = _why_worker_died(client, where, pid)
+            death = _why_worker_died(client, where, pid, logs=not session.untrusted)
             if death.cause == "stuck" and timeout is not None:
                 raise CellTimeoutError(f"the cell ran past its time limit ({timeout:g}s): {death.message}") from None
             raise _WorkerDied(death) from None
@@ -562,15 +572,33 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         future.release()
 
 
-def _why_worker_died(client: Any, worker: str | None, pid: int | None) -> Death:
-    """Ask the cluster why a worker died: memory events on the scheduler, the nanny's exit log line."""
+def _relayed_result(client: Any, key: str) -> dict[str, Any]:
+    """A volunteer cell's result, from the coordinator's relay, decoded without unpickling."""
+    from . import relay, safe_codec
+
+    payload = relay.fetch(client, key)
+    if payload is None:
+        raise RemoteExecutionError("the cell finished on a volunteer but the coordinator holds no result for "
+                                   "it (the coordinator may have restarted); run the cell again.")
+    try:
+        return relay.from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))
+    except safe_codec.DecodeError as e:
+        raise RemoteExecutionError(f"the volunteer's result was refused: {e}. Nothing from it was unpickled; "
+                                   f"run the cell again (--worker to pick another volunteer).") from None
+
+
+def _why_worker_died(client: Any, worker: str | None, pid: int | None, logs: bool = True) -> Death:
+    """Ask the cluster why a worker died: memory events on the scheduler, the nanny's exit log line.
+
+    ``logs=False`` on volunteer networks: asking nannies for their logs would dial the volunteers.
+    """
     deadline = time.monotonic() + 5.0  # the nanny logs the exit once it notices it; its new worker re-registers
     death = explain_death(worker, pid, [], [])
     while True:
         try:
             events = [e for _, e in client.get_events("worker-restart-memory")]
-            logs = client.get_worker_logs(nanny=True)
-            lines = [msg for entries in logs.values() for _, msg in entries]
+            got = client.get_worker_logs(nanny=True) if logs else {}
+            lines = [msg for entries in got.values() for _, msg in entries]
         except Exception:  # noqa: BLE001 - evidence is best effort
             events, lines = [], []
         death = explain_death(worker, pid, lines, events)
@@ -587,6 +615,19 @@ def _cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
         pass
 
 
+def _builtin_exception(err: dict[str, Any]) -> BaseException | None:
+    """A built-in exception rebuilt from its name and message (no unpickling), so `except` clauses work."""
+    import builtins
+
+    cls = getattr(builtins, str(err.get("type")), None) if err.get("module") == "builtins" else None
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(err.get("message", ""))
+        except Exception:  # noqa: BLE001 - some take other arguments: fall back to the text error
+            return None
+    return None
+
+
 def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
     __tracebackhide__ = True
     err = result["error"]
@@ -599,8 +640,8 @@ def _raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
                                    f"cancelled there. Raise --{flag} or make the cell faster.")
         raise RemoteExecutionError(f"the cell was cancelled on {where}.")
     exc = err.get("exception")
-    if not isinstance(exc, BaseException):
-        exc = RemoteCellError(err["type"], err["message"])
+    if not isinstance(exc, BaseException):  # it came as text (a volunteer, or it would not pickle)
+        exc = _builtin_exception(err) or RemoteCellError(err["type"], err["message"])
     exc.add_note(f"--- remote traceback (%%depin, worker {where}) ---\n{err['traceback'].rstrip()}")
     gpu = (result.get("hardware") or {}).get("gpu")
     hint = explain_exception(err["type"], err["module"], err["message"], result.get("worker"), gpu)

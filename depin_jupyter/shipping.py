@@ -119,13 +119,29 @@ def fingerprints(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
 
 
 def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache,
-                modules: ModuleBundle | None = None, hashes: dict[str, str] | None = None) -> ShippedInputs:
+                modules: ModuleBundle | None = None, hashes: dict[str, str] | None = None,
+                inline: bool = False) -> ShippedInputs:
     """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks.
 
     ``modules``, the source of the notebook's own modules the cell needs, travels the same way;
-    ``hashes`` are the inputs' `fingerprints` when the caller already computed them.
+    ``hashes`` are the inputs' `fingerprints` when the caller already computed them. ``inline`` sends
+    every input inside the task instead (volunteer networks: scattering would dial the workers).
     """
     shipped = ShippedInputs()
+    if inline:
+        if modules is not None:
+            shipped.args[MODULES_ARG] = modules.files
+            shipped.sent_bytes += modules.nbytes
+        for name in names:
+            value = namespace[name]
+            if isinstance(value, types.ModuleType):
+                shipped.modules[name] = value.__name__
+            else:
+                shipped.args[name] = box(value)
+                if not _is_inline(value):
+                    shipped.sent_bytes += _serialized_size(name, value)
+        cache.total_sent += shipped.sent_bytes
+        return shipped
     to_send: dict[str, tuple[str, Any, int]] = {}
     if modules is not None:
         fut = cache.get(modules.key)

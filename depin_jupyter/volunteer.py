@@ -36,7 +36,8 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     """What this worker advertises to the coordinator (shown by `%depin status`)."""
     from .gpu import describe
 
-    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid()}
+    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid(),
+                            "versions": _versions()}
     try:
         gpu = describe()
     except Exception:  # noqa: BLE001 - no GPU (or no NVML): a CPU volunteer
@@ -48,8 +49,31 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     return info
 
 
+def _versions() -> dict[str, str]:
+    """Installed package versions by top-level module: notebooks check theirs against these."""
+    import importlib.metadata
+
+    out = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            try:
+                out[module] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
 class VolunteerWorker(Worker):
-    """A Dask worker that only lets the coordinator command it; peer workers may only fetch data."""
+    """A Dask worker that only lets the coordinator command it; peer workers may only fetch data.
+
+    It installs the depin worker plugins itself: on a volunteer network nobody dials in to add them.
+    """
+
+    def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+        from .remote import CancelOnRelease
+
+        super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
 
     def handle_comm(self, comm: Any) -> Any:
         _, roles, _ = peer_identity(comm.extra_info.get("peercert"))

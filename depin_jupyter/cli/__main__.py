@@ -1,0 +1,5 @@
+"""`python -m depin_jupyter.cli` runs the `depin` command."""
+
+from . import main
+
+main()

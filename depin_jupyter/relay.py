@@ -1,0 +1,97 @@
+"""Results of cells run by volunteers: pickle-free, through the coordinator.
+
+Volunteers sit behind NAT and firewalls: their workers dial out to the coordinator, nobody can dial in,
+while stock Dask fetches a task's result by dialling the worker that holds it. On a volunteer network a
+`%%depin` cell therefore runs as `run_cell_relayed`: the worker encodes the cell's result with
+`safe_codec` (plain data and arrays, no pickle) and pushes it to the coordinator over its own connection;
+the task itself returns a marker. The notebook fetches the payload from the coordinator and decodes it
+without unpickling anything. Values that cannot be encoded that way are reported by name, not sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import safe_codec
+
+__all__ = ["run_cell_relayed", "to_payload", "from_payload", "fetch"]
+
+RELAYED = "depin-relayed"
+_RICH = "__depin_rich__"
+
+
+def _values_safe(values: dict[str, Any], skipped: dict[str, str]) -> dict[str, Any]:
+    from .remote import unbox
+
+    out = {}
+    for name, value in values.items():
+        value = unbox(value)
+        why = safe_codec.encodable(value, name=name)
+        if why is None:
+            out[name] = value
+        else:
+            # apply_results words it: "output 'k' of type <this> could not be brought back"
+            skipped[name] = (f"{type(value).__module__}.{type(value).__qualname__} (a volunteer can only send "
+                             f"arrays, numbers, str, bytes, lists, tuples, dicts and sets: convert it, or on a "
+                             f"network you trust set depin.volunteer.allow-pickle: true)")
+    return out
+
+
+def to_payload(result: dict[str, Any]) -> bytes:
+    """The run's result dict as pickle-free bytes (worker side)."""
+    from .remote import RichValue
+
+    r = dict(result)
+    skipped = dict(r.get("skipped") or {})
+    r["outputs"] = _values_safe(r.get("outputs") or {}, skipped)
+    r["mutated"] = _values_safe(r.get("mutated") or {}, skipped)
+    r["skipped"] = skipped
+    if r.get("error"):
+        r["error"] = {k: v for k, v in r["error"].items() if k != "exception"}  # text only
+    if "value" in r:
+        value = r["value"]
+        if isinstance(value, RichValue):
+            r["value"] = {_RICH: [value.data, value.metadata]}
+        elif safe_codec.encodable(value) is not None:
+            data, md = value._repr_mimebundle_() if hasattr(value, "_repr_mimebundle_") else ({}, {})
+            r["value"] = {_RICH: [data or {"text/plain": repr(value)}, md or {}]}
+    r.pop("shown", None)
+    try:
+        return safe_codec.encode(r, name="result")
+    except safe_codec.UnsafeValueError as e:  # something outside the values: send the error instead
+        return safe_codec.encode({"status": "error", "worker": r.get("worker"), "stream_count": r.get("stream_count", 0),
+                                  "error": {"type": "UnsafeValueError", "module": "depin_jupyter.safe_codec",
+                                            "message": str(e), "traceback": ""}})
+
+
+def from_payload(payload: bytes, max_bytes: int | None = None) -> dict[str, Any]:
+    """Decode a relayed result (notebook side): plain data and arrays only, never unpickled."""
+    from .remote import RichValue
+
+    result = safe_codec.decode(payload, max_bytes=max_bytes)
+    if not isinstance(result, dict) or "status" not in result:
+        raise safe_codec.DecodeError("a relayed result is not a run result")
+    value = result.get("value")
+    if isinstance(value, dict) and set(value) == {_RICH}:
+        data, md = value[_RICH]
+        result["value"] = RichValue(dict(data), dict(md))
+    return result
+
+
+def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """The `%%depin` task on a volunteer: run the cell, push its result to the coordinator, return a marker."""
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    from .remote import run_cell
+
+    result = run_cell(spec, inputs)
+    worker = get_worker()
+    key = worker.get_current_task()
+    sync(worker.loop, worker.scheduler.depin_relay_put, key=str(key), payload=to_payload(result))
+    return RELAYED
+
+
+def fetch(client: Any, key: str) -> bytes | None:
+    """The relayed payload of task ``key`` from the coordinator (removed there once fetched)."""
+    return client.sync(client.scheduler.depin_relay_get, key=key)
