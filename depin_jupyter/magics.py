@@ -111,7 +111,8 @@ class DepinMagics(Magics):
     @magic_arguments()
     @argument("command", choices=_SUBCOMMANDS, help="what to do")
     @argument("target", nargs="?", default=None,
-              help="for connect: nothing or 'local' (embedded cluster), or a scheduler address; "
+              help="for connect: nothing or 'local' (embedded cluster), a scheduler address, or a "
+                   "volunteer network's client token (or a file holding it); "
                    "for cancel and wait: a run id or --name label; for runs: a store URL; "
                    "for load: a run id")
     @argument("names", nargs="*", help="for load: the outputs to bind (default: all)")

@@ -422,3 +422,16 @@ def test_token_cli_issue_list_revoke(net, tmp_path):
     assert any(line.split()[:2] == ["dave", "worker"] and line.endswith("revoked") for line in r.output.splitlines())
     r = CliRunner().invoke(main, ["token", "revoke", "nobody", *sd])
     assert r.exit_code != 0 and "no live certificate" in r.output
+
+
+def test_magic_connect_takes_a_token_and_a_bad_one_changes_nothing(ip, net, tmp_path):
+    from IPython.core.error import UsageError
+
+    before = cluster.current_session()
+    with pytest.raises(UsageError, match="damaged"):
+        ip.run_line_magic("depin", "connect depin1-notatoken")
+    path = tmp_path / "worker.token"
+    path.write_text(net.token("worker", "wrong-role"))
+    with pytest.raises(UsageError, match="for a worker"):
+        ip.run_line_magic("depin", f"connect {path}")
+    assert cluster.current_session() is before  # the failed connects left the kernel's connection alone
