@@ -73,6 +73,14 @@ class Report:
                 f"{escape(self.store)}{error}<table><tr><th>cell</th><th>name</th><th>variable</th>"
                 f"<th>verdict</th><th>detail</th></tr>{''.join(rows)}</table></div>")
 
+    def to_html(self) -> str:
+        """A standalone HTML page of the report (what `depin reproduce --report` writes)."""
+        from html import escape
+
+        return ("<!doctype html><html><head><meta charset='utf-8'><title>depin reproduce: "
+                f"{escape(self.notebook)}</title><style>body{{font-family:sans-serif}}td,th{{padding:2px 8px;"
+                "text-align:left}}</style></head><body>" + self._repr_html_() + "</body></html>")
+
     def format(self) -> str:
         lines = [f"notebook {self.notebook}, published store {self.store}: "
                  f"{'REPRODUCED' if self.ok else 'NOT REPRODUCED'}"]

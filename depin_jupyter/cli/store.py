@@ -89,6 +89,16 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="print only mismatches and the verdict")
 def verify(store: str, quiet: bool) -> None:
     """Re-hash every chunk, manifest and ledger entry of STORE; exit 1 naming any mismatch."""
+    from ..publish import open_bundle, verify_files
+
+    bundle = open_bundle(store)
+    if bundle is not None:  # a `depin publish` bundle: its files against the crate, then its store
+        bad = verify_files(bundle)
+        for name in bad:
+            click.echo(f"MISMATCH {name}: differs from the SHA-256 in the bundle's RO-Crate metadata", err=True)
+        if bad:
+            sys.exit(1)
+        store = str(bundle.store)
     report = _open(store).verify()
     for line in report.format().splitlines():
         if quiet and line.startswith("incomplete "):
