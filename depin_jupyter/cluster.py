@@ -38,7 +38,8 @@ class WorkerInfo:
 class Session:
     """A live connection: client, optional embedded cluster, input cache, stream dispatcher."""
 
-    def __init__(self, client: Any, cluster: Any | None, description: str, untrusted: bool = False) -> None:
+    def __init__(self, client: Any, cluster: Any | None, description: str, untrusted: bool = False,
+                 token: str | None = None) -> None:
         from .envcheck import EnvironmentCache
         from .shipping import InputCache
         from .stream import StreamDispatcher
@@ -48,6 +49,7 @@ class Session:
         # A volunteer network: results come through the coordinator's relay, decoded without unpickling,
         # and nothing dials a worker (volunteers install the depin worker plugins themselves).
         self.untrusted = untrusted
+        self.token = token  # the client token of a volunteer network (the Jupyter server's panel uses it)
         self.description = description
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)
@@ -155,9 +157,14 @@ def _publish(session: Session) -> Any:
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "scheduler": session.address,
-                                   "description": session.description,
-                                   "embedded": session.cluster is not None, "started": time.time()}))
+        info = {"pid": os.getpid(), "scheduler": session.address, "description": session.description,
+                "embedded": session.cluster is not None, "started": time.time(),
+                "volunteer": session.untrusted}
+        if session.token:  # same user only (0600 in the 0700 runtime dir): the panel joins as this client
+            info["token"] = session.token
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info))
         tmp.replace(path)
         return path
     except Exception:  # noqa: BLE001 - the panel is optional; never fail a connection over it
@@ -252,7 +259,7 @@ def _connect_token(text: str) -> Session:
         raise ClusterConnectionError(f"could not join the volunteer network at {token.address} as {who!r} "
                                      f"within {timeout:g}s ({text_e}); {hint}.") from None
     return Session(client, None, f"volunteer network at {token.address} as {who!r} (results relayed, "
-                                 f"decoded without pickle)", untrusted=True)
+                                 f"decoded without pickle)", untrusted=True, token=token.encode())
 
 
 def connect(target: str | None = None) -> Session:

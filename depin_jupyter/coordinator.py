@@ -186,6 +186,13 @@ class StateDir:
     def save_credits(self, credits: dict[str, dict[str, float]]) -> None:
         _write_atomic(self.path / "credits.json", json.dumps(credits, indent=1, sort_keys=True))
 
+    # --- reputation (replicated runs) ---
+    def reputation(self) -> dict[str, dict[str, int]]:
+        return self._read("reputation.json", {})
+
+    def save_reputation(self, reputation: dict[str, dict[str, int]]) -> None:
+        _write_atomic(self.path / "reputation.json", json.dumps(reputation, indent=1, sort_keys=True))
+
 
 # Set while the scheduler reads a message from a worker identity: unpickling is refused there.
 _UNTRUSTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("depin_untrusted_peer", default=None)
@@ -305,18 +312,51 @@ def _make_scheduler_class() -> type:
     from distributed.utils import NoOpAwaitable
 
     class _Ledger(SchedulerPlugin):
-        """Credit per volunteer for completed work; frees relayed results of forgotten tasks."""
+        """Credit per volunteer for completed work; frees relayed results of forgotten tasks.
+
+        Per volunteer name it keeps:
+
+        * ``gpu_seconds`` / ``cpu_seconds``: raw wall-clock compute time of finished tasks, as the worker's
+          ``startstops`` report it (a task that sleeps earns as much as one that computes);
+        * ``cpu_used_seconds``: CPU time the `%%depin` cells' threads really used, reported by the worker
+          (event ``depin-credit`` from `relay.run_cell_relayed`), capped at the task's wall time;
+        * ``credit``: normalized credit = cpu_used_seconds x speed factor, where the speed factor is
+          reference time / the worker's benchmark time (advertised at registration), clipped to 0.1-10
+          (`controls.speed_factor`). A slow machine does not earn less for the same work, and sleeping
+          earns nothing.
+
+        All of these are self-reported by volunteers' workers; replication (another issue) checks them.
+        """
 
         name = "depin-ledger"
 
         def __init__(self, sched: Any) -> None:
             self.sched = sched
+            self.pending: dict[str, tuple[str, float]] = {}  # task key -> (worker address, CPU seconds)
+
+        def log_event(self, topic: str, msg: Any) -> None:
+            if topic != "depin-credit" or not isinstance(msg, dict):
+                return
+            key, address = msg.get("key"), msg.get("worker")  # "worker": set by the scheduler from the stream
+            try:
+                cpu = float(msg.get("cpu_seconds"))
+            except (TypeError, ValueError):
+                return
+            ts = self.sched.tasks.get(key)
+            if (ts is None or ts.state != "processing" or ts.processing_on is None
+                    or ts.processing_on.address != address or not cpu >= 0 or cpu == float("inf")):
+                return  # only for a task this worker is running now
+            self.pending[str(key)] = (address, cpu)
 
         def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
             if finish == "forgotten":
                 self.sched.relay_drop(str(key))
+                self.pending.pop(str(key), None)
                 return
-            if start != "processing" or finish != "memory":
+            if start != "processing":
+                return
+            pending = self.pending.pop(str(key), None)
+            if finish != "memory":
                 return
             worker = kwargs.get("worker")
             name = self.sched.worker_names.get(worker)
@@ -329,6 +369,17 @@ def _make_scheduler_class() -> type:
             entry = self.sched.credits.setdefault(name, {"gpu_seconds": 0.0, "cpu_seconds": 0.0, "tasks": 0})
             entry[kind] = entry.get(kind, 0.0) + max(0.0, seconds)
             entry["tasks"] = entry.get("tasks", 0) + 1
+            if pending is not None and pending[0] == worker:
+                from .controls import normalized_credit
+
+                used = min(pending[1], max(0.0, seconds))
+                bench = ((ws.extra or {}).get("depin") or {}).get("benchmark") if ws is not None else None
+                entry["cpu_used_seconds"] = entry.get("cpu_used_seconds", 0.0) + used
+                entry["credit"] = entry.get("credit", 0.0) + normalized_credit(used, bench)
+                gained = normalized_credit(used, bench)
+            else:
+                gained = 0.0
+            self.sched.note_credit(str(key), name, kind, max(0.0, seconds), gained)
             self.sched.credits_dirty = True
 
     class _DepinScheduler(Scheduler):
@@ -343,7 +394,15 @@ def _make_scheduler_class() -> type:
             self.credits_dirty = False
             self.relay: dict[str, bytes] = {}
             self.relay_bytes = 0
+            self.reputation: dict[str, dict[str, int]] = state.reputation()
+            self.reputation_dirty = False
+            # task key -> (volunteer, kind, raw seconds, normalized credit) of recent work, so a replica
+            # found invalid can have its credit withheld
+            self.key_credit: dict[str, tuple[str, str, float, float]] = {}
             self.handlers.update({
+                "depin_identities": self.depin_identities,
+                "depin_reputation": self.depin_reputation,
+                "depin_verdicts": self.depin_verdicts,
                 "depin_refused": self.depin_refused,
                 "depin_refuse_worker": self.depin_refuse_worker,
                 "depin_refuse_client": self.depin_refuse_client,
@@ -428,11 +487,59 @@ def _make_scheduler_class() -> type:
             if data is not None:
                 self.relay_bytes -= len(data)
 
+        # --- reputation ---
+        async def depin_identities(self) -> dict[str, str]:
+            """Worker address -> the certificate name of the volunteer behind it."""
+            return dict(self.worker_names)
+
+        async def depin_reputation(self) -> dict[str, dict[str, int]]:
+            return self.reputation
+
+        def note_credit(self, key: str, name: str, kind: str, seconds: float, credit: float) -> None:
+            self.key_credit[key] = (name, kind, seconds, credit)
+            while len(self.key_credit) > 100_000:  # bounded: verdicts come within seconds of the work
+                self.key_credit.pop(next(iter(self.key_credit)))
+
+        async def depin_verdicts(self, verdicts: list[dict[str, Any]]) -> str:
+            """Replica verdicts from a client: valid ones extend a volunteer's streak, an invalid one resets
+            it and withholds that work's credit. (Clients are trusted to report honestly.)"""
+            for v in verdicts or ():
+                spent = self.key_credit.pop(str(v.get("key")), None)
+                name = self.worker_names.get(str(v.get("address"))) or (spent[0] if spent else None)
+                if name is None:
+                    continue
+                rep = self.reputation.setdefault(name, {"streak": 0, "valid": 0, "invalid": 0, "checked": 0})
+                rep["checked"] += 1
+                if v.get("valid"):
+                    rep["valid"] += 1
+                    rep["streak"] += 1
+                else:
+                    rep["invalid"] += 1
+                    rep["streak"] = 0
+                    if spent is not None and spent[0] == name:
+                        _, kind, seconds, credit = spent
+                        entry = self.credits.setdefault(name, {"gpu_seconds": 0.0, "cpu_seconds": 0.0, "tasks": 0})
+                        entry[kind] = max(0.0, entry.get(kind, 0.0) - seconds)
+                        if "credit" in entry:
+                            entry["credit"] = max(0.0, entry["credit"] - credit)
+                        entry["withheld_seconds"] = entry.get("withheld_seconds", 0.0) + seconds
+                        entry["invalid_tasks"] = entry.get("invalid_tasks", 0) + 1
+                        self.credits_dirty = True
+                rep["agreement"] = round(rep["valid"] / rep["checked"], 4)
+                self.reputation_dirty = True
+            return "OK"
+
         # --- credit and revocation ---
         async def depin_credits(self) -> dict[str, Any]:
             return self.credits
 
         def _housekeeping(self) -> None:
+            if self.reputation_dirty:
+                self.reputation_dirty = False
+                try:
+                    self.state.save_reputation(self.reputation)
+                except OSError:
+                    logger.exception("could not save reputations")
             if self.credits_dirty:
                 self.credits_dirty = False
                 try:

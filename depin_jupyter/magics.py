@@ -60,6 +60,11 @@ class DepinMagics(Magics):
     @argument("--worker", metavar="NAME", help="run on this worker only (name or address; for debugging)")
     @argument("--store", metavar="URL", help="result store for this run (a path or fsspec URL; "
                                              "config depin.store.url, default ./depin-results.zarr)")
+    @argument("--replicas", type=_positive(int, "--replicas"), metavar="K",
+              help="run on K distinct volunteers; a majority that agrees (floats within --rtol/--atol) wins "
+                   "(default: config depin.replicas: 1 trusted, 2 adaptive on a volunteer network)")
+    @argument("--rtol", type=float, metavar="R", help="relative tolerance between replicas (default 1e-7)")
+    @argument("--atol", type=float, metavar="A", help="absolute tolerance between replicas (default 0)")
     @argument("--no-store", action="store_true", help="do not store this run's results")
     @argument("--no-cache", action="store_true", help="run even if an identical run is stored")
     @argument("--deps", nargs="+", metavar="PATH",
@@ -89,7 +94,8 @@ class DepinMagics(Magics):
                              name=args.name, worker=args.worker, inputs=args.inputs, outputs=args.outputs,
                              gpu_mem=args.gpu_mem, gpu_arch=args.gpu_arch, max_runtime=args.max_runtime,
                              store=args.store, no_store=args.no_store, no_cache=args.no_cache,
-                             deps=tuple(args.deps) if args.deps else None)
+                             deps=tuple(args.deps) if args.deps else None, replicas=args.replicas,
+                             rtol=args.rtol, atol=args.atol)
         fresh = current_session() is None
         session = _usage(get_session)
         if fresh:
@@ -247,14 +253,43 @@ def _usage(func: Any, *args: Any, **kwargs: Any) -> Any:
 def format_status(session: Any) -> str:
     """`%depin status`: one line per worker with GPU model and memory."""
     rows = [("worker", "address", "threads", "memory", "GPU", "GPU memory", "executing")]
+    volunteers = bool(getattr(session, "untrusted", False))
+    trust = _trust(session) if volunteers else {}  # a volunteer network: who is behind each worker, how trusted
+    if volunteers:
+        rows[0] += ("volunteer", "trust")
     for w in session.workers():
-        rows.append((w.name, w.address, str(w.nthreads), _gib(w.memory_limit),
-                     f"{w.gpus}x {w.gpu_model}" if w.gpus else "-",
-                     _gib(w.gpu_memory) if w.gpu_memory else "-", str(w.executing)))
+        row = (w.name, w.address, str(w.nthreads), _gib(w.memory_limit),
+               f"{w.gpus}x {w.gpu_model}" if w.gpus else "-",
+               _gib(w.gpu_memory) if w.gpu_memory else "-", str(w.executing))
+        if volunteers:
+            row += trust.get(w.address) or (w.name, "?")
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"depin: {session.description} at {session.address}"]
     lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows]
     return "\n".join(lines)
+
+
+def _trust(session: Any) -> dict[str, Any]:
+    """Worker address -> (volunteer, trust text) from the coordinator's identities and reputations."""
+    from . import config
+
+    try:
+        names = session.client.sync(session.client.scheduler.depin_identities)
+        reps = session.client.sync(session.client.scheduler.depin_reputation)
+    except Exception:  # noqa: BLE001 - not a depin coordinator
+        return {}
+    streak_needed = int(config.get("trust-streak"))
+    out: dict[str, Any] = {}
+    for address, name in names.items():
+        r = reps.get(name) or {}
+        if not r.get("checked"):
+            state = "new (always replicated)"
+        else:
+            mode = "trusted (spot-checked)" if r.get("streak", 0) >= streak_needed else "replicated"
+            state = f"{mode}, streak {r.get('streak', 0)}, {r.get('valid', 0)}/{r.get('checked', 0)} valid"
+        out[address] = (name, state)
+    return out
 
 
 def format_runs(summaries: Any) -> str:

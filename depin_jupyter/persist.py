@@ -184,6 +184,8 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     if result.get("status") != "ok":
         err = result.get("error") or {}
         extra["error"] = {"type": err.get("type"), "message": err.get("message")}
+    if result.get("replication"):
+        extra["replication"] = result["replication"]  # which workers ran it, their verdicts, the tolerance
     if problems:
         extra["not_stored"] = problems
     shown = result.get("shown") or []

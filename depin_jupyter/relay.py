@@ -79,15 +79,28 @@ def from_payload(payload: bytes, max_bytes: int | None = None) -> dict[str, Any]
 
 
 def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
-    """The `%%depin` task on a volunteer: run the cell, push its result to the coordinator, return a marker."""
+    """The `%%depin` task on a volunteer: run the cell, push its result to the coordinator, return a marker.
+
+    It also reports the CPU time the cell's thread really used (``time.thread_time``, so sleeping or
+    waiting counts for nothing) as the event ``depin-credit``; the coordinator's ledger turns it into
+    normalized credit. The figure is self-reported by the volunteer's worker: replication checks it.
+    """
+    import time
+
     from distributed import get_worker
     from distributed.utils import sync
 
     from .remote import run_cell
 
+    started = time.thread_time()
     result = run_cell(spec, inputs)
+    used = time.thread_time() - started
     worker = get_worker()
     key = worker.get_current_task()
+    try:
+        worker.log_event("depin-credit", {"key": str(key), "cpu_seconds": float(used)})
+    except Exception:  # noqa: BLE001, S110 - credit is best effort; the result matters
+        pass
     sync(worker.loop, worker.scheduler.depin_relay_put, key=str(key), payload=to_payload(result))
     return RELAYED
 

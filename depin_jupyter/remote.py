@@ -537,20 +537,25 @@ def _serializable(value: Any) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def run_cell(spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+def run_cell(spec: dict[str, Any], inputs: dict[str, Any], *, worker: Any = None) -> dict[str, Any]:
     """Execute a cell's code with ``inputs`` and return what it bound, changed and printed.
 
     ``spec`` keys: run_id, code, filename, modules ({name: module path}), maybe_mutated,
     outputs (names or None for all), last_expr, timeout, flush_interval.
+    ``worker``: stands in for the Dask worker (``log_event``, ``address``, ``name``, ``get_current_task``),
+    e.g. in a sandboxed child process; by default the worker this runs on, if any.
     """
     t0 = time.time()
-    try:
-        from distributed import get_worker
-
-        worker = get_worker()
+    if worker is not None:
         worker_addr = worker.address
-    except ValueError:  # not on a worker (direct call in tests)
-        worker, worker_addr = None, None
+    else:
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+            worker_addr = worker.address
+        except ValueError:  # not on a worker (direct call in tests)
+            worker, worker_addr = None, None
     _install()
     run_id = spec["run_id"]
     filename = spec["filename"]

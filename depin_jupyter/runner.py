@@ -62,6 +62,9 @@ class RunOptions:
     no_store: bool = False
     no_cache: bool = False
     deps: tuple[str, ...] | None = None  # files the cell reads (globs): their content is part of the cache key
+    replicas: int | None = None         # run on this many distinct volunteers; a tolerant majority decides
+    rtol: float | None = None           # replica agreement for floats (default: config depin.rtol)
+    atol: float | None = None
 
 
 class Progress:
@@ -133,6 +136,7 @@ class Prepared:
     bundle: Any
     placement: dict[str, Any]
     options: RunOptions
+    candidates: list[str] = field(default_factory=list)   # workers that may run it (for replicas)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -163,7 +167,9 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
     bundle = bundle_local_modules(needed)
     placement, candidates = _placement(session, options)
     placement = _check_environment(session, needed, bundle, placement, candidates)
-    return Prepared(run_id, label, code, filename, plan, names, bundle, placement, options)
+    if placement.get("workers"):
+        candidates = [w for w in candidates if w in placement["workers"]]
+    return Prepared(run_id, label, code, filename, plan, names, bundle, placement, options, candidates)
 
 
 def make_spec(prep: Prepared, shipped: Any) -> dict[str, Any]:
@@ -218,7 +224,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                                   f"already on the cluster")
         spec = make_spec(prep, shipped)
         try:
-            result = _submit_and_wait(session, spec, shipped.args, prep.placement, progress)
+            result = _execute(session, spec, shipped.args, prep, progress)
             break
         except _InputsLost:
             lost_inputs += 1
@@ -469,9 +475,97 @@ def _place(session: Session, options: RunOptions, workers: list[Any]) -> tuple[d
     return placement, [w.address for w in workers]
 
 
+def _replicas(session: Session, options: RunOptions) -> tuple[int, bool]:
+    """(replicas to run, whether adaptive replication applies): --replicas K is exact; the configured
+    default (1 on a trusted cluster, 2 on a volunteer network) adapts to each volunteer's reputation."""
+    if options.replicas is not None:
+        return options.replicas, False
+    k = config.get("replicas")
+    if k is None:
+        k = 2 if session.untrusted else 1
+    return int(k), session.untrusted
+
+
+def _execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep: Prepared,
+             progress: Progress) -> dict[str, Any]:
+    """Run the cell once, or replicated on distinct volunteers until a tolerant majority agrees."""
+    __tracebackhide__ = True
+    import random
+
+    from . import replication
+
+    k, adaptive = _replicas(session, prep.options)
+    if k <= 1:
+        return _submit_and_wait(session, spec, args, prep.placement, progress)
+    rtol = float(config.get("rtol", prep.options.rtol))
+    atol = float(config.get("atol", prep.options.atol))
+    candidates = prep.candidates or [w.address for w in session.workers()]
+    names = replication.identities(session, candidates)
+    reputations: dict[str, Any] = {}
+    if adaptive:
+        try:
+            reputations = session.client.sync(session.client.scheduler.depin_reputation)
+        except Exception:  # noqa: BLE001 - no reputation service: replicate every run
+            adaptive = False
+    distinct = len(set(names.values()))
+    if adaptive and distinct < k:  # the default on a volunteer network degrades; an explicit --replicas does not
+        if not getattr(session, "few_volunteers_said", False):
+            print(f"depin: only {distinct} volunteer(s) can run this cell: results are not replicated "
+                  f"(depin.replicas wants {k}).", file=sys.stderr)
+            session.few_volunteers_said = True
+        k = distinct
+    if k <= 1:
+        return _submit_and_wait(session, spec, args, prep.placement, progress)
+    plan = replication.plan(candidates, names, k, adaptive, reputations, int(config.get("trust-streak")),
+                            random.Random())
+    if not plan.replicated:  # a trusted volunteer, not spot-checked this time: Dask places and re-runs it
+        return _submit_and_wait(session, spec, args, prep.placement, progress)
+    futures: list[Any] = []
+    base = {k2: v for k2, v in prep.placement.items() if k2 not in ("workers", "allow_other_workers")}
+
+    def run_one(worker: str, primary: bool) -> dict[str, Any]:
+        rspec = spec if primary else {**spec, "run_id": f"{spec['run_id']}-{names[worker]}"}
+        return _submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
+                                progress if primary else Progress(), echo=primary, on_submit=futures.append)
+
+    try:
+        result, record = replication.run(run_one, plan, candidates, names, k, int(config.get("replicas-max")),
+                                         rtol, atol)
+    except KeyboardInterrupt:
+        for f in futures:
+            _cancel(session.client, f, spec["run_id"], timed_out=False)
+        raise
+    finally:
+        _report_verdicts(session, locals().get("record"), futures)
+    result["replication"] = record
+    return result
+
+
+def _report_verdicts(session: Session, record: dict[str, Any] | None, futures: list[Any]) -> None:
+    """Tell the coordinator which replicas were valid: it keeps reputations and withholds invalid credit."""
+    if not record or not record.get("replicated") or not session.untrusted:
+        return
+    keys = {}
+    for f in futures:
+        w = getattr(f, "depin_worker", None)
+        if w is not None:
+            keys[w] = f.key
+    verdicts = [{"address": r["worker"], "key": keys.get(r["worker"]), "valid": r["verdict"] == "valid"}
+                for r in record["replicas"] if r["verdict"] is not None]
+    try:
+        session.client.sync(session.client.scheduler.depin_verdicts, verdicts=verdicts)
+    except Exception as e:  # noqa: BLE001 - the run itself is fine; reputation is best effort
+        print(f"depin: could not report replica verdicts to the coordinator ({e})", file=sys.stderr)
+
+
 def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any],
-                     placement: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """Submit the run, echo its live output, and return its result dict (or raise a DepinError)."""
+                     placement: dict[str, Any], progress: Progress, echo: bool = True,
+                     on_submit: Any = None) -> dict[str, Any]:
+    """Submit the run, echo its live output, and return its result dict (or raise a DepinError).
+
+    ``echo=False`` (extra replicas) drains the run's output without showing it; ``on_submit(future)``
+    sees the task's future (to cancel replicas together).
+    """
     __tracebackhide__ = True
     from distributed import KilledWorker
     from distributed.client import FutureCancelledError
@@ -485,6 +579,11 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     with warnings.catch_warnings():  # inputs ride inside the task on volunteer networks, by design
         warnings.filterwarnings("ignore", message=".*Large object.*")
         future = client.submit(func, spec, args, key=key, pure=False, **placement)
+    if on_submit is not None:
+        future.depin_worker = (placement.get("workers") or [None])[0]
+        on_submit(future)
+    pinned = placement["workers"][0] if placement.get("workers") and not placement.get("allow_other_workers", True) \
+        and len(placement["workers"]) == 1 and on_submit is not None else None
     registered = False  # a run is listed on the scheduler (`depin jobs`) only once it lasts a while
     submitted = time.monotonic()
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
@@ -511,6 +610,10 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 register_job(client, run_id, key, spec["name"])
                 registered = True
             if msg is None:
+                if pinned and pinned not in {w.address for w in session.workers(max_age=1.0)}:
+                    # Dask would wait forever for a pinned worker that left: this replica has no vote
+                    _cancel(client, future, run_id, timed_out=False)
+                    raise WorkerLostError(f"worker {pinned} left before its replica finished")
                 if deadline is None or time.monotonic() < deadline:
                     continue
                 _cancel(client, future, run_id, timed_out=True)
@@ -526,7 +629,8 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 started = msg
                 progress.update("running", f"on {msg.get('name') or msg.get('worker')} ({msg.get('worker')})")
             else:
-                emit(msg)
+                if echo:
+                    emit(msg)
                 shown.append(msg)
         try:
             if relayed and future.status == "finished":
@@ -555,7 +659,8 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 msg = q.get(timeout=max(0.0, drain_until - time.monotonic()))
                 seen += 1
                 if msg.get("kind") != "start":
-                    emit(msg)
+                    if echo:
+                        emit(msg)
                     shown.append(msg)
             except queue.Empty:
                 break

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 from distributed import Nanny, Worker
+from distributed.core import Status
 from distributed.utils import NoOpAwaitable
 
 from . import config
@@ -38,6 +39,8 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
 
     info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid(),
                             "versions": _versions()}
+    # self-reported, like everything here: the coordinator turns it into a speed factor for credit
+    info["benchmark"] = getattr(worker, "depin_benchmark", None) or _benchmark(False)
     try:
         gpu = describe()
     except Exception:  # noqa: BLE001 - no GPU (or no NVML): a CPU volunteer
@@ -47,6 +50,18 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     else:
         info["cpu"] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     return info
+
+
+_bench_cache: dict[bool, dict[str, Any]] = {}
+
+
+def _benchmark(gpu: bool) -> dict[str, Any]:
+    """The speed benchmark of this process, run once (see `controls.benchmark`)."""
+    from .controls import benchmark
+
+    if gpu not in _bench_cache:
+        _bench_cache[gpu] = benchmark(gpu)
+    return _bench_cache[gpu]
 
 
 def _versions() -> dict[str, str]:
@@ -68,12 +83,110 @@ class VolunteerWorker(Worker):
     """A Dask worker that only lets the coordinator command it; peer workers may only fetch data.
 
     It installs the depin worker plugins itself: on a volunteer network nobody dials in to add them.
+
+    The volunteer stays in charge: every ``depin.volunteer.poll-interval`` it asks `controls.Controls` for
+    reasons to take no work (``depin pause``, ``--hours``, ``--when-idle``, ``--max-gpu-util``). While there
+    is one, the worker is in Dask's own ``Status.paused``: the scheduler sends it nothing new, running tasks
+    finish, and tasks queued here but not started are handed back (``reschedule``) to run elsewhere.
+    Changes are printed ("paused: outside hours 22:00-07:00"), logged as the event topic
+    ``depin-volunteer``, and written to the control directory for ``depin pause`` to report.
     """
 
     def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        from . import controls
         from .remote import CancelOnRelease
 
         super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
+        gpu = bool(self.state.total_resources.get("GPU"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        devices = [visible.split(",")[0].strip()] if gpu and visible.strip() else (["0"] if gpu else [])
+        self.depin_controls = controls.Controls.from_config(devices)
+        self.depin_benchmark = _benchmark(gpu)
+        self._depin_handed_back: dict[Any, float] = {}
+        self._depin_paused_by_us = False
+        self._depin_reasons: list[str] = []
+        self._depin_reasons = self._depin_evaluate()  # before registering: never take work it should not
+        interval = (config.seconds("volunteer.poll-interval") or 0.5) * 1000
+        self.periodic_callbacks["depin-controls"] = PeriodicCallback(self._depin_poll, interval)
+
+    # --- the volunteer's controls ---
+    @property  # type: ignore[override]
+    def status(self) -> Status:
+        return Worker.status.fget(self)  # type: ignore[attr-defined]
+
+    @status.setter
+    def status(self, value: Status) -> None:
+        # Dask sets "running" after registering and when memory drops again: stay paused while a
+        # volunteer's reason holds.
+        if value == Status.running and getattr(self, "_depin_reasons", None):
+            self._depin_paused_by_us = True
+            if Worker.status.fget(self) == Status.paused:  # type: ignore[attr-defined]
+                return
+            Worker.status.fset(self, Status.paused)  # type: ignore[attr-defined]
+            if self.state.running:  # e.g. starting -> paused: Dask only pauses the state on running -> paused
+                from distributed.worker_state_machine import PauseEvent
+
+                self.handle_stimulus(PauseEvent(stimulus_id=f"depin-pause-{time.time()}"))
+            return
+        Worker.status.fset(self, value)  # type: ignore[attr-defined]
+
+    def _depin_evaluate(self) -> list[str]:
+        try:
+            return self.depin_controls.reasons(own_busy=bool(self.state.executing_count))
+        except Exception as e:  # noqa: BLE001 - a broken signal must not kill the worker: stay paused
+            return [f"a volunteer control failed ({type(e).__name__}: {e})"]
+
+    def _depin_poll(self) -> None:
+        reasons = self._depin_evaluate()
+        changed = reasons != self._depin_reasons
+        self._depin_reasons = reasons
+        if reasons and self.status == Status.running:
+            self._depin_paused_by_us = True
+            self.status = Status.paused
+        elif not reasons and self.status == Status.paused and self._depin_paused_by_us:
+            self._depin_paused_by_us = False
+            self.status = Status.running
+        if self.status == Status.paused and self._depin_paused_by_us:
+            self._depin_hand_back()
+        if changed or not getattr(self, "_depin_announced", False):
+            self._depin_announced = True
+            self._depin_announce()
+
+    def _depin_hand_back(self) -> None:
+        """Give the scheduler back tasks queued here that have not started: a paused worker holds nothing."""
+        now = time.time()
+        for ts in list(self.state.tasks.values()):
+            if (ts.state in ("ready", "constrained", "waiting") and ts.run_spec is not None
+                    and now - self._depin_handed_back.get(ts.key, 0.0) > 5.0):
+                self._depin_handed_back[ts.key] = now
+                self.batched_send({"op": "reschedule", "key": ts.key, "stimulus_id": f"depin-pause-{now}"})
+        for key in [k for k, t in self._depin_handed_back.items() if now - t > 60]:
+            del self._depin_handed_back[key]
+
+    def _depin_announce(self) -> None:
+        from . import controls
+
+        state = "paused" if self._depin_reasons else "running"
+        text = f"paused: {'; '.join(self._depin_reasons)}" if self._depin_reasons else "taking work"
+        print(f"depin worker {self.name}: {text}", file=sys.stderr, flush=True)
+        msg = {"name": str(self.name), "status": state, "reasons": list(self._depin_reasons)}
+        try:
+            self.log_event("depin-volunteer", msg)
+        except Exception:  # noqa: BLE001, S110 - not connected yet: the state file still says it
+            pass
+        try:
+            controls.write_worker_state({**msg, "address": self.contact_address or self.address},
+                                        self.depin_controls.directory)
+        except OSError as e:
+            logger.warning("could not write the worker state to the control directory: %s", e)
+
+    async def close(self, *args: Any, **kwargs: Any) -> Any:
+        from . import controls
+
+        controls.remove_worker_state(self.depin_controls.directory)
+        return await super().close(*args, **kwargs)
 
     def handle_comm(self, comm: Any) -> Any:
         _, roles, _ = peer_identity(comm.extra_info.get("peercert"))
@@ -164,6 +277,7 @@ def _gpu_list(gpus: str) -> list[str] | None:
 
 async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
                  contact_address: str | None, say: Callable[[str], None]) -> list[Nanny]:
+    from . import controls
     from .gpu import detect
 
     security = token.security("worker")
@@ -172,18 +286,32 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
                                   startup_information={"depin": volunteer_info}, dashboard=False,
                                   host=None if contact_address is None else "127.0.0.1")
     wanted = _gpu_list(gpus)
+    exclude = controls.parse_gpu_indices(config.get("volunteer.exclude-gpus"))
     n_gpus, why = (0, "--gpus none") if wanted is None else detect()
+    settings = controls.Controls.from_config()
+    for note in settings.check(gpu_worker=bool(n_gpus)):
+        say(f"depin worker: {note}.")
     if n_gpus:
         from dask_cuda import CUDAWorker
 
-        if wanted:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(wanted)
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # indices as nvidia-smi and NVML number them
+        devices = controls.cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), n_gpus, wanted, exclude)
+        if wanted or exclude:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        if exclude:
+            say(f"depin worker: GPU(s) {','.join(exclude)} excluded; sharing GPU(s) {','.join(devices)}.")
+        power = config.get("volunteer.max-power")
+        if power is not None:
+            for line in controls.set_power_limits(devices, float(power)):
+                say(f"depin worker: {line}.")
         cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
         await cw
         say(f"depin worker: joined {token.address} as {name!r} with {len(cw.nannies)} GPU worker(s).")
         return list(cw.nannies)
     if wanted:
         raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
+    if config.get("volunteer.max-power") is not None:
+        say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
     nanny = Nanny(token.address, name=name, **common)
     await nanny
     say(f"depin worker: joined {token.address} as {name!r} with a CPU worker ({why}); cells use numpy here.")
@@ -236,13 +364,33 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
 
 
 def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: str | None = None,
-        nthreads: int | None = None, contact_address: str | None = None) -> int:
-    """Join the coordinator named in the token and work until stopped; the process exit code."""
+        nthreads: int | None = None, contact_address: str | None = None, *, hours: str | None = None,
+        when_idle: bool | None = None, exclude_gpus: str | None = None, max_gpu_util: float | None = None,
+        max_power: float | None = None) -> int:
+    """Join the coordinator named in the token and work until stopped; the process exit code.
+
+    The volunteer's controls (``hours`` ... ``max_power``) override config ``depin.volunteer.*``; the
+    worker processes read them from the config this process hands them.
+    """
+    import dask.config
+
+    from . import controls
+
     token = Token.decode(token_text)
     token.check_valid("worker")
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    options = {"hours": hours, "when-idle": when_idle, "exclude-gpus": exclude_gpus,
+               "max-gpu-util": max_gpu_util, "max-power": max_power}
+    dask.config.set({f"depin.volunteer.{k}": v for k, v in options.items() if v is not None})
+    if config.get("volunteer.hours"):
+        controls.parse_hours(config.get("volunteer.hours"))  # a typo fails here, not in every worker
+    util = config.get("volunteer.max-gpu-util")
+    if util is not None and not 0 <= float(util) <= 100:
+        raise DepinUsageError(f"--max-gpu-util {util}: give a percentage between 0 and 100")
+    say(f"depin worker: `depin pause [--for 30m]` / `depin resume` control this worker (control directory "
+        f"{controls.control_dir()}).")
     nthreads = nthreads or int(config.get("volunteer.nthreads"))
     return asyncio.run(_main(token, gpus, memory_limit, name or token.info.name, nthreads, contact_address, say))

@@ -3,7 +3,7 @@
  * Unit-tested with node's test runner (tests/ui/frontend.test.mjs).
  */
 
-import type { IStatus, IWorker } from './types';
+import type { ICellVerdict, ICredit, IReproduceReport, IStatus, IWorker } from './types';
 
 /** The magic line the command puts on top of a cell. */
 export const MAGIC = '%%depin';
@@ -131,4 +131,67 @@ export function shortRunId(runId: string): string {
     return runId.length > 16 ? runId.slice(0, 16) + '…' : runId;
   }
   return `${m[2]}:${m[3]}:${m[4]} ${m[5]}`;
+}
+
+/** The CPU a volunteer advertised: "x86_64 · 8 cores" ('' when unknown). */
+export function cpuLabel(w: Pick<IWorker, 'cpu_model' | 'cpu_cores'>): string {
+  const cores = w.cpu_cores ? `${w.cpu_cores} core${w.cpu_cores === 1 ? '' : 's'}` : '';
+  return [w.cpu_model, cores].filter(Boolean).join(' · ');
+}
+
+/** A volunteer's credit: "3 tasks · GPU 12.0 s · CPU 850 ms"; "none yet" for {}; "–" when unknown. */
+export function formatCredit(c: ICredit | null | undefined): string {
+  if (c === null || c === undefined) {
+    return '–';
+  }
+  const parts: string[] = [];
+  const tasks = Number(c.tasks ?? 0);
+  if (tasks) {
+    parts.push(`${tasks} task${tasks === 1 ? '' : 's'}`);
+  }
+  if (c.gpu_seconds) {
+    parts.push(`GPU ${formatDuration(c.gpu_seconds)}`);
+  }
+  if (c.cpu_seconds) {
+    parts.push(`CPU ${formatDuration(c.cpu_seconds)}`);
+  }
+  if (typeof c.credit === 'number' && c.credit) {
+    parts.push(`${c.credit.toFixed(1)} credit`);
+  }
+  return parts.length ? parts.join(' · ') : 'none yet';
+}
+
+/** Whether the workers table shows the Volunteer and Credit columns (only on volunteer networks). */
+export function showVolunteerColumns(workers: Pick<IWorker, 'volunteer' | 'credit'>[]): boolean {
+  return workers.some(w => !!w.volunteer || (w.credit !== null && w.credit !== undefined));
+}
+
+/** The whole notebook's verdict line. */
+export function reproduceHeadline(r: IReproduceReport): string {
+  return r.ok ? 'REPRODUCED' : 'NOT REPRODUCED';
+}
+
+/**
+ * The verdict of the cell that produced a run: the cell whose published run it is, else the cell
+ * with the run's --name (an older run of the same cell). Null: the run's cell is not in the notebook.
+ */
+export function cellForRun(
+  r: IReproduceReport,
+  run: { run_id: string; name: string | null }
+): ICellVerdict | null {
+  return r.cells.find(c => c.published_run === run.run_id) ??
+    (run.name ? r.cells.find(c => c.name === run.name) : undefined) ??
+    null;
+}
+
+/** One line for a run's cell: "reproduced", "differs: y differs", or why there is no verdict. */
+export function runVerdictText(r: IReproduceReport, run: { run_id: string; name: string | null }): string {
+  if (r.error) {
+    return `${reproduceHeadline(r)}: ${r.error.split('\n')[0]}`;
+  }
+  const cell = cellForRun(r, run);
+  if (!cell) {
+    return `this run's cell is not a %%depin cell of ${r.notebook} (the notebook as a whole: ${reproduceHeadline(r)})`;
+  }
+  return `cell ${cell.index}${cell.name ? ` (${cell.name})` : ''}: ${cell.verdict}${cell.detail ? ` – ${cell.detail}` : ''}`;
 }

@@ -10,21 +10,29 @@ import { Widget } from '@lumino/widgets';
 
 import { fill, h } from './dom';
 import {
+  cellForRun,
+  cpuLabel,
   formatBytes,
+  formatCredit,
   formatDuration,
   formatMemory,
   formatUtilization,
   gpuLabel,
+  reproduceHeadline,
+  runVerdictText,
   shortRunId,
+  showVolunteerColumns,
   storeBeside
 } from './format';
 import { depinIcon } from './icon';
 import { execute, LOAD_EXT } from './kernel';
 import { DepinModel } from './model';
 import { requestAPI } from './request';
-import type { IConnection, IRun, IRunDetail, IWorker } from './types';
+import type { IConnection, IReproduceJob, IRun, IRunDetail, IWorker } from './types';
 
 const TARGET = /^[A-Za-z0-9_.:/@[\]-]*$/;
+/** How often a running reproduce job is asked for its state. */
+const REPRODUCE_POLL_MS = 1000;
 
 interface INote {
   kind: 'info' | 'error' | 'pending';
@@ -202,6 +210,7 @@ export class DepinPanel extends Widget {
       ' to ',
       h('span', { className: 'depin-target' }, c.target),
       c.kernel_id && c.kernel_id === mine ? h('span', { className: 'depin-badge depin-badge-this' }, 'this notebook') : null,
+      c.reproducing ? h('span', { className: 'depin-badge depin-badge-reproducing', title: `the fresh kernel reproducing ${c.reproducing}` }, 'reproducing') : null,
       h('div', { className: 'depin-sub depin-address' }, c.scheduler),
       c.description ? h('div', { className: 'depin-sub' }, c.description) : null,
       c.error ? h('div', { className: 'depin-error' }, c.error) : null);
@@ -227,7 +236,9 @@ export class DepinPanel extends Widget {
     if (!workers.length) {
       return h('div', { className: 'depin-empty' }, 'The scheduler has no workers yet.');
     }
-    const head = h('tr', {}, ...['Worker', 'Memory', 'GPU', 'Tasks'].map(t => h('th', {}, t)));
+    const volunteers = showVolunteerColumns(workers);
+    const titles = ['Worker', ...(volunteers ? ['Volunteer'] : []), 'Memory', 'GPU', 'Tasks', ...(volunteers ? ['Credit'] : [])];
+    const head = h('tr', {}, ...titles.map(t => h('th', {}, t)));
     const rows = workers.map(w => {
       const gpu = h('td', { className: 'depin-worker-gpu' }, gpuLabel(w));
       if (w.gpu_memory_total !== null || w.gpu_utilization !== null) {
@@ -235,16 +246,22 @@ export class DepinPanel extends Widget {
           h('div', { className: 'depin-sub' },
             `${formatMemory(w.gpu_memory_used, w.gpu_memory_total)} · ${formatUtilization(w.gpu_utilization)}`),
           utilizationBar(w.gpu_utilization));
+      } else if (!w.gpu_model && cpuLabel(w)) {
+        gpu.append(h('div', { className: 'depin-sub depin-worker-cpu' }, cpuLabel(w)));
       }
       return h('tr', { className: 'depin-worker', title: w.address },
         h('td', { className: 'depin-worker-name' }, h('b', {}, w.name),
-          h('div', { className: 'depin-sub' }, `${w.nthreads} thread${w.nthreads === 1 ? '' : 's'}`,
-            w.volunteer ? ` · ${w.volunteer}` : '')),
+          h('div', { className: 'depin-sub' }, `${w.nthreads} thread${w.nthreads === 1 ? '' : 's'}`)),
+        volunteers ? h('td', { className: 'depin-worker-volunteer', title: w.advertised_host ? `host ${w.advertised_host} (as advertised)` : '' },
+          w.volunteer ?? '–') : null,
         h('td', {}, formatMemory(w.memory_used, w.memory_limit)),
         gpu,
-        h('td', { className: 'depin-num' }, w.executing));
+        h('td', { className: 'depin-num' }, w.executing),
+        volunteers ? h('td', { className: 'depin-worker-credit', title: 'from the coordinator\'s ledger (self-reported by the volunteer)' },
+          formatCredit(w.credit)) : null);
     });
-    return h('table', { className: 'depin-table depin-workers-table' }, h('thead', {}, head), h('tbody', {}, ...rows));
+    return h('table', { className: `depin-table depin-workers-table${volunteers ? ' depin-workers-volunteers' : ''}` },
+      h('thead', {}, head), h('tbody', {}, ...rows));
   }
 
   private _renderRuns(): void {
@@ -258,6 +275,10 @@ export class DepinPanel extends Widget {
       return;
     }
     const blocks: HTMLElement[] = [];
+    const summary = this._reproductionSummary();
+    if (summary) {
+      blocks.push(summary);
+    }
     const v = m.runs.verify;
     if (v) {
       blocks.push(h('div', { className: `depin-note depin-note-${v.ok ? 'info' : 'error'}` },
@@ -283,9 +304,11 @@ export class DepinPanel extends Widget {
       ev.preventDefault();
       void this._toggleDetail(r.run_id);
     });
-    const reproduce = h('button', { className: 'depin-button depin-small depin-reproduce', disabled: !r.complete,
-      title: 'Re-run this run and compare its outputs' }, 'Reproduce');
-    reproduce.addEventListener('click', () => void this._reproduce(r.run_id));
+    const busy = this._reproduction?.state === 'running';
+    const reproduce = h('button', { className: 'depin-button depin-small depin-reproduce', disabled: !r.complete || busy,
+      title: 'Re-execute the open notebook in a fresh kernel (cache off) and compare every %%depin run with the store' },
+      busy ? 'Reproducing…' : 'Reproduce');
+    reproduce.addEventListener('click', () => void this._reproduce(r));
     const note = this._runNotes.get(r.run_id);
     const detail = this._details.get(r.run_id);
     return h('div', { className: 'depin-run', 'data-run-id': r.run_id },
@@ -322,19 +345,87 @@ export class DepinPanel extends Widget {
     this._renderRuns();
   }
 
-  private async _reproduce(runId: string): Promise<void> {
-    this._runNotes.set(runId, { kind: 'pending', text: 'Reproducing…' });
+  /**
+   * Reproduce the notebook open in the main area (a run's inputs come from its notebook, so a run is
+   * reproduced by re-executing the notebook's saved file on the server): start the job, poll it, then
+   * show the verdict of this run's cell and the notebook's summary.
+   */
+  private async _reproduce(run: IRun): Promise<void> {
+    const widget = this.tracker.currentWidget;
+    if (!widget) {
+      this._runNotes.set(run.run_id, { kind: 'error', text: 'open the notebook that produced this run: reproducing re-executes that notebook' });
+      this._renderRuns();
+      return;
+    }
+    const notebook = widget.context.path;
+    this._runNotes.set(run.run_id, { kind: 'pending', text: `reproducing… (${notebook} runs in a fresh kernel with the cache off)` });
+    this._reproduction = { notebook, state: 'running', job: null, report: null, error: null, runId: run.run_id, runName: run.name };
     this._renderRuns();
     try {
-      const verdict = await requestAPI<{ verdict: string; message?: string }>('reproduce', {
+      if (widget.context.model.dirty) {
+        await widget.context.save(); // the saved file is what the server re-executes
+      }
+      let job = await requestAPI<IReproduceJob>('reproduce', {
         method: 'POST',
-        body: JSON.stringify({ run_id: runId, store: this.model.store })
+        body: JSON.stringify({ notebook, store: this.model.store })
       });
-      this._runNotes.set(runId, { kind: 'info', text: `${verdict.verdict}${verdict.message ? `: ${verdict.message}` : ''}` });
+      this._reproduction.job = job.job;
+      while (job.state === 'running') {
+        await new Promise(resolve => window.setTimeout(resolve, REPRODUCE_POLL_MS));
+        job = await requestAPI<IReproduceJob>(`reproduce/${encodeURIComponent(job.job)}`);
+      }
+      if (job.state === 'done' && job.report) {
+        const report = job.report;
+        this._reproduction = { ...this._reproduction, state: 'done', report };
+        const cell = cellForRun(report, run);
+        const good = report.ok || (cell !== null && cell.verdict === 'reproduced' && !report.error);
+        this._runNotes.set(run.run_id, { kind: good ? 'info' : 'error', text: runVerdictText(report, run) });
+      } else {
+        const error = job.error || 'the reproduce job failed without a message';
+        this._reproduction = { ...this._reproduction, state: 'failed', error };
+        this._runNotes.set(run.run_id, { kind: 'error', text: `reproduce failed: ${error}` });
+      }
     } catch (e) {
-      this._runNotes.set(runId, { kind: 'error', text: (e as Error).message });
+      const error = (e as Error).message;
+      this._reproduction = { ...this._reproduction, state: 'failed', error };
+      this._runNotes.set(run.run_id, { kind: 'error', text: error });
     }
     this._renderRuns();
+  }
+
+  /** REPRODUCED / NOT REPRODUCED for the whole notebook, with its cells and variables in an expander. */
+  private _reproductionSummary(): HTMLElement | null {
+    const r = this._reproduction;
+    if (!r || r.state !== 'done' || !r.report) {
+      return null;
+    }
+    const report = r.report;
+    const items: HTMLElement[] = [];
+    for (const c of report.cells) {
+      items.push(h('li', { className: 'depin-repro-cell', 'data-verdict': c.verdict },
+        h('b', {}, `cell ${c.index}${c.name ? ` (${c.name})` : ''}`), `: ${c.verdict}`,
+        c.detail ? h('span', { className: 'depin-sub' }, ` – ${c.detail}`) : null,
+        Object.keys(c.variables).length ? h('ul', {}, ...Object.entries(c.variables).map(([name, v]) =>
+          h('li', { className: 'depin-repro-var', 'data-verdict': v.verdict }, h('code', {}, name), `: ${v.verdict}`,
+            v.detail ? h('span', { className: 'depin-sub' }, ` (${v.detail})`) : null))) : null));
+    }
+    // Re-rendered on every poll: the expander keeps its state in the panel.
+    const details = h('details', { className: 'depin-repro-details', open: this._reproductionOpen },
+      h('summary', {}, `${report.cells.length} %%depin cell${report.cells.length === 1 ? '' : 's'} of ${r.notebook}`),
+      report.error ? h('pre', { className: 'depin-error' }, report.error) : null,
+      h('ul', { className: 'depin-repro-cells' }, ...items),
+      h('div', { className: 'depin-sub' }, `published store: ${report.store}`));
+    details.addEventListener('toggle', () => {
+      this._reproductionOpen = details.open;
+    });
+    const close = h('button', { className: 'depin-button depin-small', title: 'hide this report' }, '×');
+    close.addEventListener('click', () => {
+      this._reproduction = null;
+      this._renderRuns();
+    });
+    return h('div', { className: `depin-reproduction depin-note depin-note-${report.ok ? 'info' : 'error'}`, 'data-ok': String(report.ok) },
+      h('div', { className: 'depin-run-line' }, h('b', { className: 'depin-repro-headline' }, reproduceHeadline(report)), close),
+      details);
   }
 
   private _connections = h('div', { className: 'depin-connections' });
@@ -346,6 +437,19 @@ export class DepinPanel extends Widget {
   private _storeEdited = false;
   private _runNotes = new Map<string, INote>();
   private _details = new Map<string, string>();
+  private _reproduction: IReproduction | null = null;
+  private _reproductionOpen = false;
+}
+
+/** The notebook's last reproduction from this panel. */
+interface IReproduction {
+  notebook: string;
+  state: 'running' | 'done' | 'failed';
+  job: string | null;
+  report: IReproduceJob['report'] | null;
+  error: string | null;
+  runId: string;
+  runName: string | null;
 }
 
 function plural(n: number, noun: string): string {

@@ -18,9 +18,24 @@ export interface IWorker {
   gpu_utilization: number | null;
   executing: number;
   depin_runs: number;
+  /** What a volunteer advertised when it joined (self-reported): CPU model and cores, host. */
+  cpu_model?: string | null;
+  cpu_cores?: number | null;
+  advertised_host?: string | null;
+  /** Volunteer networks only: the certificate name of the volunteer running this worker. */
   volunteer: string | null;
   trust: number | null;
-  credit: number | null;
+  /** The coordinator's ledger entry: {} when nothing is earned yet, null when unknown. */
+  credit: ICredit | null;
+}
+
+export interface ICredit {
+  cpu_seconds?: number;
+  gpu_seconds?: number;
+  tasks?: number;
+  cpu_used_seconds?: number;
+  credit?: number;
+  [key: string]: number | undefined;
 }
 
 export interface IConnection {
@@ -36,6 +51,9 @@ export interface IConnection {
   workers: IWorker[];
   gpus: number;
   runs_in_flight: number;
+  volunteer?: boolean;
+  /** The notebook a panel reproduce job is re-executing in this kernel, if it is one. */
+  reproducing?: string | null;
 }
 
 export interface IStatus {
@@ -82,4 +100,43 @@ export interface IRunDetail {
   store: string;
   run_id: string;
   manifest: { [key: string]: any };
+}
+
+/** One variable of a reproduced cell (depin_jupyter/reproduce.py, reproduce-report-schema.json). */
+export interface IVariableVerdict {
+  verdict: string;
+  detail?: string | null;
+  max_abs?: number | null;
+  max_rel?: number | null;
+}
+
+export interface ICellVerdict {
+  index: number;
+  name: string | null;
+  verdict: string;
+  detail: string;
+  published_run: string | null;
+  reproduced_run: string | null;
+  variables: { [name: string]: IVariableVerdict };
+}
+
+export interface IReproduceReport {
+  notebook: string;
+  store: string;
+  verified: boolean;
+  cells: ICellVerdict[];
+  error: string | null;
+  ok: boolean;
+}
+
+/** POST depin/reproduce answers the job; GET depin/reproduce/{job} its state. */
+export interface IReproduceJob {
+  job: string;
+  notebook: string;
+  store: string;
+  state: 'running' | 'done' | 'failed';
+  started: number;
+  finished: number | null;
+  report?: IReproduceReport;
+  error?: string;
 }

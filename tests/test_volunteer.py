@@ -435,3 +435,50 @@ def test_magic_connect_takes_a_token_and_a_bad_one_changes_nothing(ip, net, tmp_
     with pytest.raises(UsageError, match="for a worker"):
         ip.run_line_magic("depin", f"connect {path}")
     assert cluster.current_session() is before  # the failed connects left the kernel's connection alone
+
+
+def test_a_lying_volunteer_is_caught_every_time_and_loses_its_streak_and_credit(tmp_path):
+    n = Network(tmp_path, free_port())
+    n.start_scheduler()
+    try:
+        n.start_worker(n.token("worker", "honest-a"))
+        n.start_worker(n.token("worker", "honest-b"))
+        n.start_worker(n.token("worker", "liar"), env={
+            "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([str(HERE / "liar_volunteer.py")])})
+        s = _session(n.token("client", "sci"))
+        wait_for_workers(s, 3)
+        x = np.linspace(0.0, 1.0, 64)
+        cell = "y = np.sin(x) + np.random.default_rng().normal(0, 1e-13, x.shape)\nk = int((y > 0.5).sum())"
+        for _ in range(100):
+            ns = {"np": np, "x": x}
+            runner.run_cell(s, cell, ns, runner.RunOptions(replicas=2, rtol=1e-9, atol=1e-12))
+            assert np.allclose(ns["y"], np.sin(x), rtol=1e-9, atol=1e-12)  # no lie accepted
+            assert ns["k"] == int((np.sin(x) > 0.5).sum())
+        rep = s.client.sync(s.client.scheduler.depin_reputation)
+        assert rep["liar"]["checked"] > 10 and rep["liar"]["valid"] == 0  # every lie was caught
+        assert rep["liar"]["invalid"] == rep["liar"]["checked"] and rep["liar"]["streak"] == 0
+        for honest in ("honest-a", "honest-b"):  # honest noise within tolerance is accepted
+            assert rep[honest]["invalid"] == 0 and rep[honest]["streak"] == rep[honest]["checked"] > 10
+        credits = s.client.sync(s.client.scheduler.depin_credits)
+        assert credits["liar"]["invalid_tasks"] == rep["liar"]["invalid"]
+        assert credits["liar"]["withheld_seconds"] > 0 and credits["liar"]["cpu_seconds"] < 1e-6
+        s.close()
+    finally:
+        n.close()
+
+
+def test_status_shows_volunteers_and_their_trust(net):
+    from depin_jupyter.magics import format_status
+
+    proc, _ = net.start_worker(net.token("worker", "trusty"))
+    s = _session(net.token("client", "sci-trust"))
+    try:
+        wait_for_workers(s, 1)
+        text = format_status(s)
+        assert "volunteer" in text and "trust" in text
+        line = next(ln for ln in text.splitlines() if ln.startswith("trusty"))
+        assert "new (always replicated)" in line
+    finally:
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

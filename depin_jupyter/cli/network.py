@@ -79,20 +79,113 @@ def scheduler(host: str, port: int | None, advertise: str | None, dashboard_addr
 @click.option("--memory-limit", default="auto", show_default=True, help="host memory per worker")
 @click.option("--name", default=None, help="worker name (default: the token's name)")
 @click.option("--nthreads", default=None, type=int, help="task threads per worker (default 1)")
+@click.option("--hours", default=None, metavar="HH:MM-HH:MM",
+              help="take work only in these local-time windows, e.g. 22:00-07:00 (config depin.volunteer.hours)")
+@click.option("--when-idle", is_flag=True, default=None,
+              help="take work only while the machine is idle (config depin.volunteer.when-idle)")
+@click.option("--exclude-gpus", default=None, metavar="LIST", help="GPU indices never shared, e.g. 1,2")
+@click.option("--max-gpu-util", default=None, type=float, metavar="PCT",
+              help="pause while other programs use more than PCT%% of the worker's GPU (needs NVML)")
+@click.option("--max-power", default=None, type=float, metavar="W",
+              help="set an NVML power limit of W watts on shared GPUs (needs permission, usually root)")
 @click.option("--contact-address", default=None, hidden=True,
               help="address advertised to peers (tests use an unreachable one to act as a NATed volunteer)")
-def worker(token: str, gpus: str, memory_limit: str, name: str | None, nthreads: int | None,
+def worker(token: str, gpus: str, memory_limit: str, name: str | None, nthreads: int | None, hours: str | None,
+           when_idle: bool | None, exclude_gpus: str | None, max_gpu_util: float | None, max_power: float | None,
            contact_address: str | None) -> None:
-    """Join a coordinator with TOKEN (the string, or a file holding it) and share this machine's GPUs."""
+    """Join a coordinator with TOKEN (the string, or a file holding it) and share this machine's GPUs.
+
+    You stay in control: `depin pause [--for 30m]` and `depin resume` act on running workers; --hours,
+    --when-idle and --max-gpu-util pause it automatically (running cells finish, queued ones go elsewhere).
+    """
     from ..errors import DepinError
     from ..volunteer import run
 
     try:
         code = run(token, gpus=gpus, memory_limit=memory_limit, name=name, nthreads=nthreads,
-                   contact_address=contact_address)
+                   contact_address=contact_address, hours=hours, when_idle=when_idle, exclude_gpus=exclude_gpus,
+                   max_gpu_util=max_gpu_util, max_power=max_power)
     except DepinError as e:
         _fail(e)
     sys.exit(code)
+
+
+def _await_workers(want_paused: bool, directory, since: float, timeout: float = 5.0) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The running workers' states once each has seen the control file written at ``since`` (or timeout)."""
+    import time
+
+    from ..controls import worker_states
+
+    deadline = time.monotonic() + timeout
+    while True:
+        states = worker_states(directory)
+        seen = [s for s in states if s.get("time", 0) >= since and (s.get("status") == "paused") == want_paused]
+        settled = all(((s.get("status") == "paused") == want_paused) or s.get("time", 0) >= since for s in states)
+        if (states and len(seen) == len(states)) or (states and settled and not want_paused) \
+                or time.monotonic() > deadline or not states:
+            return states
+        time.sleep(0.1)
+
+
+@main.command()
+@click.option("--for", "duration", default=None, metavar="DURATION",
+              help="resume automatically after this long, e.g. 30m, 2h, 1h30m")
+def pause(duration: str | None) -> None:
+    """Pause the depin workers running on this machine: running cells finish, nothing new starts.
+
+    Cells queued on them but not started are handed back to the coordinator, which runs them elsewhere.
+    """
+    import time
+
+    from ..controls import control_dir, parse_duration, write_control
+    from ..errors import DepinError
+
+    try:
+        until = time.time() + parse_duration(duration) if duration else None
+        d = control_dir()
+        since = time.time()
+        write_control(True, until, d)
+    except DepinError as e:
+        _fail(e)
+    when = f" until {time.strftime('%H:%M:%S', time.localtime(until))} ({duration})" if until else \
+        " until `depin resume`"
+    states = _await_workers(True, d, since)
+    if not states:
+        click.echo(f"depin pause: no depin worker is running here; the pause is recorded{when} and applies "
+                   f"to workers started meanwhile ({d}).")
+        return
+    paused = [s for s in states if s.get("status") == "paused"]
+    names = ", ".join(sorted({str(s.get("name")) for s in paused})) or "none"
+    click.echo(f"depin pause: paused {len(paused)} of {len(states)} worker(s) ({names}){when}. Running cells "
+               f"finish; queued ones are handed back; the coordinator shows them as paused.")
+    for s in states:
+        if s.get("status") != "paused":
+            click.echo(f"depin pause: worker {s.get('name')} (pid {s.get('pid')}) has not confirmed yet.")
+
+
+@main.command()
+def resume() -> None:
+    """Resume the depin workers on this machine paused with `depin pause`."""
+    import time
+
+    from ..controls import control_dir, write_control
+    from ..errors import DepinError
+
+    try:
+        d = control_dir()
+        since = time.time()
+        write_control(False, None, d)
+    except DepinError as e:
+        _fail(e)
+    states = _await_workers(False, d, since)
+    if not states:
+        click.echo(f"depin resume: the pause is lifted; no depin worker is running here ({d}).")
+        return
+    running = [s for s in states if s.get("status") == "running"]
+    click.echo(f"depin resume: {len(running)} of {len(states)} worker(s) take work again.")
+    for s in states:
+        if s.get("status") == "paused":
+            click.echo(f"depin resume: worker {s.get('name')} stays paused: {'; '.join(s.get('reasons') or [])}")
 
 
 @main.group()
@@ -162,8 +255,10 @@ def token_revoke(name: str, state_dir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_state_option
 def credits(as_json: bool, state_dir: str | None) -> None:
-    """Contributed compute per volunteer: GPU-seconds and CPU-seconds of completed work."""
+    """Contributed compute per volunteer: raw GPU/CPU-seconds and normalized credit (self-reported)."""
     import json
+
+    from ..controls import CREDIT_FORMULA
 
     state = _state(state_dir)
     data = state.credits() if state.path.exists() else {}
@@ -173,7 +268,11 @@ def credits(as_json: bool, state_dir: str | None) -> None:
     if not data:
         click.echo("no completed work recorded yet")
         return
-    click.echo(f"{'VOLUNTEER':<24} {'GPU-SECONDS':>12} {'CPU-SECONDS':>12} {'TASKS':>7}")
-    for name, e in sorted(data.items(), key=lambda kv: -(kv[1].get("gpu_seconds", 0) + kv[1].get("cpu_seconds", 0))):
+    click.echo(f"{'VOLUNTEER':<24} {'GPU-SECONDS':>12} {'CPU-SECONDS':>12} {'CPU-USED':>10} {'CREDIT':>10} "
+               f"{'TASKS':>7}")
+    for name, e in sorted(data.items(), key=lambda kv: (-kv[1].get("credit", 0),
+                                                        -(kv[1].get("gpu_seconds", 0) + kv[1].get("cpu_seconds", 0)))):
         click.echo(f"{name:<24} {e.get('gpu_seconds', 0):>12.1f} {e.get('cpu_seconds', 0):>12.1f} "
-                   f"{int(e.get('tasks', 0)):>7}")
+                   f"{e.get('cpu_used_seconds', 0):>10.2f} {e.get('credit', 0):>10.2f} {int(e.get('tasks', 0)):>7}")
+    click.echo("GPU/CPU-SECONDS: wall time of finished tasks. CPU-USED: CPU time %%depin cells' threads used. "
+               + CREDIT_FORMULA)

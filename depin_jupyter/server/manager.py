@@ -3,15 +3,27 @@
 The Jupyter server holds no Dask client of its own. Each kernel with a live `%%depin` connection
 publishes its scheduler address (`cluster.published_sessions`); the manager asks those schedulers
 for their workers with read-only scheduler calls (`identity`, `processing`) over a connection that
-lives only for the request. Run history comes from the Zarr result store (`depin_jupyter.store`).
-Nothing here executes code sent by the browser. Tested without HTTP in tests/server/test_manager.py.
+lives only for the request. A kernel on a volunteer network also publishes its client token (mode 0600,
+same user): the manager then joins with that identity (mutual TLS) and asks the coordinator for the
+volunteers' credit. Run history comes from the Zarr result store (`depin_jupyter.store`).
+
+Reproduction (`reproduce_start`) re-executes a notebook *file under the server root* in a separate
+process (`python -m depin_jupyter.server.reproduce_job`, which calls `depin_jupyter.reproduce.reproduce`):
+nothing here executes code sent by the browser. Tested without HTTP in tests/server/test_server_manager.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +45,13 @@ STATUS_TIMEOUT_S = 2.0
 DEFAULT_RUN_LIMIT = 100
 # The runner submits each cell as a task whose key starts with this (runner._submit_and_wait).
 RUN_KEY_PREFIX = "depin-run-"
+# Finished reproduce jobs are kept (for the panel to read their report) this long, at most this many.
+JOB_KEEP_S = 3600.0
+JOB_KEEP_MAX = 50
+# A reproduce job is stopped past this (each cell also has nbclient's own timeout inside).
+REPRODUCE_TIMEOUT_S = 3 * 3600.0
+# A volunteer's GPU workers are named "<certificate name>-<index>" (dask_cuda.CUDAWorker).
+_GPU_SUFFIX = re.compile(r"^(?P<name>.+)-\d+$")
 _RUN_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 
 NOT_CONNECTED = ("not connected: run a %%depin cell, or `%depin connect` in a notebook "
@@ -89,6 +108,10 @@ class DepinManager:
         self._kernel_pids = kernel_pids or dict
         self._sessions = sessions or _published_sessions
         self.status_timeout = status_timeout
+        self._securities: dict[str, Any] = {}
+        self._no_identities: set[str] = set()
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._jobs_lock = threading.Lock()
 
     # ----- cluster state ---------------------------------------------------------------------
 
@@ -124,19 +147,31 @@ class DepinManager:
             "embedded": bool(info.get("embedded")),
             "target": "embedded local cluster" if info.get("embedded") else address,
             "started": info.get("started"),
+            "reproducing": self._reproducing(pid),
             "ok": False,
             "error": None,
             "workers": [],
             "gpus": 0,
             "runs_in_flight": 0,
+            "volunteer": False,
         }
         if address.startswith("inproc://"):
             out["error"] = (f"the kernel's cluster runs inside the kernel process ({address}), where the "
                             "Jupyter server cannot reach it; set depin.local-cluster.processes: true "
                             "(the default) so the panel can show it")
             return out
+        token = info.get("token")
+        volunteer = bool(info.get("volunteer")) or bool(token)
+        out["volunteer"] = volunteer
         try:
-            identity, processing = await asyncio.wait_for(self._query(address), self.status_timeout)
+            security = self._security(str(token)) if token else None
+        except Exception as exc:  # noqa: BLE001 - a damaged token is this connection's failure only
+            out["error"] = (f"the kernel (pid {info.get('pid')}) published a volunteer-network token the "
+                            f"server cannot use ({type(exc).__name__}: {exc}); `%depin connect TOKEN` again")
+            return out
+        try:
+            identity, processing, credits = await asyncio.wait_for(
+                self._query(address, security, credits=volunteer), self.status_timeout)
         except Exception as exc:  # noqa: BLE001 - each connection reports its own failure
             reason = "no answer" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else \
                 f"{type(exc).__name__}: {exc}"
@@ -144,22 +179,73 @@ class DepinManager:
                             f"within {self.status_timeout:g}s ({reason}); run `%depin status` in the "
                             f"notebook, or `%depin connect` again")
             return out
-        workers = [worker_record(addr, w, processing.get(addr, ()))
+        workers = [worker_record(addr, w, processing.get(addr, ()), credits=credits, volunteer=volunteer)
                    for addr, w in sorted((identity.get("workers") or {}).items())]
         out.update(ok=True, workers=workers, gpus=sum(w["gpus"] for w in workers),
                    runs_in_flight=sum(w["depin_runs"] for w in workers))
         return out
 
-    async def _query(self, address: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Read-only scheduler calls over a connection that lives only for this request."""
+    def _reproducing(self, pid: int | None) -> str | None:
+        """The notebook a reproduce job runs in this kernel process (its parent is the job), if any."""
+        with self._jobs_lock:
+            jobs = {j.get("pid"): j["notebook"] for j in self._jobs.values() if j["state"] == "running"}
+        if pid is None or not any(jobs):
+            return None
+        try:
+            import psutil
+
+            return jobs.get(psutil.Process(pid).ppid())
+        except Exception:  # noqa: BLE001 - gone, or no psutil: no label
+            return None
+
+    def _security(self, token: str) -> Any:
+        """The client identity of a published volunteer-network token (one Security per token)."""
+        security = self._securities.get(token)
+        if security is None:
+            from ..pki import Token
+
+            security = Token.decode(token).security("client")
+            if len(self._securities) > 32:  # tokens of long-gone kernels
+                self._securities.clear()
+            self._securities[token] = security
+        return security
+
+    async def _query(self, address: str, security: Any = None, *, credits: bool = False
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """Read-only scheduler calls over a connection that lives only for this request.
+
+        ``security``: the kernel's volunteer-network identity (else TLS settings from dask.config, as the
+        kernel has them). ``credits``: also ask a depin coordinator for its credit ledger (None when the
+        scheduler has none, e.g. a plain Dask scheduler, or any error: "unknown").
+        """
         from distributed.core import rpc
         from distributed.security import Security
 
-        args = Security().get_connection_args("client")  # TLS settings from dask.config, as the kernel
+        args = (security or Security()).get_connection_args("client")
         async with rpc(address, timeout=self.status_timeout, connection_args=args) as scheduler:
             identity = await scheduler.identity(n_workers=-1)
             processing = await scheduler.processing()
-        return identity, processing
+            ledger: dict[str, Any] | None = None
+            if credits:
+                try:
+                    answer = await scheduler.depin_credits()
+                    ledger = answer if isinstance(answer, dict) else None
+                except Exception:  # noqa: BLE001 - no coordinator, or it refused: credit unknown
+                    ledger = None
+                names = None
+                if address not in self._no_identities:
+                    try:  # {worker address: certificate name}, where the coordinator tells it
+                        names = await scheduler.depin_identities()
+                    except Exception:  # noqa: BLE001 - an older coordinator: names from the workers' own
+                        names = None
+                    if not isinstance(names, dict):
+                        self._no_identities.add(address)  # not asked again (no warning in its log each poll)
+                if isinstance(names, dict):
+                    for addr, name in names.items():
+                        w = (identity.get("workers") or {}).get(addr)
+                        if isinstance(w, dict) and isinstance(name, str):
+                            w["depin_volunteer"] = name
+        return identity, processing, ledger
 
     # ----- run history -----------------------------------------------------------------------
 
@@ -240,31 +326,164 @@ class DepinManager:
         if not _RUN_ID.match(run_id or "") or ".." in run_id:
             raise NotFound(f"no run {run_id!r} in {self.store_url(store)}: not a run id")
 
-    async def reproduce(self, store: str | None, run_id: str) -> dict[str, Any]:
-        """Re-run one stored run and compare: not built yet (issue #6), so it says so plainly."""
-        if not isinstance(run_id, str):
-            raise BadRequest("give the run to reproduce as JSON {\"run_id\": ..., \"store\": ...}")
-        await self.run(store, run_id)  # 404 / 409 for an unknown or unservable run, as elsewhere
-        raise NotBuilt(
-            f"reproducing run {run_id} is not built yet (issue #6, `depin reproduce`): the store keeps "
-            "the content hashes of a run's inputs, not their values, so a run cannot be re-executed from "
-            "the store alone. Re-run the notebook and compare, or check the stored bytes with "
-            "`depin verify` (the panel's Verify button)."
-        )
+    # ----- reproduction ----------------------------------------------------------------------
+
+    def notebook_path(self, notebook: Any) -> str:
+        """The absolute path of ``notebook`` (relative to the server root); 400 outside it, 404 missing."""
+        if not isinstance(notebook, str) or not notebook.strip():
+            raise BadRequest('give the notebook to reproduce as JSON {"notebook": "path/from/the/root.ipynb"}')
+        rel = notebook.strip()
+        if "\x00" in rel or os.path.isabs(rel) or rel.startswith("~"):
+            raise BadRequest(f"the notebook must be a path relative to the server root, not {rel!r}")
+        root = os.path.realpath(self.root_dir)
+        path = os.path.realpath(os.path.join(root, rel))
+        if os.path.commonpath([root, path]) != root:
+            raise BadRequest(f"the notebook {rel!r} is outside the server root")
+        if not path.endswith(".ipynb"):
+            raise BadRequest(f"{rel!r} is not a notebook (.ipynb)")
+        if not os.path.isfile(path):
+            raise NotFound(f"no notebook {rel!r} under the server root")
+        return path
+
+    def reproduce_store(self, store: Any, notebook_path: str) -> str:
+        """The published store: given (a URL, or a path from the server root, as the runs route), else
+        depin.store.url, else ./depin-results.zarr, relative to the notebook's directory."""
+        if store is not None and not isinstance(store, str):
+            raise BadRequest("store must be a path or a URL")
+        if store:
+            url = self.store_url(store)
+        else:
+            from .. import config
+
+            url = str(config.get("store.url") or "depin-results.zarr")
+            if "://" not in url and not os.path.isabs(url):
+                url = os.path.normpath(os.path.join(os.path.dirname(notebook_path), url))
+        if "://" not in url and not os.path.isdir(url):
+            raise NotFound(f"no depin store at {url}: the notebook's published runs are compared against it "
+                           "(give the store the notebook wrote to)")
+        return url
+
+    async def reproduce_start(self, notebook: Any, store: Any = None) -> dict[str, Any]:
+        """Start reproducing a notebook file against its store; the job (the running one, if any)."""
+        path = self.notebook_path(notebook)
+        url = self.reproduce_store(store, path)
+        rel = os.path.relpath(path, os.path.realpath(self.root_dir))
+        with self._jobs_lock:
+            self._prune_jobs()
+            for job in self._jobs.values():
+                if job["notebook"] == rel and job["state"] == "running":
+                    return self._job_view(job)
+            job = {"job": uuid.uuid4().hex[:16], "notebook": rel, "store": url, "state": "running",
+                   "started": time.time(), "finished": None, "report": None, "error": None}
+            self._jobs[job["job"]] = job
+        threading.Thread(target=self._run_job, args=(job, path, url), name=f"depin-reproduce-{job['job']}",
+                         daemon=True).start()
+        return self._job_view(job)
+
+    def reproduce_job(self, job_id: str) -> dict[str, Any]:
+        with self._jobs_lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise NotFound(f"no reproduce job {job_id!r} (finished jobs are kept for an hour)")
+            return self._job_view(job)
+
+    async def reproduce_wait(self, job_id: str, timeout: float = REPRODUCE_TIMEOUT_S) -> dict[str, Any]:
+        """The job once it is no longer running (for tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        while (job := self.reproduce_job(job_id))["state"] == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return job
+
+    @staticmethod
+    def _job_view(job: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: job[k] for k in ("job", "notebook", "store", "state", "started", "finished")}
+        if job["state"] == "done":
+            out["report"] = job["report"]
+        elif job["state"] == "failed":
+            out["error"] = job["error"]
+        return out
+
+    def _prune_jobs(self) -> None:
+        done = sorted((j for j in self._jobs.values() if j["state"] != "running"), key=lambda j: j["finished"])
+        now = time.time()
+        for i, j in enumerate(done):
+            if now - j["finished"] > JOB_KEEP_S or len(done) - i > JOB_KEEP_MAX:
+                self._jobs.pop(j["job"], None)
+
+    def _run_job(self, job: dict[str, Any], notebook: str, store: str) -> None:
+        """Run `reproduce` in its own process: it sets environment variables for the fresh kernel it
+        starts, which must not leak into this server's other kernels, and a crash stays there."""
+        fd, out = tempfile.mkstemp(prefix="depin-reproduce-", suffix=".json")
+        os.close(fd)
+        try:
+            with subprocess.Popen(
+                    [sys.executable, "-m", "depin_jupyter.server.reproduce_job", notebook, store, out],
+                    cwd=os.path.dirname(notebook), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True) as proc:
+                job["pid"] = proc.pid  # its kernel's connection is labelled in the status
+                try:
+                    output, _ = proc.communicate(timeout=REPRODUCE_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    raise
+            if proc.returncode == 0:
+                with open(out) as f:
+                    report = json.load(f)
+                result: dict[str, Any] = {"state": "done", "report": report}
+            else:
+                tail = "\n".join((output or "").strip().splitlines()[-15:])
+                result = {"state": "failed", "error": tail or f"reproduce exited with status {proc.returncode}"}
+        except subprocess.TimeoutExpired:
+            result = {"state": "failed", "error": f"reproduce did not finish within {REPRODUCE_TIMEOUT_S:g} s"}
+        except Exception as exc:  # noqa: BLE001 - the job reports its own failure
+            result = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            try:
+                os.unlink(out)
+            except OSError:
+                pass
+        with self._jobs_lock:
+            job.update(result, finished=time.time())
 
 
-def worker_record(address: str, w: Mapping[str, Any], processing: Any = ()) -> dict[str, Any]:
-    """One worker row: scheduler identity + NVML metrics (when the worker has a GPU) → panel fields."""
+def volunteer_name(worker_name: str, gpu: bool, credits: Mapping[str, Any] | None) -> str:
+    """The certificate name of the volunteer running a worker: its name, less the "-N" of a GPU worker."""
+    if credits and worker_name in credits:
+        return worker_name
+    m = _GPU_SUFFIX.match(worker_name)
+    return m.group("name") if m and gpu else worker_name
+
+
+def worker_record(address: str, w: Mapping[str, Any], processing: Any = (), *,
+                  credits: Mapping[str, Any] | None = None, volunteer: bool = False) -> dict[str, Any]:
+    """One worker row: scheduler identity + NVML metrics (when the worker has a GPU) → panel fields.
+
+    On a volunteer network (``volunteer``) the row also names the volunteer, what it advertised when it
+    joined (``w["depin"]``: GPU or CPU, host) and its credit from the coordinator's ledger (``credits``:
+    None when unknown, e.g. the coordinator did not answer).
+    """
     metrics = w.get("metrics") or {}
     gpu = w.get("gpu") or {}               # distributed's NVML startup info: name, memory-total
+    advertised = w.get("depin") if isinstance(w.get("depin"), Mapping) else {}
+    adv_gpu = advertised.get("gpu") if isinstance(advertised.get("gpu"), Mapping) else {}
+    adv_cpu = advertised.get("cpu") if isinstance(advertised.get("cpu"), Mapping) else {}
+    if not gpu.get("name") and adv_gpu.get("name"):  # what the volunteer said it has (self-reported)
+        gpu = {"name": adv_gpu.get("name"), "memory-total": adv_gpu.get("memory")}
     gpu_now = metrics.get("gpu") or {}     # NVML real-time metrics: utilization, memory-used
     task_counts = metrics.get("task_counts")
     counts: dict[str, Any] = task_counts if isinstance(task_counts, dict) else {}
     gpus = int((w.get("resources") or {}).get("GPU", 0) or 0) or (1 if gpu.get("name") else 0)
     keys = [str(k) for k in processing or ()]
+    name = str(w.get("name", address))
+    who = (str(w.get("depin_volunteer") or "") or volunteer_name(name, bool(gpus), credits)) if volunteer else None
+    credit = None
+    if who is not None and credits is not None:
+        entry = credits.get(who)
+        credit = dict(entry) if isinstance(entry, Mapping) else {}  # {}: known, nothing earned yet
     return {
         "address": address,
-        "name": str(w.get("name", address)),
+        "name": name,
         "host": w.get("host"),
         "status": w.get("status"),
         "nthreads": int(w.get("nthreads") or 0),
@@ -278,10 +497,14 @@ def worker_record(address: str, w: Mapping[str, Any], processing: Any = ()) -> d
         "gpu_utilization": gpu_now.get("utilization"),
         "executing": int(counts.get("executing", 0) or 0),
         "depin_runs": sum(k.startswith(RUN_KEY_PREFIX) for k in keys),
-        # The volunteer network (issues #4, #5) will say whose machine this is and how trusted it is.
-        "volunteer": None,
+        "cpu_model": adv_cpu.get("model"),
+        "cpu_cores": adv_cpu.get("cores"),
+        "advertised_host": advertised.get("host"),
+        # Volunteer networks only: the certificate name, and its ledger entry (cpu_seconds, gpu_seconds,
+        # tasks, ...). Trust is not scored yet: always None.
+        "volunteer": who,
         "trust": None,
-        "credit": None,
+        "credit": credit,
     }
 
 

@@ -66,18 +66,45 @@ class RunHandler(_Handler):
 
 
 class ReproduceHandler(_Handler):
+    """POST {"notebook": path from the server root, "store": optional}: start reproducing the notebook
+    file (202 {"job": id, ...}; the running job of that notebook if there is one)."""
+
     @tornado.web.authenticated
     async def post(self) -> None:
-        await self.answer(self._reproduce())
+        try:
+            job = await self._reproduce()
+        except ManagerError as exc:
+            self.set_status(exc.status)
+            job = {"message": str(exc)}
+        else:
+            self.set_status(202)
+            self.set_header("Location", url_path_join(self.request.path, job["job"]))
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(job, default=str))
 
     async def _reproduce(self) -> Any:
         try:
             body = json.loads(self.request.body or b"{}")
         except ValueError:
-            raise BadRequest("the request body must be JSON: {\"run_id\": ..., \"store\": ...}") from None
-        if not isinstance(body, dict) or not body.get("run_id"):
-            raise BadRequest("give the run to reproduce as JSON {\"run_id\": ..., \"store\": ...}")
-        return await self.manager.reproduce(body.get("store"), body["run_id"])
+            raise BadRequest(f"the request body must be JSON: {_REPRODUCE_BODY}") from None
+        if not isinstance(body, dict) or not body.get("notebook"):
+            raise BadRequest(f"give the notebook to reproduce as JSON {_REPRODUCE_BODY}")
+        return await self.manager.reproduce_start(body["notebook"], body.get("store"))
+
+
+class ReproduceJobHandler(_Handler):
+    """GET: {"state": "running" | "done" | "failed", "report": ... when done, "error": ... when failed}."""
+
+    @tornado.web.authenticated
+    async def get(self, job: str) -> None:
+        await self.answer(self._job(job))
+
+    async def _job(self, job: str) -> Any:
+        return self.manager.reproduce_job(job)
+
+
+_REPRODUCE_BODY = '{"notebook": "path/from/the/server/root.ipynb", "store": "optional store path or URL"}'
 
 
 def _kernel_pids(server_app: Any) -> dict[int, str]:
@@ -102,5 +129,6 @@ def setup_routes(server_app: Any) -> DepinManager:
         (url_path_join(base, "runs"), RunsHandler),
         (url_path_join(base, "runs", r"(?P<run_id>[^/]+)"), RunHandler),
         (url_path_join(base, "reproduce"), ReproduceHandler),
+        (url_path_join(base, "reproduce", r"(?P<job>[^/]+)"), ReproduceJobHandler),
     ])
     return manager

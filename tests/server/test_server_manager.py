@@ -12,9 +12,9 @@ import pytest
 
 from depin_jupyter.server.manager import (
     NOT_CONNECTED,
+    BadRequest,
     Conflict,
     DepinManager,
-    NotBuilt,
     NotFound,
     _duration,
     worker_record,
@@ -171,13 +171,50 @@ async def test_the_store_setting_is_honoured(store_with_runs: Any, tmp_path: pat
         assert (await manager.runs("depin-results.zarr"))["store"] == rs.url  # the request wins
 
 
-async def test_missing_store_and_reproduce_say_why(store_with_runs: Any, jp_root_dir: pathlib.Path) -> None:
-    _, (first, _, _) = store_with_runs
+async def test_missing_store_says_why(store_with_runs: Any, jp_root_dir: pathlib.Path) -> None:
     manager = DepinManager(str(jp_root_dir))
     with pytest.raises(NotFound, match="no depin store at .*elsewhere.zarr"):
         await manager.runs("elsewhere.zarr")
-    with pytest.raises(NotBuilt, match="issue #6") as err:
-        await manager.reproduce(None, first)
-    assert err.value.status == 501
+
+
+async def test_reproduce_refuses_paths_outside_the_root_and_missing_files(jp_root_dir: pathlib.Path,
+                                                                         tmp_path: pathlib.Path) -> None:
+    manager = DepinManager(str(jp_root_dir))
+    (jp_root_dir / "sub").mkdir()
+    (jp_root_dir / "sub" / "nb.ipynb").write_text("{}")
+    outside = tmp_path / "outside.ipynb"
+    outside.write_text("{}")
+    (jp_root_dir / "link.ipynb").symlink_to(outside)  # a symlink out of the root is outside too
+    for bad in ("../outside.ipynb", "sub/../../outside.ipynb", str(outside), "link.ipynb", "", None, 3,
+                "sub/notes.txt"):
+        with pytest.raises(BadRequest):
+            manager.notebook_path(bad)
+    with pytest.raises(NotFound, match="no notebook 'sub/missing.ipynb'"):
+        manager.notebook_path("sub/missing.ipynb")
+    nb = manager.notebook_path("sub/./nb.ipynb")
+    assert nb == os.path.realpath(jp_root_dir / "sub" / "nb.ipynb")
+    # the store: by default beside the notebook; a given path is from the server root, as for runs
+    with pytest.raises(NotFound, match="no depin store at .*sub/depin-results.zarr"):
+        manager.reproduce_store(None, nb)
+    (jp_root_dir / "sub" / "depin-results.zarr").mkdir()
+    assert manager.reproduce_store(None, nb) == str(jp_root_dir / "sub" / "depin-results.zarr")
+    assert manager.reproduce_store("sub/depin-results.zarr", nb) == str(jp_root_dir / "sub" / "depin-results.zarr")
     with pytest.raises(NotFound):
-        await manager.reproduce(None, "20990101T000000.000000Z-dead")
+        manager.reproduce_job("nope")
+
+
+def test_volunteer_worker_record_names_the_volunteer_and_its_credit() -> None:
+    advertised = {"host": "alice-pc", "gpu": {"name": "NVIDIA RTX 4090", "memory": 24 * 2**30,
+                                              "driver": "550", "arch": "ada"}, "versions": {}}
+    gpu_worker = {"name": "alice-1", "nthreads": 1, "resources": {"GPU": 1}, "depin": advertised}
+    credits = {"alice": {"gpu_seconds": 3.5, "cpu_seconds": 0.0, "tasks": 2}}
+    w = worker_record("tls://10.0.0.9:1", gpu_worker, credits=credits, volunteer=True)
+    assert w["volunteer"] == "alice" and w["credit"] == credits["alice"]
+    assert w["gpu_model"] == "NVIDIA RTX 4090" and w["gpu_memory_total"] == 24 * 2**30 and w["gpus"] == 1
+    cpu_worker = {"name": "bob-2", "nthreads": 4, "depin": {"host": "b", "cpu": {"model": "x86_64", "cores": 8}}}
+    w = worker_record("tls://10.0.0.9:2", cpu_worker, credits=None, volunteer=True)
+    assert w["volunteer"] == "bob-2" and w["credit"] is None  # a CPU worker keeps its name; credit unknown
+    assert w["cpu_model"] == "x86_64" and w["cpu_cores"] == 8 and w["gpu_model"] is None
+    assert worker_record("tls://10.0.0.9:2", cpu_worker, credits={}, volunteer=True)["credit"] == {}
+    plain = worker_record("tcp://1.2.3.4:5", {"name": "0", "nthreads": 1})
+    assert plain["volunteer"] is None and plain["credit"] is None

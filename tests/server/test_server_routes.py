@@ -11,7 +11,7 @@ from tornado.httpclient import HTTPClientError
 import depin_jupyter
 
 ROUTES = [("GET", "depin/status"), ("GET", "depin/runs"), ("GET", "depin/runs/20260101T000000.000000Z-abcd"),
-          ("POST", "depin/reproduce")]
+          ("POST", "depin/reproduce"), ("GET", "depin/reproduce/0123456789abcdef")]
 
 
 def body(response: Any) -> Any:
@@ -62,14 +62,23 @@ async def test_incomplete_run_is_409_and_missing_store_404(store_with_runs: Any,
     assert err.value.code == 404 and "no depin store at" in body(err.value.response)["message"]
 
 
-async def test_reproduce_answers_501_not_a_fake_verdict(store_with_runs: Any, jp_fetch: Any) -> None:
-    _, (first, _, _) = store_with_runs
+async def test_reproduce_refusals(jp_fetch: Any, jp_root_dir: Any) -> None:
+    async def refused(payload: Any) -> tuple[int, str]:
+        with pytest.raises(HTTPClientError) as err:
+            await jp_fetch("depin", "reproduce", method="POST", body=json.dumps(payload))
+        return err.value.code, body(err.value.response)["message"]
+
+    assert (await refused({"store": "x"}))[0] == 400  # no notebook
+    code, message = await refused({"notebook": "../../etc/passwd.ipynb"})
+    assert code == 400 and "outside the server root" in message
+    code, message = await refused({"notebook": "missing.ipynb"})
+    assert code == 404 and "no notebook 'missing.ipynb'" in message
+    (jp_root_dir / "nb.ipynb").write_text("{}")
+    code, message = await refused({"notebook": "nb.ipynb"})  # no store beside it
+    assert code == 404 and "no depin store at" in message
     with pytest.raises(HTTPClientError) as err:
-        await jp_fetch("depin", "reproduce", method="POST", body=json.dumps({"run_id": first}))
-    assert err.value.code == 501 and "issue #6" in body(err.value.response)["message"]
-    with pytest.raises(HTTPClientError) as err:
-        await jp_fetch("depin", "reproduce", method="POST", body=json.dumps({"store": "x"}))
-    assert err.value.code == 400
+        await jp_fetch("depin", "reproduce", "0123456789abcdef")
+    assert err.value.code == 404
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
@@ -84,20 +93,19 @@ async def test_every_route_needs_the_token(method: str, path: str, http_server_c
 async def test_post_with_a_login_cookie_needs_xsrf(store_with_runs: Any, http_server_client: Any,
                                                    jp_base_url: str, jp_serverapp: Any) -> None:
     """A browser session (cookie, no token header) must echo the _xsrf cookie in X-XSRFToken."""
-    _, (first, _, _) = store_with_runs
     token = jp_serverapp.identity_provider.token
     r = await http_server_client.fetch(f"{jp_base_url}depin/status?token={token}")  # logs in: sets cookies
     cookies = {c.split("=", 1)[0]: c.split(";", 1)[0] for c in r.headers.get_list("Set-Cookie")}
     login = next(v for k, v in cookies.items() if k.startswith("username-"))
     r = await http_server_client.fetch(f"{jp_base_url}login")
     xsrf = next(c.split(";", 1)[0] for c in r.headers.get_list("Set-Cookie") if c.startswith("_xsrf="))
-    url, payload = f"{jp_base_url}depin/reproduce", json.dumps({"run_id": first})
+    url, payload = f"{jp_base_url}depin/reproduce", json.dumps({"notebook": "missing.ipynb"})
     refused = await http_server_client.fetch(url, method="POST", body=payload, raise_error=False,
                                              headers={"Cookie": f"{login}; {xsrf}"})
     assert refused.code == 403 and "_xsrf" in body(refused)["message"]
     cookie_ok = await http_server_client.fetch(url, method="POST", body=payload, raise_error=False, headers={
         "Cookie": f"{login}; {xsrf}", "X-XSRFToken": xsrf.split("=", 1)[1]})
-    assert cookie_ok.code == 501  # authenticated and XSRF-checked: the route itself answers
+    assert cookie_ok.code == 404  # authenticated and XSRF-checked: the route itself answers
 
 
 def test_extension_hooks_point_at_the_build() -> None:

@@ -56,3 +56,36 @@ test('store beside the notebook and short run ids', () => {
   assert.equal(f.shortRunId('20261125T164320.785606Z-adfe1b3c'), '16:43:20 adfe');
   assert.equal(f.shortRunId('custom'), 'custom');
 });
+
+test('volunteer columns, CPU label and credit', () => {
+  assert.equal(f.showVolunteerColumns([{ volunteer: null, credit: null }]), false);
+  assert.equal(f.showVolunteerColumns([{ volunteer: null, credit: null }, { volunteer: 'carol', credit: null }]), true);
+  assert.equal(f.showVolunteerColumns([{ volunteer: null, credit: {} }]), true);
+  assert.equal(f.cpuLabel({ cpu_model: 'x86_64', cpu_cores: 8 }), 'x86_64 · 8 cores');
+  assert.equal(f.cpuLabel({ cpu_model: null, cpu_cores: null }), '');
+  assert.equal(f.formatCredit(null), '–');
+  assert.equal(f.formatCredit({}), 'none yet');
+  assert.equal(f.formatCredit({ tasks: 0, cpu_seconds: 0, gpu_seconds: 0 }), 'none yet');
+  assert.equal(f.formatCredit({ tasks: 3, gpu_seconds: 12, cpu_seconds: 0.85 }), '3 tasks · GPU 12.0 s · CPU 850 ms');
+  assert.equal(f.formatCredit({ tasks: 1, cpu_seconds: 2, credit: 1.25 }), '1 task · CPU 2.0 s · 1.3 credit');
+});
+
+test('a reproduce report: the headline and the verdict of a run\'s cell', () => {
+  const report = {
+    notebook: 'paper/paper.ipynb', store: '/s', verified: true, error: null, ok: false,
+    cells: [
+      { index: 2, name: 'double', verdict: 'reproduced', detail: '', published_run: 'R1', reproduced_run: 'N1', variables: { y: { verdict: 'identical' } } },
+      { index: 3, name: null, verdict: 'differs', detail: 'n differs', published_run: 'R2', reproduced_run: 'N2', variables: {} }
+    ]
+  };
+  assert.equal(f.reproduceHeadline(report), 'NOT REPRODUCED');
+  assert.equal(f.reproduceHeadline({ ...report, ok: true }), 'REPRODUCED');
+  assert.equal(f.cellForRun(report, { run_id: 'R2', name: null }).index, 3);       // by published run
+  assert.equal(f.cellForRun(report, { run_id: 'OLD', name: 'double' }).index, 2);  // an older run of the cell
+  assert.equal(f.cellForRun(report, { run_id: 'OLD', name: null }), null);
+  assert.equal(f.runVerdictText(report, { run_id: 'R1', name: 'double' }), 'cell 2 (double): reproduced');
+  assert.equal(f.runVerdictText(report, { run_id: 'R2', name: null }), 'cell 3: differs – n differs');
+  assert.match(f.runVerdictText(report, { run_id: 'X', name: 'gone' }), /not a %%depin cell of paper\/paper.ipynb .*NOT REPRODUCED/);
+  assert.match(f.runVerdictText({ ...report, cells: [], error: 'the published store does not verify\nmore' }, { run_id: 'X', name: null }),
+    /^NOT REPRODUCED: the published store does not verify$/);
+});

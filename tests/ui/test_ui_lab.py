@@ -90,6 +90,7 @@ def _scenario(lab: Lab, page: Any, cells: list[str]) -> None:
     panel.locator(".depin-worker").first.wait_for(timeout=10_000)
     assert panel.locator(".depin-worker").count() == 1
     assert panel.locator(".depin-worker-gpu").first.inner_text().strip()  # "CPU", or the GPU model
+    assert panel.locator(".depin-workers-table th", has_text="Volunteer").count() == 0  # not a volunteer network
     # The %%depin run, stored by the kernel in depin-results.zarr beside the notebook, with its worker.
     run = panel.locator(".depin-run", has_text="pi")
     run.wait_for(timeout=10_000)
@@ -122,6 +123,19 @@ def _scenario(lab: Lab, page: Any, cells: list[str]) -> None:
     panel.locator(".depin-verify").click()
     panel.locator(".depin-note-info", has_text="Verified: 2 runs").wait_for(timeout=20_000)
     assert panel.locator(".depin-run .depin-badge-verified").count() == 2
+
+    # Reproduce re-executes this notebook's saved file in a fresh kernel and compares every %%depin run.
+    run.locator(".depin-reproduce").click()
+    run.locator(".depin-note-pending", has_text="reproducing").wait_for(timeout=5_000)
+    run.locator(".depin-note-info", has_text="(pi): reproduced").wait_for(timeout=90_000)
+    summary = panel.locator(".depin-reproduction[data-ok='true']")
+    assert summary.locator(".depin-repro-headline").inner_text() == "REPRODUCED"
+    summary.locator("summary").click()
+    assert summary.locator(".depin-repro-cell[data-verdict='reproduced']").count() == 2  # pi and answer
+    assert summary.locator(".depin-repro-var", has_text="pi").first.is_visible()
+    # The fresh kernel's own connection (badged "reproducing" while it ran) is gone again.
+    page.wait_for_function("document.querySelectorAll('#depin-panel .depin-conn').length === 1", timeout=15_000)
+    assert summary.locator(".depin-repro-details").get_attribute("open") is not None  # stays open across polls
     page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
     assert output.count() >= len(cells)
 
