@@ -81,27 +81,41 @@ def from_payload(payload: bytes, max_bytes: int | None = None) -> dict[str, Any]
 def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
     """The `%%depin` task on a volunteer: run the cell, push its result to the coordinator, return a marker.
 
-    It also reports the CPU time the cell's thread really used (``time.thread_time``, so sleeping or
-    waiting counts for nothing) as the event ``depin-credit``; the coordinator's ledger turns it into
-    normalized credit. The figure is self-reported by the volunteer's worker: replication checks it.
+    With the sandbox on (the default on volunteers, `depin_jupyter.sandbox`) the cell runs in a child
+    process under limits. The CPU time the cell really used (the child's, or the cell thread's
+    ``time.thread_time`` without the sandbox: sleeping counts for nothing) is reported as the event
+    ``depin-credit``; the coordinator's ledger turns it into normalized credit. The figure is
+    self-reported by the volunteer's worker: replication checks results, not credit.
     """
     import time
 
     from distributed import get_worker
     from distributed.utils import sync
 
-    from .remote import run_cell
+    from . import sandbox
+    from .remote import STREAM_TOPIC, run_cell
 
-    started = time.thread_time()
-    result = run_cell(spec, inputs)
-    used = time.thread_time() - started
     worker = get_worker()
     key = worker.get_current_task()
+    limits = sandbox.Limits.from_config()
+    if limits.is_enabled(volunteer=True):
+        # In a child process with limits (and bubblewrap when present); what it sends back is the
+        # pickle-free payload and stream events, never unpickled here. CPU time is measured by this
+        # process (wait4 on the child), not reported by it.
+        stats: dict[str, Any] = {}
+        payload = sandbox.run_sandboxed(spec, inputs, emit=lambda m: worker.log_event(STREAM_TOPIC, m),
+                                        limits=limits, stats=stats)
+        used = float(stats.get("cpu_seconds") or 0.0)
+    else:
+        started = time.thread_time()
+        result = run_cell(spec, inputs)
+        used = time.thread_time() - started
+        payload = to_payload(result)
     try:
         worker.log_event("depin-credit", {"key": str(key), "cpu_seconds": float(used)})
     except Exception:  # noqa: BLE001, S110 - credit is best effort; the result matters
         pass
-    sync(worker.loop, worker.scheduler.depin_relay_put, key=str(key), payload=to_payload(result))
+    sync(worker.loop, worker.scheduler.depin_relay_put, key=str(key), payload=payload)
     return RELAYED
 
 

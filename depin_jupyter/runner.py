@@ -584,6 +584,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         on_submit(future)
     pinned = placement["workers"][0] if placement.get("workers") and not placement.get("allow_other_workers", True) \
         and len(placement["workers"]) == 1 and on_submit is not None else None
+    gone_since: float | None = None
     registered = False  # a run is listed on the scheduler (`depin jobs`) only once it lasts a while
     submitted = time.monotonic()
     future.add_done_callback(lambda _: q.put(_DONE))  # wakes the loop below the moment it finishes
@@ -611,9 +612,15 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
                 registered = True
             if msg is None:
                 if pinned and pinned not in {w.address for w in session.workers(max_age=1.0)}:
-                    # Dask would wait forever for a pinned worker that left: this replica has no vote
-                    _cancel(client, future, run_id, timed_out=False)
-                    raise WorkerLostError(f"worker {pinned} left before its replica finished")
+                    # Dask would wait forever for a pinned worker that left: this replica has no vote.
+                    # (Asked twice, 2 s apart and uncached: a busy scheduler's answer can lag.)
+                    gone_since = gone_since or time.monotonic()
+                    if time.monotonic() - gone_since >= 2.0 and \
+                            pinned not in {w.address for w in session.workers(max_age=0)}:
+                        _cancel(client, future, run_id, timed_out=False)
+                        raise WorkerLostError(f"worker {pinned} left before its replica finished")
+                else:
+                    gone_since = None
                 if deadline is None or time.monotonic() < deadline:
                     continue
                 _cancel(client, future, run_id, timed_out=True)
