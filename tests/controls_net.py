@@ -12,9 +12,9 @@ from typing import Any
 
 
 def dask_setup(worker: Any) -> None:
-    from depin_jupyter import remote
+    from depin_jupyter import remote, sandbox
 
-    real_run = remote.run_cell
+    real_run, real_sandboxed = remote.run_cell, sandbox.run_sandboxed
     pause = float(os.environ.get("DEPIN_TEST_SLEEP", "1"))
 
     def run_cell(spec, inputs):  # type: ignore[no-untyped-def]
@@ -22,7 +22,13 @@ def dask_setup(worker: Any) -> None:
         time.sleep(pause)
         return out
 
+    def run_sandboxed(spec, inputs, **kwargs):  # type: ignore[no-untyped-def]  (the volunteer default)
+        out = real_sandboxed(spec, inputs, **kwargs)
+        time.sleep(pause)
+        return out
+
     remote.run_cell = run_cell
+    sandbox.run_sandboxed = run_sandboxed
 
 
 def worker_info(session: Any, name: str) -> tuple[str, dict[str, Any]]:

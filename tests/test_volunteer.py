@@ -482,3 +482,31 @@ def test_status_shows_volunteers_and_their_trust(net):
         s.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_sandbox_on_a_volunteer_stops_bad_cells_and_the_worker_takes_the_next(net, tmp_path):
+    import secrets
+
+    from depin_jupyter import sandbox
+
+    if not sandbox.describe()["bubblewrap"]["active"] and os.geteuid() != 0:
+        pytest.skip("neither bubblewrap nor a root worker (uid drop) to hide the home directory here")
+    secret = pathlib.Path.home() / f".depin-volunteer-secret-{secrets.token_hex(4)}"
+    secret.write_text("the volunteer's secret")
+    secret.chmod(0o600)
+    proc, _ = net.start_worker(net.token("worker", "boxed"), env={"DASK_DEPIN__SANDBOX__MEMORY": "300MiB"})
+    s = _session(net.token("client", "sci-boxed"))
+    try:
+        wait_for_workers(s, 1)
+        with pytest.raises((FileNotFoundError, PermissionError)):
+            runner.run_cell(s, f"data = open({str(secret)!r}).read()", {})
+        with pytest.raises(Exception, match="depin.sandbox.memory"):
+            runner.run_cell(s, "import numpy as np\nbig = np.ones(2**30 // 8 * 1)\n", {})
+        ns: dict = {}
+        runner.run_cell(s, "import os\nok = os.getcwd()", ns)  # the worker survived and takes the next cell
+        assert ns["ok"] != os.getcwd() and proc.poll() is None
+    finally:
+        secret.unlink()
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -262,17 +262,33 @@ def credits(as_json: bool, state_dir: str | None) -> None:
 
     state = _state(state_dir)
     data = state.credits() if state.path.exists() else {}
+    trust = state.reputation() if state.path.exists() else {}
     if as_json:
-        click.echo(json.dumps(data, indent=1, sort_keys=True))
+        click.echo(json.dumps({n: {**e, "trust": trust.get(n)} for n, e in data.items()}, indent=1,
+                              sort_keys=True))
         return
     if not data:
         click.echo("no completed work recorded yet")
         return
+    from .. import config
+
+    streak = int(config.get("trust-streak"))
+
+    def trust_text(name: str) -> str:
+        r = trust.get(name) or {}
+        if not r.get("checked"):
+            return "new"
+        mode = "trusted" if r.get("streak", 0) >= streak else "replicated"
+        return f"{mode} {r.get('valid', 0)}/{r.get('checked', 0)} streak {r.get('streak', 0)}"
+
     click.echo(f"{'VOLUNTEER':<24} {'GPU-SECONDS':>12} {'CPU-SECONDS':>12} {'CPU-USED':>10} {'CREDIT':>10} "
-               f"{'TASKS':>7}")
+               f"{'TASKS':>7} {'WITHHELD-S':>10}  TRUST")
     for name, e in sorted(data.items(), key=lambda kv: (-kv[1].get("credit", 0),
                                                         -(kv[1].get("gpu_seconds", 0) + kv[1].get("cpu_seconds", 0)))):
         click.echo(f"{name:<24} {e.get('gpu_seconds', 0):>12.1f} {e.get('cpu_seconds', 0):>12.1f} "
-                   f"{e.get('cpu_used_seconds', 0):>10.2f} {e.get('credit', 0):>10.2f} {int(e.get('tasks', 0)):>7}")
-    click.echo("GPU/CPU-SECONDS: wall time of finished tasks. CPU-USED: CPU time %%depin cells' threads used. "
+                   f"{e.get('cpu_used_seconds', 0):>10.2f} {e.get('credit', 0):>10.2f} {int(e.get('tasks', 0)):>7} "
+                   f"{e.get('withheld_seconds', 0):>10.1f}  {trust_text(name)}")
+    click.echo("GPU/CPU-SECONDS: wall time of finished tasks. CPU-USED: CPU time %%depin cells used. "
+               "WITHHELD-S: seconds of work found invalid by replicas (no credit). TRUST: validated/checked "
+               f"replicated results; 'trusted' after {streak} in a row (then spot-checked). "
                + CREDIT_FORMULA)

@@ -1,0 +1,92 @@
+"""Cost of replicated runs: `%%depin --replicas 2` against `--replicas 1`, measured in one run.
+
+    python benchmarks/replication.py [--reps 20] [--mib 256] [--out benchmarks/results/replication.json]
+
+On the embedded cluster (2 worker processes), for a trivial cell and for a cell returning a ``--mib`` MiB
+float64 array: median and p90 wall time of the cell with 1 and with 2 replicas, their ratio, and the time the
+comparison of the two results takes by itself (`replication.majority`, exact + tolerant float check).
+Baseline in the same run: plain ``client.submit(f).result()``. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+from _results import save
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"median_ms": statistics.median(s) * 1e3, "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3, "n": len(s)}
+
+
+def _inc(v):  # noqa: ANN001, ANN202 - the baseline task
+    return v + 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--big-reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "replication.json"))
+    args = ap.parse_args()
+
+    import dask
+    import numpy as np
+
+    from depin_jupyter import cluster, replication, runner
+
+    dask.config.set({"depin.store.enabled": False})
+    session = cluster.connect("local")
+    session.client.wait_for_workers(2, timeout=60)
+    client = session.client
+
+    def timed(fn, reps):  # noqa: ANN001, ANN202
+        fn()  # warm up
+        out = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+    n = args.mib * 2**20 // 8
+    rows: dict[str, dict[str, float]] = {}
+    rows["submit"] = _stats(timed(lambda: client.submit(_inc, 1, pure=False).result(), args.reps))
+    for k in (1, 2):
+        opts = runner.RunOptions(replicas=k)
+        rows[f"trivial_r{k}"] = _stats(timed(lambda: runner.run_cell(session, "y = 1", {}, opts), args.reps))
+    for k in (1, 2):
+        opts = runner.RunOptions(replicas=k)
+        code = f"import numpy as np\nbig = np.arange({n}, dtype=np.float64) * 0.5"
+        rows[f"big_r{k}"] = _stats(timed(lambda: runner.run_cell(session, code, {}, opts), args.big_reps))
+    a = {"status": "ok", "outputs": {"big": np.arange(n, dtype=np.float64) * 0.5}}
+    b = {"status": "ok", "outputs": {"big": np.arange(n, dtype=np.float64) * 0.5 + 1e-12}}
+    rows["compare_big"] = _stats(timed(lambda: replication.majority([a, b], 1e-7, 0.0), args.big_reps))
+    cluster.close_session()
+
+    ratios = {
+        "trivial r2 / r1": rows["trivial_r2"]["median_ms"] / rows["trivial_r1"]["median_ms"],
+        "trivial r1 / submit": rows["trivial_r1"]["median_ms"] / rows["submit"]["median_ms"],
+        f"{args.mib} MiB r2 / r1": rows["big_r2"]["median_ms"] / rows["big_r1"]["median_ms"],
+        f"compare share of {args.mib} MiB r2": rows["compare_big"]["median_ms"] / rows["big_r2"]["median_ms"],
+    }
+    print(f"{'case':<28} {'median ms':>10} {'p90 ms':>10} {'n':>4}")
+    for name, r in rows.items():
+        print(f"{name:<28} {r['median_ms']:>10.1f} {r['p90_ms']:>10.1f} {r['n']:>4}")
+    for name, v in ratios.items():
+        print(f"{name:<28} {v:>10.2f}")
+    save(args.out, {"rows": rows, "ratios": ratios, "mib": args.mib,
+                    "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                                "cpus": os.cpu_count()},
+                    "note": "embedded CPU LocalCluster, 2 worker processes; replicas run concurrently"})
+
+
+if __name__ == "__main__":
+    main()
