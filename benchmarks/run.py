@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--store-mib 1024] [--quick]
 
-Each benchmark is its own script (overhead, store, longruns, scaling; gpu when a GPU is usable) writing
+Each benchmark is its own script (overhead, store, longruns, scaling, replication; gpu when a GPU is usable) writing
 benchmarks/results/<name>.json; this collects them. `--quick` uses small sizes and few repetitions.
 """
 
@@ -58,6 +58,9 @@ def main() -> None:
     if (r := _run("scaling.py", *(["--runs", "50"] if args.quick else []))) is not None:
         for n, row in r["rows"].items():
             summary.append((f"throughput on {n} worker(s) / client.map", f"{row['depin_over_map']:.2f}x", "-"))
+    if (r := _run("replication.py", *(["--reps", "10", "--mib", "64"] if args.quick else []))) is not None:
+        for name, v in r["ratios"].items():
+            summary.append((f"replicas: {name}", f"{v:.2f}x", "-"))
     _run("gpu.py")  # exits 2 without a GPU: said, and left out
     print(f"\n{'measure':44} {'result':>30} {'target':>16}")
     for name, value, target in summary:

@@ -70,6 +70,9 @@ def _combine(parts: list[Comparison]) -> Comparison:
     return max(parts, key=lambda p: p.max_abs or 0.0)
 
 
+_CHUNK = 1 << 22  # elements per step of the tolerant comparison
+
+
 def _compare_arrays(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> Comparison:
     if a.shape != b.shape:
         return Comparison("differs", f"shape {a.shape} vs {b.shape}")
@@ -82,13 +85,23 @@ def _compare_arrays(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> C
         return Comparison("differs", f"{n} element(s) differ" if n >= 0 else "records differ")
     if np.array_equal(a, b, equal_nan=True):
         return Comparison("identical")
-    diff = np.abs(a.astype(np.complex128 if a.dtype.kind == "c" else np.float64) - b)
-    finite = np.isfinite(diff)
-    max_abs = float(diff[finite].max()) if finite.any() else float("inf")
-    scale = np.abs(b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
-    max_rel = float(np.nanmax(rel)) if rel.size else 0.0
-    close = np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+    # Chunk by chunk: the temporaries of one chunk, not several copies of the whole array.
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    max_abs, max_rel, close, any_finite = 0.0, 0.0, True, False
+    for start in range(0, fa.size, _CHUNK):
+        x, y = fa[start:start + _CHUNK], fb[start:start + _CHUNK]
+        diff = np.abs(x.astype(np.complex128 if x.dtype.kind == "c" else np.float64) - y)
+        finite = np.isfinite(diff)
+        if finite.any():
+            any_finite = True
+            max_abs = max(max_abs, float(diff[finite].max()))
+        scale = np.abs(y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
+        if rel.size and not np.isnan(rel).all():
+            max_rel = max(max_rel, float(np.nanmax(rel)))
+        close = close and bool(np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True))
+    if not any_finite:
+        max_abs = float("inf")
     verdict = "within tolerance" if close else "differs"
     return Comparison(verdict, f"max abs error {max_abs:.3g}, max rel error {max_rel:.3g}", max_abs, max_rel)
