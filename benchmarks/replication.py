@@ -14,16 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
-from _results import save
-
-
-def _stats(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    return {"median_ms": statistics.median(s) * 1e3, "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3, "n": len(s)}
+from _results import save, stats as _stats
 
 
 def _inc(v):  # noqa: ANN001, ANN202 - the baseline task
