@@ -3,7 +3,7 @@
  * Unit-tested with node's test runner (tests/ui/frontend.test.mjs).
  */
 
-import type { ICellVerdict, ICredit, IReproduceReport, IStatus, IWorker } from './types';
+import type { ICellVerdict, ICredit, IReproduceReport, IStatus, ITrust, IWorker } from './types';
 
 /** The magic line the command puts on top of a cell. */
 export const MAGIC = '%%depin';
@@ -159,6 +159,17 @@ export function formatCredit(c: ICredit | null | undefined): string {
     parts.push(`${c.credit.toFixed(1)} credit`);
   }
   return parts.length ? parts.join(' · ') : 'none yet';
+}
+
+/** A volunteer's trust: "new", or "replicated|trusted · valid/checked valid". */
+export function formatTrust(t: ITrust | null | undefined): string {
+  if (t === null || t === undefined) {
+    return '';
+  }
+  if (!t.checked) {
+    return 'new: always replicated';
+  }
+  return `${t.trusted ? 'trusted (spot-checked)' : 'replicated'} · ${t.valid}/${t.checked} valid`;
 }
 
 /** Whether the workers table shows the Volunteer and Credit columns (only on volunteer networks). */

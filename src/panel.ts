@@ -22,6 +22,7 @@ import {
   runVerdictText,
   shortRunId,
   showVolunteerColumns,
+  formatTrust,
   storeBeside
 } from './format';
 import { depinIcon } from './icon';
@@ -253,7 +254,7 @@ export class DepinPanel extends Widget {
         h('td', { className: 'depin-worker-name' }, h('b', {}, w.name),
           h('div', { className: 'depin-sub' }, `${w.nthreads} thread${w.nthreads === 1 ? '' : 's'}`)),
         volunteers ? h('td', { className: 'depin-worker-volunteer', title: w.advertised_host ? `host ${w.advertised_host} (as advertised)` : '' },
-          w.volunteer ?? '–') : null,
+          w.volunteer ?? '–', w.trust ? h('div', { className: 'depin-sub depin-worker-trust' }, formatTrust(w.trust)) : null) : null,
         h('td', {}, formatMemory(w.memory_used, w.memory_limit)),
         gpu,
         h('td', { className: 'depin-num' }, w.executing),

@@ -24,9 +24,19 @@ export interface IWorker {
   advertised_host?: string | null;
   /** Volunteer networks only: the certificate name of the volunteer running this worker. */
   volunteer: string | null;
-  trust: number | null;
+  /** Reputation from replicated runs (null when unknown). */
+  trust: ITrust | null;
   /** The coordinator's ledger entry: {} when nothing is earned yet, null when unknown. */
   credit: ICredit | null;
+}
+
+export interface ITrust {
+  streak: number;
+  valid: number;
+  invalid: number;
+  checked: number;
+  /** Streak long enough that the volunteer is only spot-checked. */
+  trusted: boolean;
 }
 
 export interface ICredit {

@@ -240,11 +240,18 @@ class DepinManager:
                         names = None
                     if not isinstance(names, dict):
                         self._no_identities.add(address)  # not asked again (no warning in its log each poll)
+                reputation = None
                 if isinstance(names, dict):
+                    try:  # {certificate name: streak, valid, invalid, checked, agreement} (replicated runs)
+                        reputation = await scheduler.depin_reputation()
+                    except Exception:  # noqa: BLE001 - an older coordinator: trust unknown
+                        reputation = None
                     for addr, name in names.items():
                         w = (identity.get("workers") or {}).get(addr)
                         if isinstance(w, dict) and isinstance(name, str):
                             w["depin_volunteer"] = name
+                            if isinstance(reputation, dict):
+                                w["depin_trust"] = trust_record(reputation.get(name))
         return identity, processing, ledger
 
     # ----- run history -----------------------------------------------------------------------
@@ -500,12 +507,23 @@ def worker_record(address: str, w: Mapping[str, Any], processing: Any = (), *,
         "cpu_model": adv_cpu.get("model"),
         "cpu_cores": adv_cpu.get("cores"),
         "advertised_host": advertised.get("host"),
-        # Volunteer networks only: the certificate name, and its ledger entry (cpu_seconds, gpu_seconds,
-        # tasks, ...). Trust is not scored yet: always None.
+        # Volunteer networks only: the certificate name, its reputation from replicated runs (see
+        # `trust_record`) and its ledger entry (cpu_seconds, gpu_seconds, tasks, ...).
         "volunteer": who,
-        "trust": None,
+        "trust": w.get("depin_trust") if volunteer else None,
         "credit": credit,
     }
+
+
+def trust_record(rep: Any) -> dict[str, Any]:
+    """A volunteer's reputation as the panel shows it: counts, and whether it is trusted (spot-checked)."""
+    from .. import config
+
+    rep = dict(rep) if isinstance(rep, Mapping) else {}
+    streak = int(rep.get("streak", 0) or 0)
+    return {"streak": streak, "valid": int(rep.get("valid", 0) or 0), "invalid": int(rep.get("invalid", 0) or 0),
+            "checked": int(rep.get("checked", 0) or 0),
+            "trusted": streak >= int(config.get("trust-streak"))}
 
 
 def _worker_label(worker: Mapping[str, Any] | None) -> str | None:

@@ -56,6 +56,7 @@ async def test_status_shows_volunteers_and_credit(net: Any, jp_fetch: Any, jp_en
         assert conn["ok"] and conn["volunteer"] is True and conn["scheduler"] == net.address
         (w,) = conn["workers"]
         assert w["volunteer"] == "carol" and w["gpu_model"] is None and w["cpu_cores"] == os.cpu_count()
+        assert w["trust"] == {"streak": 0, "valid": 0, "invalid": 0, "checked": 0, "trusted": False}
         assert w["cpu_model"] and w["advertised_host"]
         assert w["credit"] in ({}, None) or w["credit"].get("tasks", 0) == 0
 

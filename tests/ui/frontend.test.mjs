@@ -68,6 +68,10 @@ test('volunteer columns, CPU label and credit', () => {
   assert.equal(f.formatCredit({ tasks: 0, cpu_seconds: 0, gpu_seconds: 0 }), 'none yet');
   assert.equal(f.formatCredit({ tasks: 3, gpu_seconds: 12, cpu_seconds: 0.85 }), '3 tasks · GPU 12.0 s · CPU 850 ms');
   assert.equal(f.formatCredit({ tasks: 1, cpu_seconds: 2, credit: 1.25 }), '1 task · CPU 2.0 s · 1.3 credit');
+  assert.equal(f.formatTrust(null), '');
+  assert.equal(f.formatTrust({ streak: 0, valid: 0, invalid: 0, checked: 0, trusted: false }), 'new: always replicated');
+  assert.equal(f.formatTrust({ streak: 12, valid: 12, invalid: 1, checked: 13, trusted: true }),
+    'trusted (spot-checked) · 12/13 valid');
 });
 
 test('a reproduce report: the headline and the verdict of a run\'s cell', () => {
