@@ -113,7 +113,7 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
     if store is not None:
         # The worker stores the results itself, so they reach the store even if this kernel dies.
         spec["record"] = {"url": store.url, "storage_options": store.storage_options, "label": prep.label,
-                          "hashes": hashes, "options": prep.options,
+                          "hashes": hashes, "options": prep.options, "pool": prep.pool, "private": prep.private,
                           "key": persist.cache_key(code, hashes, prep.bundle.key if prep.bundle else None,
                                                    prep.options, persist.deps_digests(prep.options.deps))}
     stream = session.streams.open(prep.run_id)

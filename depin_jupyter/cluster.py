@@ -33,6 +33,7 @@ class WorkerInfo:
     gpu_model: str | None
     gpu_memory: int | None
     executing: int
+    pools: tuple[str, ...] = ()   # from Dask resources "pool:NAME" (on a volunteer network: granted by the coordinator)
 
 
 class Session:
@@ -96,6 +97,7 @@ class Session:
                 gpu_memory=gpu.get("memory-total"),
                 executing=int((w.get("metrics") or {}).get("task_counts", {}).get("executing", 0)
                               if isinstance((w.get("metrics") or {}).get("task_counts"), dict) else 0),
+                pools=tuple(sorted(str(r)[5:] for r in (w.get("resources") or {}) if str(r).startswith("pool:"))),
             ))
         self.last_workers = out
         return out

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import config
 from .errors import DepinUsageError, TrustError
-from .pki import ROLES, Token, cert_info, create_ca, issue, peer_identity
+from .pki import ROLES, Token, cert_info, create_ca, issue, peer_identity, peer_pool
 
 __all__ = ["StateDir", "DepinScheduler", "RoleGate", "default_state_dir"]
 
@@ -134,23 +134,45 @@ class StateDir:
             self._registry_cache = (mtime, self._read("tokens.json", {"certificates": []}))
         return self._registry_cache[1]
 
-    def _register(self, name: str, role: str, serial: int, expires: float) -> None:
+    def _register(self, name: str, role: str, serial: int, expires: float, pool: str | None = None,
+                  **lab: Any) -> None:
         reg = self._read("tokens.json", {"certificates": []})
-        reg["certificates"].append({"name": name, "role": role, "serial": str(serial), "issued": time.time(),
-                                    "expires": expires, "revoked": None})
+        entry = {"name": name, "role": role, "serial": str(serial), "issued": time.time(),
+                 "expires": expires, "revoked": None}
+        if pool is not None:
+            entry["pool"] = pool
+        entry.update({k: v for k, v in lab.items() if v})  # quota, educator (virtual labs, `lab.py`)
+        reg["certificates"].append(entry)
         _write_atomic(self.path / "tokens.json", json.dumps(reg, indent=1))
 
     def issue_token(self, role: str, name: str, days: float | None = None,
-                    not_after: Any = None) -> Token:
-        """Issue a certificate to ``name`` in ``role`` and return its join token."""
+                    not_after: Any = None, pool: str | None = None, quota: Any = None,
+                    educator: bool = False) -> Token:
+        """Issue a certificate to ``name`` in ``role`` and return its join token.
+
+        ``pool`` (workers; default ``volunteer``) is written into the certificate: the coordinator puts the
+        worker in that pool whatever it claims (see `RoleGate`)."""
         if not self.exists:
             raise DepinUsageError(f"no coordinator in {self.path}; start it first: `depin scheduler "
                                   f"--state-dir {self.path}`.")
         if role == "scheduler":
             raise DepinUsageError("tokens are for workers and clients; the scheduler has its own certificate")
         days = config.get("coordinator.token-days") if days is None else days
-        cert, key, serial = issue(self.ca, self.ca_key, name, role, days=float(days), not_after=not_after)
-        self._register(name, role, serial, cert_info(cert).not_after.timestamp())
+        if role == "worker" and pool is None:
+            from .pki import DEFAULT_POOL
+
+            pool = DEFAULT_POOL
+        elif role != "worker" and pool is not None:
+            raise DepinUsageError("--pool is for worker tokens: a client is in no pool")
+        if (quota or educator) and role != "client":
+            raise DepinUsageError("--quota and --educator are for client tokens (students, educators)")
+        from .lab import parse_quota
+
+        quota = parse_quota(quota) or None  # checked before anything is issued
+        cert, key, serial = issue(self.ca, self.ca_key, name, role, days=float(days), not_after=not_after,
+                                  pool=pool)
+        self._register(name, role, serial, cert_info(cert).not_after.timestamp(), pool=pool, quota=quota,
+                       educator=educator)
         return Token(address=self.address, ca=self.ca, cert=cert, key=key)
 
     def revoke(self, name: str) -> int:
@@ -237,8 +259,34 @@ def _strip_serialized(obj: Any, depth: int = 0) -> Any:
     return obj
 
 
+POOL_PREFIX = "pool:"      # Dask resource naming a worker's pool; only the coordinator grants it
+POOL_CAPACITY = 1_000_000  # so that a pool never limits how many cells run at once on a worker
+
+
+def grant_pool(resources: Any, pool: str) -> dict[str, Any]:
+    """The resources a worker registers with: every ``pool:`` name it claims is dropped, and it gets the
+    pool its certificate names — but only if it asked for that one (a worker that does not know pools, or
+    that claims another pool, is in none: it could not run a pool's tasks anyway)."""
+    claimed = dict(resources or {}) if isinstance(resources, dict) else {}
+    out = {k: v for k, v in claimed.items() if not str(k).startswith(POOL_PREFIX)}
+    if pool and POOL_PREFIX + pool in claimed:
+        out[POOL_PREFIX + pool] = POOL_CAPACITY
+    return out
+
+
+def _normalized(address: Any) -> str:
+    from distributed.comm import normalize_address
+
+    try:
+        return str(normalize_address(str(address)))
+    except Exception:  # noqa: BLE001 - not an address: matches nothing
+        return str(address)
+
+
 class RoleGate:
     """Checks and cleans each message a peer sends, by the role its certificate carries."""
+
+    pool: str = ""  # the pool in a worker identity's certificate (set by the scheduler's handle_comm)
 
     def __init__(self, scheduler: DepinScheduler, name: str, role: str) -> None:
         self.scheduler = scheduler
@@ -281,6 +329,22 @@ class RoleGate:
         mine = self.scheduler.addresses_of(self.name)
         if op == "register-worker":
             self.scheduler.note_worker(str(msg.get("address")), self.name)
+            msg = dict(msg)  # the certificate decides the pool, not the worker's claim
+            claimed = sorted(str(k) for k in (msg.get("resources") or {}) if str(k).startswith(POOL_PREFIX))
+            msg["resources"] = grant_pool(msg.get("resources"), self.pool)
+            granted = [k for k in msg["resources"] if k.startswith(POOL_PREFIX)]
+            if claimed != granted:
+                logger.warning("worker identity %r (pool %r) claimed %s; granted %s", self.name, self.pool,
+                               claimed or "no pool", granted or "no pool")
+            self.scheduler.note_pool(str(msg.get("address")), granted[0][len(POOL_PREFIX):] if granted else None)
+        elif op == "heartbeat_worker" and msg.get("resources"):
+            # Dask adds a heartbeat's resources to the worker: the same rule as at registration, and
+            # never for another identity's worker.
+            msg = dict(msg)
+            if _normalized(msg.get("address")) in mine:
+                msg["resources"] = grant_pool(msg["resources"], self.pool)
+            else:
+                msg.pop("resources")
         elif op == "retire_workers":
             asked = set(msg.get("workers") or ())
             others = {a for a in asked if a in self.scheduler.workers} - mine
@@ -390,6 +454,7 @@ def _make_scheduler_class() -> type:
             super().__init__(*args, **kwargs)
             self.state = state
             self.worker_names: dict[str, str] = {}     # worker address -> certificate name
+            self.worker_pools: dict[str, str | None] = {}  # worker address -> pool granted (None: no pool)
             self.credits: dict[str, dict[str, float]] = state.credits()
             self.credits_dirty = False
             self.relay: dict[str, bytes] = {}
@@ -401,6 +466,7 @@ def _make_scheduler_class() -> type:
             self.key_credit: dict[str, tuple[str, str, float, float]] = {}
             self.handlers.update({
                 "depin_identities": self.depin_identities,
+                "depin_pools": self.depin_pools,
                 "depin_reputation": self.depin_reputation,
                 "depin_verdicts": self.depin_verdicts,
                 "depin_refused": self.depin_refused,
@@ -409,8 +475,13 @@ def _make_scheduler_class() -> type:
                 "depin_relay_put": self.depin_relay_put,
                 "depin_relay_get": self.depin_relay_get,
                 "depin_credits": self.depin_credits,
+                "depin_lab_status": self.depin_lab_status,
             })
             self.add_plugin(_Ledger(self))
+            from .lab import LabGate, make_plugin
+
+            self.lab = LabGate(self)  # virtual labs: quotas per student, fair share (`lab.py`)
+            self.add_plugin(make_plugin(self.lab))
             from tornado.ioloop import PeriodicCallback
 
             self.periodic_callbacks["depin-housekeeping"] = PeriodicCallback(self._housekeeping, 1000)
@@ -426,6 +497,7 @@ def _make_scheduler_class() -> type:
                 return NoOpAwaitable()
             role = next(iter(roles))
             gate = RoleGate(self, name, role)
+            gate.pool = peer_pool(comm.extra_info.get("peercert")) if role == "worker" else ""
             read = comm.read
 
             async def gated_read(deserializers: Any = None) -> Any:
@@ -452,6 +524,19 @@ def _make_scheduler_class() -> type:
             except Exception:  # noqa: BLE001 - registration will reject a bad address itself
                 pass
             self.worker_names[address] = name
+
+        def note_pool(self, address: str, pool: str | None) -> None:
+            from distributed.comm import normalize_address
+
+            try:
+                address = normalize_address(address)
+            except Exception:  # noqa: BLE001 - registration will reject a bad address itself
+                pass
+            self.worker_pools[address] = pool
+
+        async def depin_pools(self) -> dict[str, str | None]:
+            """Worker address -> the pool its certificate put it in (None: in no pool), connected ones."""
+            return {a: p for a, p in self.worker_pools.items() if a in self.workers}
 
         async def depin_refused(self, message: str, reply: bool = True, **_: Any) -> None:
             raise TrustError(f"refused by the coordinator: {message}")
@@ -529,6 +614,35 @@ def _make_scheduler_class() -> type:
                 self.reputation_dirty = True
             return "OK"
 
+        # --- virtual labs (`lab.py`) ---
+        async def add_client(self, comm: Any, client: str, versions: dict[str, Any]) -> None:
+            ident = getattr(comm, "depin_identity", None)
+            if ident is not None:
+                self.lab.client_names[client] = ident[0]
+            return await super().add_client(comm, client, versions)
+
+        def remove_client(self, client: str, stimulus_id: str | None = None) -> None:
+            self.lab.release_held(client)
+            try:
+                return super().remove_client(client, stimulus_id=stimulus_id)
+            finally:
+                self.lab.client_names.pop(client, None)
+
+        async def update_graph(self, client: str, keys: Any = (), **kwargs: Any) -> None:
+            return await self.lab.admit(client, keys, lambda: super(_DepinScheduler, self).update_graph(
+                client=client, keys=keys, **kwargs))
+
+        def client_releases_keys(self, keys: Any, client: str, stimulus_id: str | None = None) -> None:
+            self.lab.release_held(client, keys)
+            return super().client_releases_keys(keys=keys, client=client, stimulus_id=stimulus_id)
+
+        async def depin_lab_status(self, comm: Any) -> dict[str, Any]:
+            name, role = getattr(comm, "depin_identity", ("?", "?"))
+            if not self.lab.is_educator(name, role):
+                return {"error": f"{name!r} is not an educator of this lab (issue the token with --educator, "
+                                 f"or list the name in depin.lab.educators on the coordinator)"}
+            return self.lab.status()
+
         # --- credit and revocation ---
         async def depin_credits(self) -> dict[str, Any]:
             return self.credits
@@ -546,6 +660,17 @@ def _make_scheduler_class() -> type:
                     self.state.save_credits(self.credits)
                 except OSError:
                     logger.exception("could not save credits")
+            if self.lab.dirty:
+                self.lab.dirty = False
+                try:
+                    _write_atomic(self.state.path / "lab-usage.json", json.dumps(self.lab.usage, indent=1))
+                except OSError:
+                    logger.exception("could not save lab usage")
+            for client, name in list(self.lab.client_names.items()):  # a revoked student is disconnected
+                if client in self.client_comms and self._revoked(name):
+                    logger.warning("closing client %s: the token of %r was revoked", client, name)
+                    self.lab.client_names.pop(client, None)
+                    self.client_comms[client].abort()
             # Connections of identities revoked since they joined are closed too.
             for address, name in list(self.worker_names.items()):
                 if address in self.workers and self._revoked(name):
@@ -563,11 +688,15 @@ def _make_scheduler_class() -> type:
                 return await super().remove_worker(address, **kwargs)
             finally:
                 self.worker_names.pop(address, None)
+                self.worker_pools.pop(address, None)
 
         async def close(self, *args: Any, **kwargs: Any) -> Any:
             if self.credits_dirty:
                 self.state.save_credits(self.credits)
                 self.credits_dirty = False
+            if self.lab.dirty:
+                self.lab.dirty = False
+                _write_atomic(self.state.path / "lab-usage.json", json.dumps(self.lab.usage, indent=1))
             return await super().close(*args, **kwargs)
 
     return _DepinScheduler

@@ -14,7 +14,11 @@ from .errors import DepinUsageError
 
 __all__ = ["DepinMagics"]
 
-_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait", "runs", "load", "reproduce")
+_SUBCOMMANDS = ("connect", "status", "config", "close", "jobs", "cancel", "wait", "runs", "load", "reproduce",
+                "private")
+
+# Variables marked with `%depin private`: a cell reading one is sent only to a trusted pool.
+_PRIVATE: set[str] = set()
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -75,6 +79,11 @@ class DepinMagics(Magics):
     @argument("--inputs", type=_names, metavar="A,B", help="send exactly these names (overrides inference)")
     @argument("--outputs", type=_names, metavar="A,B",
               help="bring back exactly these names (overrides inference)")
+    @argument("--pool", metavar="NAME",
+              help="run only on workers of this pool, e.g. lab (config depin.pool; default: any worker)")
+    @argument("--private", type=_names, metavar="A,B",
+              help="these variables are private for this cell (like %%depin private): they are sent only to "
+                   "a trusted pool (config depin.trusted-pools)")
     @cell_magic
     def depin(self, line: str, cell: str) -> Any:
         """Run this cell on the cluster: its inputs travel, its outputs, output and errors come back.
@@ -95,7 +104,8 @@ class DepinMagics(Magics):
                              gpu_mem=args.gpu_mem, gpu_arch=args.gpu_arch, max_runtime=args.max_runtime,
                              store=args.store, no_store=args.no_store, no_cache=args.no_cache,
                              deps=tuple(args.deps) if args.deps else None, replicas=args.replicas,
-                             rtol=args.rtol, atol=args.atol)
+                             rtol=args.rtol, atol=args.atol, pool=args.pool,
+                             private=tuple(sorted(_PRIVATE | set(args.private or ()))))
         fresh = current_session() is None
         session = _usage(get_session)
         if fresh:
@@ -125,10 +135,12 @@ class DepinMagics(Magics):
     @argument("--store", metavar="URL", help="for load: the store (default: config depin.store.url)")
     @argument("--all", action="store_true", help="for cancel: every run in flight on the cluster")
     @argument("--mine", action="store_true", help="for cancel: every run this user started")
+    @argument("--clear", action="store_true", help="for private: unmark every private variable")
     @line_magic("depin")
     def depin_line(self, line: str) -> Any:
         """%depin connect [TARGET] | status | config | close | jobs | cancel RUN|--mine|--all | wait [NAME]
-        | runs [STORE] | load RUN [NAME...] [--store URL] | reproduce NOTEBOOK --store STORE."""
+        | runs [STORE] | load RUN [NAME...] [--store URL] | reproduce NOTEBOOK --store STORE
+        | private [NAME...] | private --clear."""
         __tracebackhide__ = True
         if not line.strip():
             raise UsageError(f"%depin needs a command: one of {', '.join(_SUBCOMMANDS)} (see %depin?)")
@@ -157,6 +169,8 @@ class DepinMagics(Magics):
             return None
         if args.command == "load":
             return _load(self.shell.user_ns, args)
+        if args.command == "private":
+            return _private(args)
         if args.command == "reproduce":
             if not args.target or not args.store:
                 raise UsageError("%depin reproduce NOTEBOOK --store STORE")
@@ -222,6 +236,21 @@ def _load(namespace: dict[str, Any], args: Any) -> None:
     print(f"depin: bound {', '.join(values) or 'nothing'} from run {run_id} ({store.url})")
 
 
+def _private(args: Any) -> None:
+    """`%depin private NAME...` marks variables private; `--clear` unmarks all; alone it lists them."""
+    names = [x for n in ([args.target] if args.target else []) + list(args.names) for x in _names(n)]
+    if args.clear:
+        if names:
+            raise UsageError("%depin private --clear takes no names (it unmarks every variable)")
+        _PRIVATE.clear()
+        print("depin: no variable is private now")
+        return
+    _PRIVATE.update(names)
+    trusted = ", ".join(str(p) for p in config.get("trusted-pools") or ()) or "none"
+    print(f"depin: private: {', '.join(sorted(_PRIVATE)) or 'none'}; cells that read them run only with "
+          f"--pool in a trusted pool (depin.trusted-pools: {trusted})")
+
+
 def _cancel(args: Any) -> None:
     from . import cluster
     from .jobs import cancel_jobs, list_jobs, owner
@@ -257,16 +286,39 @@ def format_status(session: Any) -> str:
     trust = _trust(session) if volunteers else {}  # a volunteer network: who is behind each worker, how trusted
     if volunteers:
         rows[0] += ("volunteer", "trust")
-    for w in session.workers():
+    workers = session.workers()
+    pools = any(w.pools for w in workers)
+    if pools:
+        rows[0] += ("pool",)
+    for w in workers:
         row = (w.name, w.address, str(w.nthreads), _gib(w.memory_limit),
                f"{w.gpus}x {w.gpu_model}" if w.gpus else "-",
                _gib(w.gpu_memory) if w.gpu_memory else "-", str(w.executing))
         if volunteers:
             row += trust.get(w.address) or (w.name, "?")
+        if pools:
+            row += (",".join(w.pools) or "-",)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"depin: {session.description} at {session.address}"]
     lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows]
+    if _PRIVATE:
+        lines.append(f"private variables: {', '.join(sorted(_PRIVATE))} (sent only with --pool in "
+                     f"{', '.join(str(p) for p in config.get('trusted-pools') or ()) or 'no trusted pool'})")
+    last = getattr(session, "last_energy", None)
+    if last:
+        from .energy import summary
+
+        lines.append(f"last run {last[0]}: energy {summary(last[1])}")
+    if volunteers:  # an educator's token also sees the lab: every student's use and quota
+        try:
+            from .lab import format_lab_status
+
+            lab = session.client.sync(session.client.scheduler.depin_lab_status)
+            if "students" in lab:
+                lines += ["", format_lab_status(lab)]
+        except Exception:  # noqa: BLE001 - not an educator, or not a depin coordinator
+            pass
     return "\n".join(lines)
 
 

@@ -140,8 +140,12 @@ def _concrete(value: Any) -> Any:
 
 def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, str], key: str,
            options: Any, result: dict[str, Any], client: Any = None,
-           timings: dict[str, float] | None = None) -> str | None:
+           timings: dict[str, float] | None = None, pool: str | None = None,
+           private: Any = ()) -> str | None:
     """Write a finished run into ``store``; returns a warning to show, or None.
+
+    ``pool``: the pool the run was restricted to (None: any worker); ``private``: the inputs that carried
+    private data (the manifest keeps their names and content hashes, never their values).
 
     Never raises for an output it cannot store: the run is then stored without it and is not
     cacheable, and the warning names the output.
@@ -184,6 +188,11 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     if result.get("status") != "ok":
         err = result.get("error") or {}
         extra["error"] = {"type": err.get("type"), "message": err.get("message")}
+    extra["pool"] = pool
+    if private:
+        extra["private_inputs"] = {n: hashes.get(n) for n in private}
+    if result.get("energy") is not None:
+        extra["energy"] = result["energy"]  # measured on the worker (`energy.py`), or "not measured" and why
     if result.get("replication"):
         extra["replication"] = result["replication"]  # which workers ran it, their verdicts, the tolerance
     if problems:

@@ -18,11 +18,23 @@ from typing import Any
 
 from .errors import DepinUsageError
 
-__all__ = ["ROLES", "Token", "create_ca", "issue", "peer_identity", "cert_info", "TOKEN_PREFIX"]
+__all__ = ["ROLES", "Token", "create_ca", "issue", "peer_identity", "peer_pool", "cert_pool", "cert_info",
+           "TOKEN_PREFIX", "DEFAULT_POOL"]
 
 ROLES = ("scheduler", "worker", "client")
 TOKEN_PREFIX = "depin1-"
 _ROLE_URI = "depin://role/"
+_POOL_URI = "depin://pool/"
+DEFAULT_POOL = "volunteer"  # a worker certificate without a pool mark (issued before pools existed)
+
+
+def check_pool_name(pool: str) -> str:
+    """A pool name is letters, digits, '-', '_' and '.' (it becomes a URI and a Dask resource name)."""
+    import re
+
+    if not isinstance(pool, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", pool):
+        raise DepinUsageError(f"invalid pool name {pool!r}: use letters, digits, '-', '_' or '.'")
+    return pool
 
 
 def _utcnow() -> dt.datetime:
@@ -56,8 +68,11 @@ def create_ca(name: str = "depin coordinator", days: int = 3650) -> tuple[str, s
 
 def issue(ca_cert: str, ca_key: str, name: str, role: str, *, days: float = 365,
           not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-          hosts: tuple[str, ...] = ()) -> tuple[str, str, int]:
+          hosts: tuple[str, ...] = (), pool: str | None = None) -> tuple[str, str, int]:
     """A leaf certificate for ``name`` in ``role`` signed by the CA: (certificate PEM, key PEM, serial).
+
+    ``pool`` (workers): the pool the holder belongs to, written as a ``depin://pool/NAME`` URI; the CA's
+    signature covers it, so a volunteer cannot change it.
 
     Every Dask node is both a TLS server and a TLS client (workers listen for peers, the scheduler dials
     workers), so the certificate carries both extended key usages.
@@ -79,6 +94,8 @@ def issue(ca_cert: str, ca_key: str, name: str, role: str, *, days: float = 365,
     start = not_before or min(now - dt.timedelta(minutes=5), end - dt.timedelta(days=1))
     sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                     x509.UniformResourceIdentifier(_ROLE_URI + role)]
+    if pool is not None:
+        sans.append(x509.UniformResourceIdentifier(_POOL_URI + check_pool_name(pool)))
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
@@ -145,6 +162,31 @@ def peer_identity(peercert: dict[str, Any] | None) -> tuple[str, set[str], int |
         roles = set()
     serial = cert.get("serialNumber")
     return name, (roles or uri_roles), (int(serial, 16) if serial else None)
+
+
+def peer_pool(peercert: dict[str, Any] | None) -> str:
+    """The pool a peer certificate (as ``ssl.getpeercert()`` gives it) puts its holder in.
+
+    A certificate with no pool mark is in `DEFAULT_POOL`; one with several marks is in none ("").
+    """
+    pools = {v[len(_POOL_URI):] for k, v in (peercert or {}).get("subjectAltName", ())
+             if k == "URI" and v.startswith(_POOL_URI)}
+    if not pools:
+        return DEFAULT_POOL
+    return next(iter(pools)) if len(pools) == 1 else ""
+
+
+def cert_pool(cert_pem: str) -> str:
+    """The pool of a PEM certificate (same rules as `peer_pool`)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    return peer_pool({"subjectAltName": [("URI", u) for u in uris]})
 
 
 @dataclass(frozen=True)

@@ -601,6 +601,7 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any], *, worker: Any = None
             timers.append(threading.Timer(limit, cancel_run, args=(run_id,), kwargs={"exc_type": exc_type}))
             timers[-1].daemon = True
             timers[-1].start()
+    meter, used = _energy_meter(result, worker)
     t1 = time.time()
     ctx.start(worker_addr, getattr(worker, "name", None))
     try:
@@ -634,6 +635,12 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any], *, worker: Any = None
     finally:
         _local.run = None
         ctx.flush()
+        if meter is not None:
+            try:
+                meter.__exit__(None, None, None)
+                result["energy"] = used
+            except Exception as e:  # noqa: BLE001 - a measurement never fails the cell
+                result["energy"] = {"energy_j": "not measured", "reason": f"measurement failed: {e}"}
     t2 = time.time()
     _collect(result, ns, seeded, input_objects, before, spec)
     result["timings"] = {"setup": t1 - t0, "run": t2 - t1, "collect": time.time() - t2}
@@ -642,6 +649,19 @@ def run_cell(spec: dict[str, Any], inputs: dict[str, Any], *, worker: Any = None
         _record_here(spec, result, ctx)
     result["stream_count"] = ctx.seq
     return result
+
+
+def _energy_meter(result: dict[str, Any], worker: Any) -> tuple[Any, dict[str, Any]]:
+    """Start `energy.measure` for a cell (GPU power when this worker has a GPU); (None, {}) if it fails."""
+    from . import energy
+
+    try:
+        meter = energy.measure(gpu=bool((result.get("hardware") or {}).get("gpu")),
+                               whole_process=bool(getattr(worker, "one_cell_process", False)))
+        return meter, meter.__enter__()
+    except Exception as e:  # noqa: BLE001 - a measurement never fails the cell
+        result["energy"] = {"energy_j": "not measured", "reason": f"measurement failed: {e}"}
+        return None, {}
 
 
 def _record_here(spec: dict[str, Any], result: dict[str, Any], ctx: _RunContext) -> None:
@@ -657,7 +677,8 @@ def _record_here(spec: dict[str, Any], result: dict[str, Any], ctx: _RunContext)
         store = open_store(rec["url"], storage_options=rec["storage_options"])
         warning = persist.record(store, run_id=spec["run_id"], label=rec["label"], code=spec["code"],
                                  hashes=rec["hashes"], key=rec["key"], options=rec["options"], result=result,
-                                 timings={"run_s": result["timings"]["run"]})
+                                 timings={"run_s": result["timings"]["run"]}, pool=rec.get("pool"),
+                                 private=rec.get("private") or ())
     except Exception as e:  # noqa: BLE001 - reported to the notebook; the outputs still travel back
         warning = f"the worker could not store the run in {rec['url']}: {type(e).__name__}: {e}"
     finally:

@@ -65,6 +65,8 @@ class RunOptions:
     replicas: int | None = None         # run on this many distinct volunteers; a tolerant majority decides
     rtol: float | None = None           # replica agreement for floats (default: config depin.rtol)
     atol: float | None = None
+    pool: str | None = None             # run only on workers of this pool (default: config depin.pool)
+    private: tuple[str, ...] = ()       # private variables: sent only to a trusted pool (depin.trusted-pools)
 
 
 class Progress:
@@ -94,6 +96,7 @@ class CellOutcome:
     attempts: int = 1
     timings: dict[str, float] = field(default_factory=dict)
     cached: bool = False
+    energy: dict[str, Any] | None = None   # what the worker measured (`energy.py`); None when cached
 
 
 class _WorkerDied(Exception):
@@ -138,6 +141,8 @@ class Prepared:
     options: RunOptions
     candidates: list[str] = field(default_factory=list)   # workers that may run it (for replicas)
     started: float = field(default_factory=time.perf_counter)
+    pool: str | None = None                                # the pool it runs in (None: any worker)
+    private: list[str] = field(default_factory=list)       # inputs that carry private data
 
 
 def prepare(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
@@ -163,13 +168,68 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
         raise NameError(f"name {missing[0]!r} is not defined: the %%depin cell reads it"
                         + (f" (also undefined: {', '.join(missing[1:])})" if len(missing) > 1 else "")
                         + ". Define it in the notebook before running the cell; nothing was sent.")
+    private = check_private(session, names, namespace, options)  # refused here: nothing sent yet
     needed = _module_candidates(plan.imports, names, namespace)
     bundle = bundle_local_modules(needed)
     placement, candidates = _placement(session, options)
     placement = _check_environment(session, needed, bundle, placement, candidates)
     if placement.get("workers"):
         candidates = [w for w in candidates if w in placement["workers"]]
-    return Prepared(run_id, label, code, filename, plan, names, bundle, placement, options, candidates)
+    return Prepared(run_id, label, code, filename, plan, names, bundle, placement, options, candidates,
+                    pool=effective_pool(options), private=private)
+
+
+def effective_pool(options: RunOptions) -> str | None:
+    """The pool a run is restricted to: --pool, else config depin.pool (None: any worker)."""
+    pool = options.pool if options.pool is not None else config.get("pool")
+    return str(pool) if pool else None
+
+
+def _private_inputs(names: list[str], namespace: dict[str, Any], private: set[str]) -> list[str]:
+    """The inputs that are private or carry private data: a private name, another name for the same
+    object, or a notebook function that reads a private global (cloudpickle would take it along)."""
+    marked = [namespace[p] for p in private if p in namespace]
+
+    def same_object(v: Any) -> bool:
+        if v is None or isinstance(v, bool) or (type(v) is int and -5 <= v <= 256):
+            return False  # shared singletons are not the private data itself
+        return any(v is m for m in marked)
+
+    def code_names(code: types.CodeType) -> set[str]:
+        out = set(code.co_names)
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                out |= code_names(c)
+        return out
+
+    out = []
+    for n in names:
+        v = namespace.get(n)
+        if n in private or same_object(v) or (isinstance(v, types.FunctionType) and v.__module__ == "__main__"
+                                               and code_names(v.__code__) & private):
+            out.append(n)
+    return out
+
+
+def check_private(session: Session, names: list[str], namespace: dict[str, Any], options: RunOptions) -> list[str]:
+    """Refuse (DepinUsageError) a cell that would send private data anywhere but a trusted pool; returns the
+    private inputs it sends. The embedded cluster runs on this machine: nothing leaves it."""
+    private = set(options.private or ())
+    sent = _private_inputs(names, namespace, private) if private else []
+    if not sent or session.cluster is not None:
+        return sent
+    pool = effective_pool(options)
+    trusted = [str(p) for p in config.get("trusted-pools") or ()]
+    if pool is None or pool not in trusted:
+        from .errors import DepinUsageError
+
+        where = "any worker of the cluster (no --pool)" if pool is None else f"pool {pool!r}"
+        hint = f"run it with --pool {trusted[0]}" if trusted else "list a pool you trust in depin.trusted-pools"
+        raise DepinUsageError(
+            f"the cell reads private data ({', '.join(repr(n) for n in sent)}; %depin private / --private) and "
+            f"would send it to {where}; private data goes only to a trusted pool (depin.trusted-pools: "
+            f"{', '.join(trusted) or 'none'}). Nothing was sent: {hint}, or unmark it (%depin private --clear).")
+    return sent
 
 
 def make_spec(prep: Prepared, shipped: Any) -> dict[str, Any]:
@@ -266,7 +326,7 @@ def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None,
     try:
         warning = persist.record(store, run_id=prep.run_id, label=prep.label, code=prep.code, hashes=hashes,
                                  key=key or "", options=prep.options, result=result, client=session.client,
-                                 timings=timings)
+                                 timings=timings, pool=prep.pool, private=prep.private)
     except Exception as e:  # noqa: BLE001 - the namespace still gets the results
         warning = (f"the run's results are bound here but could not be stored in {store.url}: "
                    f"{type(e).__name__}: {e}")
@@ -339,6 +399,8 @@ def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped:
     )
     if "value" in result:
         outcome.value, outcome.has_value = result["value"], True
+    outcome.energy = result.get("energy")
+    session.last_energy = (prep.run_id, outcome.energy) if outcome.energy else None  # for %depin status
     if result["status"] != "ok":
         progress.update("failed", result["error"]["type"])
         _raise_remote(result, spec)
@@ -442,6 +504,13 @@ def _place(session: Session, options: RunOptions, workers: list[Any]) -> tuple[d
                                         f"Connected: {known}.")
         placement.update(workers=match, allow_other_workers=False)
         workers = [w for w in workers if w.address in match]
+    pool = effective_pool(options)
+    if pool:
+        in_pool = [w for w in workers if pool in w.pools]
+        if not in_pool:
+            raise NoSuitableWorkerError(_no_pool(session, pool, workers))
+        workers = in_pool
+        placement["resources"] = {f"pool:{pool}": 1}
     if options.gpu_mem or options.gpu_arch:
         gpus = gpus or 1
     if gpus:
@@ -457,7 +526,7 @@ def _place(session: Session, options: RunOptions, workers: list[Any]) -> tuple[d
                     f"--gpu-mem/--gpu-arch, or connect to a cluster with such GPUs."
                 )
         if capable:
-            placement["resources"] = {"GPU": gpus}
+            placement["resources"] = {**placement.get("resources", {}), "GPU": gpus}
             workers = capable
         elif config.get("gpu-fallback") == "cpu" and not (options.gpu_mem or options.gpu_arch):
             if not session.cpu_fallback_said:
@@ -473,6 +542,24 @@ def _place(session: Session, options: RunOptions, workers: list[Any]) -> tuple[d
                 f"cells on CPU with numpy."
             )
     return placement, [w.address for w in workers]
+
+
+def _no_pool(session: Session, pool: str, workers: list[Any]) -> str:
+    """Why no worker can run a --pool cell: the pools connected, and how a worker joins one."""
+    counts: dict[str, int] = {}
+    for w in workers:
+        for p in w.pools or ("(no pool)",):
+            counts[p] = counts.get(p, 0) + 1
+    have = ", ".join(f"{p} ({n} worker{'s' if n > 1 else ''})" for p, n in sorted(counts.items())) or "no workers"
+    if session.untrusted:
+        how = (f"a worker joins pool {pool!r} with a token from the coordinator: `depin token issue --role worker "
+               f"--name NAME --pool {pool}`")
+    else:
+        how = (f"on a cluster of your own, a worker is in pool {pool!r} when it has the Dask resource "
+               f"pool:{pool} (`dask worker ... --resources pool:{pool}=1000000`); volunteer networks get pools "
+               f"from the coordinator's certificates")
+    return (f"no connected worker is in pool {pool!r} (--pool / depin.pool). Pools connected: {have}. Wait for "
+            f"one to join, pick another pool, or drop --pool; {how}.")
 
 
 def _replicas(session: Session, options: RunOptions) -> tuple[int, bool]:

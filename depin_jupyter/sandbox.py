@@ -875,6 +875,8 @@ def _tail(log: bytes) -> str:
 class _Relay:
     """Stands in for the Dask worker inside the child: `log_event` sends stream events to the parent."""
 
+    one_cell_process = True  # this process runs only the cell: its whole CPU time is the cell's (energy.py)
+
     def __init__(self, fd: int, address: str | None, name: str | None) -> None:
         self.fd, self.address, self.name = fd, address, name
         self.nanny = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pathlib
 import platform
 import signal
 import sys
@@ -99,6 +100,12 @@ class VolunteerWorker(Worker):
         from .remote import CancelOnRelease
 
         super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
+        self.depin_pool = _own_pool(self.security)
+        if self.depin_pool:  # the coordinator grants it (from the certificate) only if asked for
+            from .coordinator import POOL_CAPACITY, POOL_PREFIX
+
+            self.state.total_resources[POOL_PREFIX + self.depin_pool] = POOL_CAPACITY
+            self.state.available_resources[POOL_PREFIX + self.depin_pool] = POOL_CAPACITY
         gpu = bool(self.state.total_resources.get("GPU"))
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         devices = [visible.split(",")[0].strip()] if gpu and visible.strip() else (["0"] if gpu else [])
@@ -210,6 +217,25 @@ class VolunteerWorker(Worker):
         return super().handle_comm(comm)
 
 
+def _own_pool(security: Any) -> str:
+    """The pool named in this worker's own certificate ("" when it cannot be read)."""
+    from .pki import cert_pool
+
+    cert = getattr(security, "tls_worker_cert", None) or ""
+    try:
+        if not str(cert).lstrip().startswith("-----BEGIN"):
+            cert = pathlib.Path(str(cert)).read_text()
+        return cert_pool(str(cert))
+    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): in no pool
+        return ""
+
+
+def _pool_of(token: Token) -> str:
+    from .pki import cert_pool
+
+    return cert_pool(token.cert)
+
+
 async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -> None:
     """Return once the coordinator answers this identity; retry with backoff while it is unreachable.
 
@@ -306,7 +332,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
                 say(f"depin worker: {line}.")
         cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
         await cw
-        say(f"depin worker: joined {token.address} as {name!r} with {len(cw.nannies)} GPU worker(s).")
+        say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with {len(cw.nannies)} GPU worker(s).")
         return list(cw.nannies)
     if wanted:
         raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
@@ -314,7 +340,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
         say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
     nanny = Nanny(token.address, name=name, **common)
     await nanny
-    say(f"depin worker: joined {token.address} as {name!r} with a CPU worker ({why}); cells use numpy here.")
+    say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with a CPU worker ({why}); cells use numpy here.")
     return [nanny]
 
 

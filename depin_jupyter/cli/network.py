@@ -195,18 +195,35 @@ def token() -> None:
 
 @token.command("issue")
 @click.option("--role", type=click.Choice(["worker", "client"]), required=True)
-@click.option("--name", required=True, help="who it is for (one name per person or machine)")
+@click.option("--name", default=None, help="who it is for (one name per person or machine)")
 @click.option("--days", default=None, type=float, help="validity (default: config depin.coordinator.token-days)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="write the token to this file (0600)")
+@click.option("--pool", default=None, metavar="NAME",
+              help="worker tokens: the pool the worker joins (default volunteer; e.g. lab). Written into the "
+                   "certificate: `%%depin --pool NAME` cells run only there")
+@click.option("--quota", default=None, metavar="LIMITS",
+              help="client tokens (students): e.g. concurrent=1,gpu-seconds=3600,cpu-seconds=7200 (per day)")
+@click.option("--educator", is_flag=True, help="client tokens: may see the lab status of every student")
+@click.option("--class", "roster", default=None, type=click.Path(exists=True, dir_okay=False), metavar="CSV",
+              help="a class roster (columns name[,quota]): one client token per row, written to --out-dir")
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False), metavar="DIR",
+              help="with --class: where NAME.token files are written (0600)")
 @_state_option
-def token_issue(role: str, name: str, days: float | None, out: str | None, state_dir: str | None) -> None:
+def token_issue(role: str, name: str | None, days: float | None, out: str | None, state_dir: str | None,
+                pool: str | None = None, quota: str | None = None, educator: bool = False,
+                roster: str | None = None, out_dir: str | None = None) -> None:
     """Issue a token: the coordinator's address, its CA, and a certificate for NAME in ROLE."""
     import os
 
     from ..errors import DepinError
 
+    if roster is not None:
+        return _issue_class(role, roster, out_dir, days, quota, state_dir)
+    if not name:
+        raise click.UsageError("--name is required (or --class ROSTER.csv for a whole class)")
     try:
-        text = _state(state_dir).issue_token(role, name, days).encode()
+        text = _state(state_dir).issue_token(role, name, days, pool=pool, quota=quota,
+                                             educator=educator).encode()
     except DepinError as e:
         _fail(e)
     if out:
@@ -218,6 +235,39 @@ def token_issue(role: str, name: str, days: float | None, out: str | None, state
         click.echo(text)
 
 
+def _issue_class(role: str, roster: str, out_dir: str | None, days: float | None, quota: str | None,
+                 state_dir: str | None) -> None:
+    """`depin token issue --class ROSTER.csv --out-dir DIR`: one client token per student, in NAME.token files."""
+    import os
+    import pathlib
+
+    from ..errors import DepinError
+    from ..lab import format_quota, parse_quota, read_roster
+
+    if role != "client":
+        raise click.UsageError("--class issues client tokens (students): use --role client")
+    if not out_dir:
+        raise click.UsageError("--class needs --out-dir DIR (one NAME.token file per student, 0600)")
+    try:
+        rows = read_roster(roster)
+        default = parse_quota(quota)
+        state = _state(state_dir)
+        d = pathlib.Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        for student, q in rows:
+            q = q or default
+            text = state.issue_token("client", student, days, quota=q or None).encode()
+            path = d / f"{student}.token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+            click.echo(f"{student}: {path} (quota {format_quota(q)})")
+    except DepinError as e:
+        _fail(e)
+    click.echo(f"issued {len(rows)} student token(s) into {d}; `depin lab status` shows their use", err=True)
+
+
 @token.command("list")
 @_state_option
 def token_list(state_dir: str | None) -> None:
@@ -227,12 +277,13 @@ def token_list(state_dir: str | None) -> None:
     state = _state(state_dir)
     if not state.exists:
         raise click.ClickException(f"no coordinator in {state.path}")
-    rows = [("NAME", "ROLE", "EXPIRES", "STATUS")]
+    rows = [("NAME", "ROLE", "POOL", "EXPIRES", "STATUS")]
     for c in state.registry()["certificates"]:
         exp = dt.datetime.fromtimestamp(c["expires"], dt.timezone.utc)
         status = ("revoked" if c["revoked"] else "expired" if exp < dt.datetime.now(dt.timezone.utc) else "valid")
-        rows.append((c["name"], c["role"], f"{exp:%Y-%m-%d}", status))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((c["name"], c["role"], c.get("pool") or ("volunteer" if c["role"] == "worker" else "-"),
+                     f"{exp:%Y-%m-%d}", status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
@@ -292,3 +343,30 @@ def credits(as_json: bool, state_dir: str | None) -> None:
                "WITHHELD-S: seconds of work found invalid by replicas (no credit). TRUST: validated/checked "
                f"replicated results; 'trusted' after {streak} in a row (then spot-checked). "
                + CREDIT_FORMULA)
+
+
+@main.group()
+def lab() -> None:
+    """Virtual labs: the educator's view of students' use and quotas."""
+
+
+@lab.command("status")
+@click.option("--token", "token_text", default=None, metavar="TOKEN",
+              help="an educator's client token (string or file); default: the coordinator's own certificate "
+                   "from --state-dir (run on the coordinator machine)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_state_option
+def lab_status(token_text: str | None, as_json: bool, state_dir: str | None) -> None:
+    """Per student: connected, cells running/queued, GPU/CPU-seconds used today vs quota."""
+    import json
+
+    from ..errors import DepinError
+    from ..lab import fetch_lab_status, format_lab_status
+
+    try:
+        status = fetch_lab_status(token_text=token_text, state=None if token_text else _state(state_dir))
+    except DepinError as e:
+        _fail(e)
+    except (OSError, TimeoutError) as e:
+        raise click.ClickException(f"could not reach the coordinator: {e}") from None
+    click.echo(json.dumps(status, indent=1, sort_keys=True) if as_json else format_lab_status(status))

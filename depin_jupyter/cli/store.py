@@ -82,6 +82,11 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
         import yaml
 
         click.echo(yaml.safe_dump(doc, sort_keys=False, width=100))
+        extra = doc.get("extra") or {}
+        if extra.get("energy"):
+            from ..energy import summary
+
+            click.echo(f"# energy: {summary(extra['energy'])}; pool: {extra.get('pool') or 'any'}")
 
 
 @main.command()
