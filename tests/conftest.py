@@ -135,3 +135,12 @@ def kernel_execute(kc, code: str, timeout: float = 120):
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
     return kc.get_shell_msg(timeout=timeout)["content"], msgs
+
+
+@pytest.fixture
+def no_store():
+    """No result store for the test's runs (volunteer-network tests check the network, not the store)."""
+    import dask
+
+    with dask.config.set({"depin.store.enabled": False}):
+        yield

@@ -18,7 +18,7 @@ from volunteer_net import Network, wait_for_text, wait_for_workers
 from depin_jupyter import cluster, controls, runner
 from depin_jupyter.errors import DepinUsageError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 
 
 # ------------------------------------------------------------------ pure functions
@@ -116,13 +116,6 @@ def net(tmp_path_factory):
     yield n
     n.close()
 
-
-@pytest.fixture(autouse=True)
-def _no_store():
-    import dask
-
-    with dask.config.set({"depin.store.enabled": False}):
-        yield
 
 
 def _ctl(net, name):

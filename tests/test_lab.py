@@ -19,7 +19,7 @@ from depin_jupyter.errors import (
 )
 from depin_jupyter.lab import fetch_lab_status, format_lab_status, parse_quota
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 
 
 def _span(seconds):
@@ -42,13 +42,6 @@ def net(tmp_path_factory):
     yield n
     n.close()
 
-
-@pytest.fixture(autouse=True)
-def _no_store():
-    import dask
-
-    with dask.config.set({"depin.store.enabled": False}):
-        yield
 
 
 def _session(token):

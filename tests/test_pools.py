@@ -21,7 +21,7 @@ from depin_jupyter.pki import Token, cert_pool
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 HERE = os.path.dirname(__file__)
 MARK_PRIVATE = secrets.token_bytes(32)
 MARK_CONTROL = secrets.token_bytes(32)
@@ -119,13 +119,6 @@ def net(tmp_path_factory):
     n.session.client.close()
     n.close()
 
-
-@pytest.fixture(autouse=True)
-def _no_store():
-    import dask
-
-    with dask.config.set({"depin.store.enabled": False}):
-        yield
 
 
 def _pools(net) -> dict[str, str | None]:

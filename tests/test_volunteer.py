@@ -24,7 +24,7 @@ from depin_jupyter.pki import Token
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_store")]
 HERE = pathlib.Path(__file__).parent
 
 
@@ -35,13 +35,6 @@ def net(tmp_path_factory):
     yield n
     n.close()
 
-
-@pytest.fixture(autouse=True)
-def _no_store(monkeypatch):
-    import dask
-
-    with dask.config.set({"depin.store.enabled": False}):
-        yield
 
 
 def _session(token: str) -> cluster.Session:

@@ -230,3 +230,18 @@ def test_deleted_run_and_chunk_are_reported(sealed_store):
 
     zarr.create_array(rs.url, name=f"runs/{second}/smuggled", shape=(2,), dtype="i1")
     assert f"run {second}: node 'smuggled' is not in the manifest" in rs.verify().format()
+
+
+def test_a_run_killed_before_its_metadata_is_incomplete_not_missing(tmp_path):
+    # The writer made the run's directory and a chunk, then died before writing its zarr.json.
+    url = str(tmp_path / "early.zarr")
+    open_store(url)
+    run_id = "20261125T000000.000000Z-deadbeef"
+    chunk = tmp_path / "early.zarr" / "runs" / run_id / "outputs" / "a" / "c" / "0"
+    chunk.parent.mkdir(parents=True)
+    chunk.write_bytes(b"partial")
+    rs = open_store(url, create=False)
+    [summary] = rs.runs()
+    assert summary.run_id == run_id and not summary.complete
+    with pytest.raises(RunIncompleteError, match="killed before it began"):
+        rs.load(run_id)
