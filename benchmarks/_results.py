@@ -23,3 +23,16 @@ def stats(samples: list[float]) -> dict[str, float]:
     """Median and p90 in milliseconds of timings in seconds, and how many there were."""
     s = sorted(samples)
     return {"median_ms": statistics.median(s) * 1e3, "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3, "n": len(s)}
+
+
+def timed(fn: Any, reps: int) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn`` after one warm-up call."""
+    import time
+
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out

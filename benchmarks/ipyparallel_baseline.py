@@ -17,9 +17,8 @@ import argparse
 import os
 import platform
 import sys
-import time
 
-from _results import save, stats
+from _results import save, stats, timed
 
 
 def main() -> None:
@@ -41,15 +40,6 @@ def main() -> None:
 
     dask.config.set({"depin.store.enabled": False})
     a = np.random.default_rng(0).random(args.input_mib * 2**20 // 8)
-
-    def timed(fn, reps):  # noqa: ANN001, ANN202
-        fn()  # warm up
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
 
     rows = {}
     session = cluster.connect("local")

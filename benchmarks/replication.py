@@ -15,9 +15,8 @@ import argparse
 import os
 import platform
 import sys
-import time
 
-from _results import save, stats as _stats
+from _results import save, timed, stats as _stats
 
 
 def _inc(v):  # noqa: ANN001, ANN202 - the baseline task
@@ -41,15 +40,6 @@ def main() -> None:
     session = cluster.connect("local")
     session.client.wait_for_workers(2, timeout=60)
     client = session.client
-
-    def timed(fn, reps):  # noqa: ANN001, ANN202
-        fn()  # warm up
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
 
     n = args.mib * 2**20 // 8
     rows: dict[str, dict[str, float]] = {}
