@@ -33,7 +33,7 @@ from . import config
 from .errors import DepinUsageError, TrustError
 from .pki import ROLES, Token, cert_info, create_ca, issue, peer_identity, peer_pool
 
-__all__ = ["StateDir", "DepinScheduler", "RoleGate", "default_state_dir"]
+__all__ = ["StateDir", "RoleGate", "default_state_dir", "scheduler_class", "serve"]
 
 logger = logging.getLogger("depin.coordinator")
 
@@ -288,7 +288,7 @@ class RoleGate:
 
     pool: str = ""  # the pool in a worker identity's certificate (set by the scheduler's handle_comm)
 
-    def __init__(self, scheduler: DepinScheduler, name: str, role: str) -> None:
+    def __init__(self, scheduler: Any, name: str, role: str) -> None:  # the scheduler_class() instance
         self.scheduler = scheduler
         self.name = name
         self.role = role
@@ -363,10 +363,6 @@ class RoleGate:
             msg = dict(msg)
             msg["type"] = None  # a pickled class otherwise unpickled by the client
         return _strip_serialized(msg)
-
-
-class DepinScheduler:  # replaced by the real subclass in _make_scheduler_class (imports stay lazy)
-    """Placeholder for type checkers; see `_make_scheduler_class`."""
 
 
 def _make_scheduler_class() -> type:

@@ -615,6 +615,7 @@ def _execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep:
         return _submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
                                 progress if primary else Progress(), echo=primary, on_submit=futures.append)
 
+    record: dict[str, Any] | None = None
     try:
         result, record = replication.run(run_one, plan, candidates, names, k, int(config.get("replicas-max")),
                                          rtol, atol)
@@ -623,7 +624,7 @@ def _execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep:
             _cancel(session.client, f, spec["run_id"], timed_out=False)
         raise
     finally:
-        _report_verdicts(session, locals().get("record"), futures)
+        _report_verdicts(session, record, futures)
     result["replication"] = record
     return result
 

@@ -33,7 +33,6 @@ __all__ = [
     "Conflict",
     "DepinManager",
     "ManagerError",
-    "NotBuilt",
     "NotFound",
     "Unavailable",
 ]
@@ -76,10 +75,6 @@ class Conflict(ManagerError):
     """The run exists but cannot be served (incomplete, or modified after it was sealed)."""
 
     status = 409
-
-
-class NotBuilt(ManagerError):
-    status = 501
 
 
 class Unavailable(ManagerError):
