@@ -271,12 +271,13 @@ def test_sleeping_volunteer_earns_no_more_normalized_credit(net):
 
     honest, _ = net.start_worker(net.token("worker", "honest"))
     sleeper, _ = net.start_worker(net.token("worker", "sleeper"), env={
-        "DEPIN_TEST_SLEEP": "1.0", "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([preload])})
+        "DEPIN_TEST_SLEEP": "2.0", "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([preload])})
     s = cluster._connect_token(net.token("client", "sci-credit"))
     try:
         wait_for_workers(s, 2)
-        for name in ("honest", "sleeper"):
-            for _ in range(3):
+        # interleaved, so a slow spell of a shared CI machine falls on both volunteers alike
+        for _ in range(3):
+            for name in ("honest", "sleeper"):
                 ns = {"np": np}
                 runner.run_cell(s, WORK, ns, runner.RunOptions(worker=name, **_one_replica()))
                 assert isinstance(ns["acc"], float)
@@ -291,11 +292,14 @@ def test_sleeping_volunteer_earns_no_more_normalized_credit(net):
             break
         time.sleep(0.2)
     h, z = net.state.credits()["honest"], net.state.credits()["sleeper"]
-    # raw wall-clock seconds do differ: the sleeper's include 3 x 1 s of sleep
-    assert z["cpu_seconds"] >= h["cpu_seconds"] + 2.5, (h, z)
+    # raw wall-clock seconds do differ: the sleeper's include 3 x 2 s of sleep (several times the work)
+    assert z["cpu_seconds"] >= h["cpu_seconds"] + 5.5, (h, z)
     assert h["credit"] > 0 and z["credit"] > 0
-    # normalized credit does not: the same work earns about the same (benchmark and timing noise allowed)
-    assert z["credit"] <= h["credit"] * 1.3, (h, z)
+    # normalized credit does not: the same work earns about the same. The margin covers CPU-time noise of
+    # a shared 2-core CI machine (a child's CPU time includes its interpreter start, seen to vary by 50%);
+    # sleeping would have multiplied the credit by the raw-seconds ratio, far above it.
+    assert z["credit"] <= h["credit"] * 1.6, (h, z)
+    assert z["cpu_seconds"] / h["cpu_seconds"] > 2.5, (h, z)
     assert z["cpu_used_seconds"] < z["cpu_seconds"] / 2
     res = cli("credits", "--state-dir", str(net.state.path))
     assert res.exit_code == 0 and "CREDIT" in res.output and "Self-reported" in res.output, res.output
