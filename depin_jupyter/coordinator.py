@@ -383,7 +383,10 @@ def _make_scheduler_class() -> type:
         * ``credit``: normalized credit = cpu_used_seconds x speed factor, where the speed factor is
           reference time / the worker's benchmark time (advertised at registration), clipped to 0.1-10
           (`controls.speed_factor`). A slow machine does not earn less for the same work, and sleeping
-          earns nothing.
+          earns nothing;
+        * ``energy_j``: joules the volunteer's cells were measured to use (`energy.py`: NVML board power on a
+          GPU, RAPL CPU packages), over ``energy_tasks`` tasks; ``energy_unmeasured_tasks`` counts tasks with
+          no power counter and ``energy_reason`` says why (the last reason seen). Never estimated.
 
         All of these are self-reported by volunteers' workers; replication (another issue) checks them.
         """
@@ -392,7 +395,8 @@ def _make_scheduler_class() -> type:
 
         def __init__(self, sched: Any) -> None:
             self.sched = sched
-            self.pending: dict[str, tuple[str, float]] = {}  # task key -> (worker address, CPU seconds)
+            # task key -> (worker address, CPU seconds, energy fields of the event)
+            self.pending: dict[str, tuple[str, float, dict[str, Any]]] = {}
 
         def log_event(self, topic: str, msg: Any) -> None:
             if topic != "depin-credit" or not isinstance(msg, dict):
@@ -406,7 +410,13 @@ def _make_scheduler_class() -> type:
             if (ts is None or ts.state != "processing" or ts.processing_on is None
                     or ts.processing_on.address != address or not cpu >= 0 or cpu == float("inf")):
                 return  # only for a task this worker is running now
-            self.pending[str(key)] = (address, cpu)
+            energy: dict[str, Any] = {}
+            joules = msg.get("energy_j")
+            if isinstance(joules, (int, float)) and not isinstance(joules, bool) and 0 <= joules < float("inf"):
+                energy = {"energy_j": float(joules), "source": str(msg.get("energy_source") or "")[:40]}
+            else:
+                energy = {"reason": str(msg.get("energy_reason") or "not measured")[:300]}
+            self.pending[str(key)] = (address, cpu, energy)
 
         def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
             if finish == "forgotten":
@@ -437,6 +447,15 @@ def _make_scheduler_class() -> type:
                 entry["cpu_used_seconds"] = entry.get("cpu_used_seconds", 0.0) + used
                 entry["credit"] = entry.get("credit", 0.0) + normalized_credit(used, bench)
                 gained = normalized_credit(used, bench)
+                energy = pending[2]
+                if "energy_j" in energy:
+                    entry["energy_j"] = entry.get("energy_j", 0.0) + energy["energy_j"]
+                    entry["energy_tasks"] = entry.get("energy_tasks", 0) + 1
+                    if energy["source"]:
+                        entry["energy_source"] = energy["source"]
+                else:
+                    entry["energy_unmeasured_tasks"] = entry.get("energy_unmeasured_tasks", 0) + 1
+                    entry["energy_reason"] = energy["reason"]
             else:
                 gained = 0.0
             self.sched.note_credit(str(key), name, kind, max(0.0, seconds), gained)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["measure", "NOT_MEASURED", "rapl_domains", "summary"]
+__all__ = ["measure", "NOT_MEASURED", "rapl_domains", "summary", "joules_text", "ledger_text"]
 
 NOT_MEASURED = "not measured"
 _RAPL_GLOB = "/sys/class/powercap/intel-rapl:*"
@@ -253,3 +253,23 @@ def summary(e: Any) -> str:
     if "cpu_package_energy_j" in e:
         parts.append(f"CPU packages {e['cpu_package_energy_j']:.1f} J")
     return ", ".join(parts) + f"; {cpu}"
+
+
+def joules_text(joules: float) -> str:
+    """``12.3 J`` below a watt-hour, ``1.25 Wh`` from there on."""
+    return f"{joules / 3600:.2f} Wh" if joules >= 3600 else f"{joules:.1f} J"
+
+
+def ledger_text(entry: Any) -> str:
+    """A volunteer's energy in the coordinator's ledger (`depin credits`, `%depin status`).
+
+    Measured joules, with how many tasks lacked a power counter if some did; "not measured" when none had
+    one; "-" before any task reported.
+    """
+    if not isinstance(entry, dict):
+        return "-"
+    measured, unmeasured = int(entry.get("energy_tasks") or 0), int(entry.get("energy_unmeasured_tasks") or 0)
+    if measured:
+        text = joules_text(float(entry.get("energy_j") or 0.0))
+        return text + (f" ({unmeasured} of {measured + unmeasured} tasks not measured)" if unmeasured else "")
+    return NOT_MEASURED if unmeasured else "-"

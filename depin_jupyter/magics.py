@@ -285,7 +285,7 @@ def format_status(session: Any) -> str:
     volunteers = bool(getattr(session, "untrusted", False))
     trust = _trust(session) if volunteers else {}  # a volunteer network: who is behind each worker, how trusted
     if volunteers:
-        rows[0] += ("volunteer", "trust")
+        rows[0] += ("volunteer", "trust", "GPU-s", "energy")
     workers = session.workers()
     pools = any(w.pools for w in workers)
     if pools:
@@ -295,7 +295,7 @@ def format_status(session: Any) -> str:
                f"{w.gpus}x {w.gpu_model}" if w.gpus else "-",
                _gib(w.gpu_memory) if w.gpu_memory else "-", str(w.executing))
         if volunteers:
-            row += trust.get(w.address) or (w.name, "?")
+            row += trust.get(w.address) or (w.name, "?", "-", "-")
         if pools:
             row += (",".join(w.pools) or "-",)
         rows.append(row)
@@ -323,14 +323,19 @@ def format_status(session: Any) -> str:
 
 
 def _trust(session: Any) -> dict[str, Any]:
-    """Worker address -> (volunteer, trust text) from the coordinator's identities and reputations."""
+    """Worker address -> (volunteer, trust, GPU-seconds, energy) from the coordinator's identities and ledgers."""
     from . import config
+    from .energy import ledger_text
 
     try:
         names = session.client.sync(session.client.scheduler.depin_identities)
         reps = session.client.sync(session.client.scheduler.depin_reputation)
     except Exception:  # noqa: BLE001 - not a depin coordinator
         return {}
+    try:
+        credits = session.client.sync(session.client.scheduler.depin_credits)
+    except Exception:  # noqa: BLE001 - an older coordinator: trust without the ledger
+        credits = {}
     streak_needed = int(config.get("trust-streak"))
     out: dict[str, Any] = {}
     for address, name in names.items():
@@ -340,7 +345,9 @@ def _trust(session: Any) -> dict[str, Any]:
         else:
             mode = "trusted (spot-checked)" if r.get("streak", 0) >= streak_needed else "replicated"
             state = f"{mode}, streak {r.get('streak', 0)}, {r.get('valid', 0)}/{r.get('checked', 0)} valid"
-        out[address] = (name, state)
+        c = credits.get(name) or {}
+        gpu_s = f"{float(c['gpu_seconds']):.1f}" if c.get("gpu_seconds") else "-"
+        out[address] = (name, state, gpu_s, ledger_text(c) if c else "-")
     return out
 
 

@@ -84,8 +84,10 @@ def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
     With the sandbox on (the default on volunteers, `depin_jupyter.sandbox`) the cell runs in a child
     process under limits. The CPU time the cell really used (the child's, or the cell thread's
     ``time.thread_time`` without the sandbox: sleeping counts for nothing) is reported as the event
-    ``depin-credit``; the coordinator's ledger turns it into normalized credit. The figure is
-    self-reported by the volunteer's worker: replication checks results, not credit.
+    ``depin-credit``; the coordinator's ledger turns it into normalized credit. The same event carries
+    the energy the cell's measurement found (`energy.py`: joules, or none and why), which the ledger
+    totals per volunteer. Both are self-reported by the volunteer's worker: replication checks results,
+    not credit or energy.
     """
     import time
 
@@ -106,17 +108,29 @@ def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
         payload = sandbox.run_sandboxed(spec, inputs, emit=lambda m: worker.log_event(STREAM_TOPIC, m),
                                         limits=limits, stats=stats)
         used = float(stats.get("cpu_seconds") or 0.0)
+        energy = stats.get("energy")
     else:
         started = time.thread_time()
         result = run_cell(spec, inputs)
         used = time.thread_time() - started
+        energy = result.get("energy")
         payload = to_payload(result)
     try:
-        worker.log_event("depin-credit", {"key": str(key), "cpu_seconds": float(used)})
+        worker.log_event("depin-credit", {"key": str(key), "cpu_seconds": float(used), **_energy_fields(energy)})
     except Exception:  # noqa: BLE001, S110 - credit is best effort; the result matters
         pass
     sync(worker.loop, worker.scheduler.depin_relay_put, key=str(key), payload=payload)
     return RELAYED
+
+
+def _energy_fields(energy: Any) -> dict[str, Any]:
+    """What the ledger keeps of a cell's energy: ``energy_j`` (joules or None), its source or why not."""
+    if not isinstance(energy, dict):
+        return {"energy_j": None, "energy_reason": "no energy figures from the worker"}
+    joules = energy.get("energy_j")
+    if isinstance(joules, (int, float)) and not isinstance(joules, bool) and joules >= 0:
+        return {"energy_j": float(joules), "energy_source": str(energy.get("source") or "")[:40]}
+    return {"energy_j": None, "energy_reason": str(energy.get("reason") or "not measured")[:300]}
 
 
 def fetch(client: Any, key: str) -> bytes | None:

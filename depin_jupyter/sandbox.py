@@ -3,8 +3,9 @@
 A volunteer's worker runs code written by strangers. `run_sandboxed` executes one cell in a child
 process (``python -m depin_jupyter.sandbox``) and returns the pickle-free result payload the child
 produced (`relay.to_payload`). The worker never unpickles anything the child sends: the child talks
-over a private pipe in length-prefixed frames (stream events, then the payload), each a `safe_codec`
-encoding; the worker decodes the events with `safe_codec.decode` and passes the payload on as bytes.
+over a private pipe in length-prefixed frames (stream events, the cell's energy figures, then the
+payload), each a `safe_codec` encoding; the worker decodes the events and the energy figures with
+`safe_codec.decode` and passes the payload on as bytes.
 What the child prints from C code (fd 1/2) goes to the worker's stderr, never into that pipe.
 
 Protection, strongest available first (`describe` says what is active on this machine):
@@ -50,7 +51,8 @@ __all__ = ["Limits", "SandboxError", "describe", "run_sandboxed"]
 
 # Frames child -> parent: 4-byte big-endian length, 1 kind byte, then the data.
 _HDR = struct.Struct(">IB")
-_READY, _EVENT, _PAYLOAD = 1, 2, 3
+_READY, _EVENT, _PAYLOAD, _ENERGY = 1, 2, 3, 4
+_MAX_ENERGY_BYTES = 64 * 1024
 _MAX_EVENT_BYTES = 64 * 2**20
 _STREAM_KINDS = frozenset({"start", "stdout", "stderr", "display"})
 _LOG_FORWARD_BYTES = 64 * 1024  # the child's raw fd 1/2 output copied to the worker's stderr, per cell
@@ -545,7 +547,9 @@ def run_sandboxed(spec: dict[str, Any], inputs: dict[str, Any], *, emit: Callabl
     defaults to `Limits.from_config()`; the cell's --timeout/--max-runtime cap its wall time either
     way. ``stats``, if given, is filled with what the worker measured itself (not what the child
     says): ``cpu_seconds`` (the child's user+system time, e.g. for credit), ``wall_seconds``,
-    ``max_rss`` (bytes).
+    ``max_rss`` (bytes); and ``energy``, the child's own `energy.measure` figures (numbers and short
+    text only, decoded with `safe_codec`), so the coordinator's ledger can total energy per volunteer
+    without decoding the result.
 
     Limits that stop the cell, and a sandbox that cannot start, come back as a payload with status
     "error" and a message naming the setting. A cancel of the run (`remote.cancel_run`, the worker's
@@ -681,6 +685,10 @@ def run_sandboxed(spec: dict[str, Any], inputs: dict[str, Any], *, emit: Callabl
                         if msg is not None:
                             forwarded += 1
                             emit(msg)
+                    elif kind == _ENERGY and stats is not None and size <= _MAX_ENERGY_BYTES:
+                        energy = _decode_energy(data)
+                        if energy is not None:
+                            stats["energy"] = energy
                     elif kind == _PAYLOAD:
                         payload = data
                         break
@@ -782,6 +790,21 @@ def _decode_event(data: bytes, run_id: Any, where: tuple[Any, Any]) -> dict[str,
     if msg["kind"] == "start":  # where it runs is the worker's to say (the notebook uses the pid to explain a death)
         msg.update(worker=where[0], name=where[1], pid=os.getpid())
     return msg
+
+
+def _decode_energy(data: bytes) -> dict[str, Any] | None:
+    """The child's energy figures: a flat dict of str -> number/short str, else None (and it is dropped)."""
+    from . import safe_codec
+
+    try:
+        msg = safe_codec.decode(data, max_bytes=_MAX_ENERGY_BYTES)
+    except safe_codec.DecodeError:
+        return None
+    if not isinstance(msg, dict):
+        return None
+    ok = (int, float, str, type(None))
+    return {k: v for k, v in msg.items() if isinstance(k, str) and isinstance(v, ok)
+            and not isinstance(v, bool) and (not isinstance(v, str) or len(v) <= 500)}
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -1024,7 +1047,7 @@ def _child_main(argv: list[str]) -> None:
     import dask
     from distributed.protocol import pickle as dpickle
 
-    from . import relay, remote
+    from . import relay, remote, safe_codec
 
     remote._install()
     remote.hardware()
@@ -1066,6 +1089,11 @@ def _child_main(argv: list[str]) -> None:
                                        f"(depin.sandbox.memory) on volunteer {control.get('label')} while "
                                        f"being encoded: return less, or raise the limit"}}
         payload = relay.to_payload(result)
+    if isinstance(result.get("energy"), dict):
+        try:
+            relay_.send(_ENERGY, safe_codec.encode(result["energy"], name="energy"))
+        except Exception:  # noqa: BLE001, S110 - energy is reported when it can be; the result matters
+            pass
     relay_.send(_PAYLOAD, payload)
     os._exit(0)  # threads the cell left behind do not hold the result back
 

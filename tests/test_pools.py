@@ -215,6 +215,56 @@ def test_energy_is_reported_per_run_in_the_result_and_status(net):
     status = format_status(net.session)
     assert "pool" in status.splitlines()[1] and f"last run {out.run_id}: energy " in status
 
+    # the coordinator's ledger totals it per volunteer (the sandboxed one's figures come from its child)
+    measured = bool(energy.rapl_domains()[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        credits = net.session.client.sync(net.session.client.scheduler.depin_credits)
+        if all("energy_tasks" in credits.get(n, {}) or "energy_unmeasured_tasks" in credits.get(n, {})
+               for n in ("lab-box", "home-pc")):
+            break
+        time.sleep(0.2)
+    for name in ("lab-box", "home-pc"):
+        c = credits[name]
+        if measured:
+            assert c["energy_tasks"] >= 1 and c["energy_j"] > 0 and c["energy_source"] == "rapl", c
+        else:
+            assert "energy_j" not in c and c["energy_unmeasured_tasks"] >= 1 and "RAPL" in c["energy_reason"], c
+            assert energy.ledger_text(c) == "not measured"
+    header = status.splitlines()[1].split()
+    assert header.index("energy") == header.index("GPU-s") + 1
+    row = next(ln for ln in format_status(net.session).splitlines() if ln.startswith("home-pc"))
+    assert ("not measured" in row) != measured
+
+    # `depin credits` on the coordinator's machine shows the same, once the ledger is saved (each second)
+    from click.testing import CliRunner
+
+    from depin_jupyter.cli import main
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        saved = net.state.credits().get("home-pc", {})
+        if saved.get("energy_tasks", 0) + saved.get("energy_unmeasured_tasks", 0) >= 1:
+            break
+        time.sleep(0.2)
+    res = CliRunner().invoke(main, ["credits", "--state-dir", str(net.state.path)])
+    assert res.exit_code == 0, res.output
+    assert "ENERGY" in res.output.splitlines()[0]
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("home-pc"))
+    assert ("not measured" in line) != measured
+    if not measured:
+        assert "not measured: " in res.output and "RAPL" in res.output
+    as_json = json.loads(CliRunner().invoke(main, ["credits", "--json", "--state-dir", str(net.state.path)]).output)
+    assert as_json["home-pc"].get("energy_unmeasured_tasks", 0) + as_json["home-pc"].get("energy_tasks", 0) >= 1
+
+
+def test_energy_text_in_the_ledger():
+    assert energy.ledger_text({}) == "-" and energy.ledger_text(None) == "-"
+    assert energy.ledger_text({"energy_unmeasured_tasks": 3, "energy_reason": "no RAPL"}) == "not measured"
+    assert energy.ledger_text({"energy_j": 12.34, "energy_tasks": 2}) == "12.3 J"
+    assert energy.ledger_text({"energy_j": 7200.0, "energy_tasks": 2, "energy_unmeasured_tasks": 1}) == \
+        "2.00 Wh (1 of 3 tasks not measured)"
+
 
 def test_a_worker_cannot_claim_a_pool_it_was_not_given(net):
     proc, log = net.start_worker(net.token("worker", "claimer"), "--name", "claimer", env={

@@ -94,6 +94,9 @@ def test_normal_cell_returns_outputs_and_streams_its_output(bwrap, monkeypatch):
     assert "hello from the sandbox" in text and "to stderr" in text
     assert all(e["run"] is not None for e in events)
     assert stats["cpu_seconds"] > 0 and stats["wall_seconds"] > 0
+    # the child's energy figures reach the worker beside the payload (for the coordinator's ledger)
+    assert stats["energy"]["cpu_scope"] == "the cell's process"
+    assert stats["energy"]["energy_j"] == result["energy"]["energy_j"]
 
 
 # ---------------------------------------------------------------- files

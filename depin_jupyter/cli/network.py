@@ -306,10 +306,11 @@ def token_revoke(name: str, state_dir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_state_option
 def credits(as_json: bool, state_dir: str | None) -> None:
-    """Contributed compute per volunteer: raw GPU/CPU-seconds and normalized credit (self-reported)."""
+    """Contributed compute per volunteer: raw GPU/CPU-seconds, normalized credit, energy (self-reported)."""
     import json
 
     from ..controls import CREDIT_FORMULA
+    from ..energy import ledger_text
 
     state = _state(state_dir)
     data = state.credits() if state.path.exists() else {}
@@ -333,16 +334,21 @@ def credits(as_json: bool, state_dir: str | None) -> None:
         return f"{mode} {r.get('valid', 0)}/{r.get('checked', 0)} streak {r.get('streak', 0)}"
 
     click.echo(f"{'VOLUNTEER':<24} {'GPU-SECONDS':>12} {'CPU-SECONDS':>12} {'CPU-USED':>10} {'CREDIT':>10} "
-               f"{'TASKS':>7} {'WITHHELD-S':>10}  TRUST")
+               f"{'TASKS':>7} {'WITHHELD-S':>10} {'ENERGY':>12}  TRUST")
     for name, e in sorted(data.items(), key=lambda kv: (-kv[1].get("credit", 0),
                                                         -(kv[1].get("gpu_seconds", 0) + kv[1].get("cpu_seconds", 0)))):
         click.echo(f"{name:<24} {e.get('gpu_seconds', 0):>12.1f} {e.get('cpu_seconds', 0):>12.1f} "
                    f"{e.get('cpu_used_seconds', 0):>10.2f} {e.get('credit', 0):>10.2f} {int(e.get('tasks', 0)):>7} "
-                   f"{e.get('withheld_seconds', 0):>10.1f}  {trust_text(name)}")
+                   f"{e.get('withheld_seconds', 0):>10.1f} {ledger_text(e):>12}  {trust_text(name)}")
     click.echo("GPU/CPU-SECONDS: wall time of finished tasks. CPU-USED: CPU time %%depin cells used. "
                "WITHHELD-S: seconds of work found invalid by replicas (no credit). TRUST: validated/checked "
                f"replicated results; 'trusted' after {streak} in a row (then spot-checked). "
+               "ENERGY: measured by the volunteer's worker while its cells ran (NVML GPU board power, RAPL "
+               "CPU packages), 'not measured' where it has no power counter; never estimated. "
                + CREDIT_FORMULA)
+    reasons = sorted({str(e["energy_reason"]) for e in data.values() if e.get("energy_reason")})
+    for why in reasons[:3]:
+        click.echo(f"not measured: {why}")
 
 
 @main.group()
