@@ -362,6 +362,16 @@ def test_cupy_stays_on_the_gpu(shell):
     assert shell.user_ns["on_device"].startswith("cupy")
 
 
+@pytest.mark.gpu
+def test_gpu_cell_energy_is_measured_by_nvml(shell, depin_session):
+    """On a real GPU worker the board's power is sampled through NVML while the cell runs."""
+    run_ok(shell, "%%depin --gpu\nimport cupy as cp\na = cp.random.default_rng(0).standard_normal((4096, 4096), "
+                  "dtype=cp.float32)\nfor _ in range(200):\n    a = cp.tanh(a @ a / 4096.0)\ns = float(a.sum())")
+    run_id, e = depin_session.last_energy
+    assert e["source"].startswith("nvml") and e["gpu_energy_j"] > 0 and e["gpu_samples"] >= 2, e
+    assert 0 < e["gpu_power_mean_w"] <= e["gpu_power_peak_w"] < 2000
+
+
 def test_a_cell_whose_kernel_dies_is_stopped_on_the_worker(depin_session, tmp_path):
     """The client process goes away mid-cell: Dask releases the task and the worker stops the cell."""
     import subprocess

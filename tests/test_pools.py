@@ -99,6 +99,65 @@ def test_energy_is_measured_or_says_why_not(tmp_path):
     assert "not measured" in energy.summary({"energy_j": "not measured", "reason": "x", "cpu_seconds": 1})
 
 
+class _StandInNvml:
+    """A stand-in for pynvml (no GPU on CI): a board drawing 150 W at 40 % utilization. The real NVML path
+    runs in tests/test_magics.py::test_gpu_cell_energy_is_measured_by_nvml on a GPU machine."""
+
+    WATTS = 150.0
+
+    def __init__(self, counter: bool) -> None:
+        self.counter, self.t0 = counter, time.perf_counter()
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> str:
+        return f"gpu{i}"
+
+    def nvmlDeviceGetPowerUsage(self, h: str) -> int:
+        return int(self.WATTS * 1000)  # mW
+
+    def nvmlDeviceGetUtilizationRates(self, h: str) -> object:
+        return type("U", (), {"gpu": 40})()
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h: str) -> int:
+        if not self.counter:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return int((time.perf_counter() - self.t0) * self.WATTS * 1000)  # mJ
+
+    def nvmlDeviceGetName(self, h: str) -> bytes:
+        return b"Stand-in GPU"
+
+
+@pytest.mark.parametrize("counter", [True, False], ids=["energy-counter", "integrated-samples"])
+def test_gpu_energy_from_nvml_readings(monkeypatch, counter):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", _StandInNvml(counter))
+    monkeypatch.setitem(sys.modules, "cupy", None)  # the handle by CUDA_VISIBLE_DEVICES index
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with energy.measure(gpu=True, interval=0.01) as e:
+        time.sleep(0.3)
+    assert e["gpu"] == "Stand-in GPU" and e["gpu_samples"] >= 3
+    assert e["gpu_energy_method"] == ("energy counter" if counter else "integrated power samples")
+    assert e["gpu_power_mean_w"] == e["gpu_power_peak_w"] == 150.0 and e["gpu_util_mean"] == 40.0
+    # 150 W over the measured span (the samples' span is a little shorter than the block's wall time)
+    assert 0.8 * 150 * e["wall_seconds"] <= e["gpu_energy_j"] <= 1.01 * 150 * e["wall_seconds"]
+    assert e["source"].startswith("nvml") and e["energy_j"] >= e["gpu_energy_j"]
+    assert "GPU mean 150 W, peak 150 W, util 40%" in energy.summary(e)
+
+
+def test_gpu_energy_says_why_without_nvml(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with energy.measure(gpu=True) as e:
+        pass
+    assert "gpu_energy_j" not in e
+    if e["energy_j"] == energy.NOT_MEASURED:
+        assert "nvidia-ml-py" in e["reason"]
+
+
 # ------------------------------------------------------------------ real processes
 
 @pytest.fixture(scope="module")
