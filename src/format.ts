@@ -3,7 +3,7 @@
  * Unit-tested with node's test runner (tests/ui/frontend.test.mjs).
  */
 
-import type { ICellVerdict, ICredit, IReproduceReport, IStatus, ITrust, IWorker } from './types';
+import type { ICellVerdict, ICredit, IReproduceReport, IRun, IStatus, ITrust, IWorker } from './types';
 
 /** The magic line the command puts on top of a cell. */
 export const MAGIC = '%%depin';
@@ -131,6 +131,37 @@ export function shortRunId(runId: string): string {
     return runId.length > 16 ? runId.slice(0, 16) + '…' : runId;
   }
   return `${m[2]}:${m[3]}:${m[4]} ${m[5]}`;
+}
+
+/** Joules as "12.3 J", or "1.25 Wh" from 3600 J on (as `depin credits` writes them); "–" when unknown. */
+export function formatEnergy(joules: number | null | undefined): string {
+  if (joules === null || joules === undefined || !isFinite(joules)) {
+    return '–';
+  }
+  return joules >= 3600 ? `${(joules / 3600).toFixed(2)} Wh` : `${joules.toFixed(1)} J`;
+}
+
+/** The text and tooltip of a run's energy cell. */
+export interface IEnergyCell {
+  text: string;
+  title: string;
+}
+
+/**
+ * A run's energy cell: the joules measured, "not measured" (the tooltip says why, with the full summary),
+ * or "–" for a run whose manifest has no energy figures (incomplete, or stored before energy was measured).
+ */
+export function runEnergy(r: Pick<IRun, 'energy_j' | 'energy' | 'energy_reason'>): IEnergyCell {
+  const summary = r.energy ?? null;
+  if (typeof r.energy_j === 'number' && isFinite(r.energy_j)) {
+    const detail = summary ?? formatEnergy(r.energy_j);
+    return { text: formatEnergy(r.energy_j), title: `energy (self-reported by the worker): ${detail}` };
+  }
+  if (summary === null && !r.energy_reason) {
+    return { text: '–', title: 'no energy figures in this run\'s manifest (incomplete, or stored before energy was measured)' };
+  }
+  const reason = r.energy_reason || 'no power counter';
+  return { text: 'not measured', title: `energy not measured: ${reason}${summary ? `\n${summary}` : ''}` };
 }
 
 /** The CPU a volunteer advertised: "x86_64 · 8 cores" ('' when unknown). */

@@ -1,8 +1,8 @@
 /**
  * The DePIN sidebar: the connection of each notebook kernel (with connect/disconnect for the active
  * notebook), a live table of workers with GPU model, memory and utilization, and the run history of
- * the store beside the notebook with status, worker, duration, cached/sealed/verified badges and a
- * Reproduce action.
+ * the store beside the notebook with status, worker, duration, energy, cached/sealed/verified badges
+ * and a Reproduce action.
  */
 
 import type { INotebookTracker } from '@jupyterlab/notebook';
@@ -19,6 +19,7 @@ import {
   formatUtilization,
   gpuLabel,
   reproduceHeadline,
+  runEnergy,
   runVerdictText,
   shortRunId,
   showVolunteerColumns,
@@ -312,14 +313,16 @@ export class DepinPanel extends Widget {
     reproduce.addEventListener('click', () => void this._reproduce(r));
     const note = this._runNotes.get(r.run_id);
     const detail = this._details.get(r.run_id);
+    const energy = runEnergy(r);
     return h('div', { className: 'depin-run', 'data-run-id': r.run_id },
       h('div', { className: 'depin-run-line' },
         name,
         h('span', { className: `depin-status depin-status-${r.status.replace(/[^a-z]/g, '')}` }, r.status),
-        h('span', { className: 'depin-run-duration' }, formatDuration(r.duration_s))),
+        h('span', { className: 'depin-run-duration' }, formatDuration(r.duration_s)),
+        h('span', { className: 'depin-run-energy depin-sub', title: energy.title }, energy.text)),
       h('div', { className: 'depin-run-line depin-sub' },
         h('span', { className: 'depin-run-worker', title: r.worker_address ?? '' },
-          r.worker ? `worker ${[r.worker, r.gpu].filter(Boolean).join(' · ')}` : '–'),
+          r.worker ? `worker ${[r.worker, r.gpu, r.pool ? `pool ${r.pool}` : null].filter(Boolean).join(' · ')}` : '–'),
         h('span', { className: 'depin-badges' },
           r.cached ? h('span', { className: 'depin-badge depin-badge-cached' }, 'cached') : null,
           r.sealed ? h('span', { className: 'depin-badge depin-badge-sealed', title: 'manifest matches its ledger entry' }, 'sealed') : null,

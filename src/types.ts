@@ -92,6 +92,15 @@ export interface IRun {
   cached: boolean;
   verified: boolean | null;
   problems: string[];
+  /** Joules the worker measured (self-reported); null when not measured or the run has no figures. */
+  energy_j: number | null;
+  /** The one-line energy summary (`energy.summary`); null when the manifest has no energy figures. */
+  energy: string | null;
+  /** Why the energy was not measured (no power counter readable...); null when measured or absent. */
+  energy_reason: string | null;
+  gpu_power_mean_w: number | null;
+  /** The worker pool the run was restricted to; null: any worker. */
+  pool: string | null;
 }
 
 export interface IRuns {

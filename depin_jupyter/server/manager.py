@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import subprocess
@@ -541,12 +542,45 @@ def _duration(timings: Mapping[str, Any]) -> float | None:
     return t.get("run_s")
 
 
+def _finite(value: Any) -> float | None:
+    """A finite number as a float (JSON has no NaN or infinity), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def energy_fields(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's energy for the panel, from the manifest's ``extra["energy"]`` (`persist.record`).
+
+    ``energy_j``: joules the worker measured, or None (not measured, or no figures); ``energy``: the one
+    line `energy.summary` gives (None when the manifest has none: a run stored before energy was measured,
+    or one that failed before the worker measured it); ``energy_reason``: why it was not measured.
+    """
+    e = extra.get("energy")
+    if not isinstance(e, Mapping):
+        return {"energy_j": None, "energy": None, "energy_reason": None, "gpu_power_mean_w": None}
+    from ..energy import summary
+
+    e = dict(e)
+    joules = _finite(e.get("energy_j"))
+    try:
+        text = summary(e)
+    except (TypeError, ValueError):  # a figure that is not a number: say what there is, not fail the list
+        text = f"{e.get('energy_j')} ({e.get('source') or e.get('reason') or 'no detail'})"
+    reason = None
+    if joules is None:
+        reason = str(e.get("reason") or f"the worker reported no energy figure ({e.get('energy_j')!r})")
+    return {"energy_j": joules, "energy": text, "energy_reason": reason,
+            "gpu_power_mean_w": _finite(e.get("gpu_power_mean_w"))}
+
+
 def run_record(summary: Any, manifest: Any | None, problems: Mapping[str, list[str]] | None) -> dict[str, Any]:
     """One history row: the store's RunSummary, enriched from the manifest of a complete run.
 
     ``verified`` is None unless the request asked to verify (then: True when every chunk, the manifest
     and the ledger entry of the run re-hash to their digests). ``sealed``: the manifest matches its
-    ledger entry, so the run is served.
+    ledger entry, so the run is served. Energy (`energy_fields`) and ``pool`` (the pool the run was
+    restricted to, None for any worker) come from the manifest's ``extra``.
     """
     worker = dict(manifest.worker) if manifest is not None else {}
     extra = dict(manifest.extra) if manifest is not None else {}
@@ -568,6 +602,8 @@ def run_record(summary: Any, manifest: Any | None, problems: Mapping[str, list[s
         "cached": bool(extra.get("cached") or extra.get("cached_from")),
         "verified": None if problems is None or not summary.complete else not problems.get(summary.run_id),
         "problems": (problems or {}).get(summary.run_id, []),
+        **energy_fields(extra),
+        "pool": str(extra["pool"]) if extra.get("pool") else None,
     }
 
 

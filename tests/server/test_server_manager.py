@@ -17,6 +17,7 @@ from depin_jupyter.server.manager import (
     DepinManager,
     NotFound,
     _duration,
+    energy_fields,
     worker_record,
 )
 
@@ -92,6 +93,20 @@ def test_duration_is_the_wall_time_the_notebook_saw() -> None:
     assert _duration({"run_s": 0.5}) == 0.5 and _duration({}) is None
 
 
+def test_energy_fields_stay_plain_json() -> None:
+    """What the panel gets from figures a worker reported oddly: no NaN, no crash, a reason."""
+    import json
+
+    odd = energy_fields({"energy": {"energy_j": float("nan"), "source": "nvml", "gpu_power_mean_w": float("inf"),
+                                    "cpu_seconds": 1.0}})
+    assert odd["energy_j"] is None and odd["gpu_power_mean_w"] is None and "nan" in odd["energy_reason"]
+    json.dumps(odd, allow_nan=False)
+    garbled = energy_fields({"energy": {"energy_j": True, "reason": "x", "gpu_power_mean_w": "many"}})
+    assert garbled["energy_j"] is None and garbled["energy_reason"] == "x" and garbled["energy"]
+    assert energy_fields({"energy": None}) == energy_fields({}) == dict.fromkeys(
+        ("energy_j", "energy", "energy_reason", "gpu_power_mean_w"))
+
+
 def test_worker_record_reads_gpu_metrics() -> None:
     """The fields distributed's NVML support adds to a GPU worker's identity (distributed.diagnostics.nvml)."""
     identity = {
@@ -123,6 +138,49 @@ async def test_runs_newest_first_with_worker_duration_and_badges(store_with_runs
     inc = out["runs"][0]
     assert inc["status"] == "incomplete" and not inc["complete"] and inc["worker"] is None
     assert [r["run_id"] for r in (await manager.runs("depin-results.zarr", limit=1))["runs"]] == [unfinished]
+
+
+async def test_runs_carry_their_energy_or_why_it_was_not_measured(published: Any, jp_root_dir: pathlib.Path) -> None:
+    """A real %%depin run on the CPU LocalCluster, stored beside the notebook, and one with measured joules."""
+    import json
+
+    from depin_jupyter import energy, runner
+    from depin_jupyter.store import open_store
+
+    store = str(jp_root_dir / "depin-results.zarr")
+    ns: dict[str, Any] = {"n": 200_000}
+    out = await asyncio.to_thread(runner.run_cell, published, "total = sum(i * i for i in range(n))", ns,
+                                  runner.RunOptions(store=store, name="squares"))
+    assert ns["total"] == sum(i * i for i in range(200_000)) and out.energy is not None
+    rs = open_store(store, create=False)
+    gpu = {"energy_j": 4500.0, "source": "nvml", "gpu_energy_j": 4500.0, "gpu_power_mean_w": 250.0,
+           "gpu_power_peak_w": 300.0, "gpu_util_mean": 97.0, "cpu_seconds": 1.5, "wall_seconds": 18.0}
+    w = rs.begin_run(code="y = f(x)", inputs={}, options={}, cache_key=None, name="on-a-gpu")
+    w.finish(worker={"name": "gpu-box-0", "address": "tls://10.0.0.2:1", "gpus": [{"name": "NVIDIA H100"}]},
+             timings={"total_s": 18.0}, extra={"energy": gpu, "pool": "lab"})
+    old = rs.begin_run(code="z = 1", inputs={}, options={}, cache_key=None, name="before-energy")
+    old.finish(timings={"total_s": 0.1})  # a run stored before energy was measured: no figures at all
+
+    listed = await DepinManager(str(jp_root_dir)).runs()
+    json.dumps(listed, allow_nan=False)  # what the route sends
+    by_name = {r["name"]: r for r in listed["runs"]}
+    real = by_name["squares"]
+    assert real["run_id"] == out.run_id and real["pool"] is None
+    assert real["energy"] == energy.summary(rs.manifest(out.run_id).extra["energy"])
+    domains, why = energy.rapl_domains()
+    if domains:  # a machine whose RAPL counters this user can read: CPU package joules
+        assert isinstance(real["energy_j"], float) and real["energy_j"] >= 0 and real["energy_reason"] is None
+        assert "(rapl)" in real["energy"]
+    else:  # this machine: the worker says why nothing was measured
+        assert real["energy_j"] is None and real["energy"].startswith("not measured (")
+        assert why and why in real["energy_reason"] and real["energy_reason"] in real["energy"]
+    assert real["gpu_power_mean_w"] is None and "; CPU " in real["energy"]
+    measured = by_name["on-a-gpu"]
+    assert measured["energy_j"] == 4500.0 and measured["energy_reason"] is None
+    assert measured["gpu_power_mean_w"] == 250.0 and measured["pool"] == "lab"
+    assert measured["energy"] == "4500.0 J (nvml), GPU mean 250 W, peak 300 W, util 97%; CPU 1.50 s"
+    fields = ("energy_j", "energy", "energy_reason", "gpu_power_mean_w", "pool")
+    assert [by_name["before-energy"][k] for k in fields] == [None] * len(fields)  # the panel shows "–"
 
 
 async def test_verify_marks_runs_and_names_a_tampered_chunk(store_with_runs: Any,

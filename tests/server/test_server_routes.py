@@ -39,10 +39,33 @@ async def test_runs_and_run(store_with_runs: Any, jp_fetch: Any) -> None:
     out = body(await jp_fetch("depin", "runs", params={"store": "depin-results.zarr"}))
     assert out["store"] == rs.url and [r["run_id"] for r in out["runs"]] == [unfinished, second, first]
     assert out["runs"][1]["worker"] == "worker-7" and out["runs"][1]["duration_s"] == 1.25
+    # these runs were stored without energy figures: every energy field is there, and null
+    assert all(r[k] is None for r in out["runs"]
+               for k in ("energy_j", "energy", "energy_reason", "gpu_power_mean_w", "pool"))
     verified = body(await jp_fetch("depin", "runs", params={"verify": "1"}))
     assert verified["verify"]["ok"] and verified["runs"][1]["verified"] is True
     doc = body(await jp_fetch("depin", "runs", first))
     assert doc["manifest"]["run_id"] == first and doc["manifest"]["status"] == "ok"
+
+
+async def test_runs_carry_the_energy_of_each_run(jp_root_dir: Any, jp_fetch: Any) -> None:
+    """Measured joules, or "not measured" and why, as the worker recorded them in the manifest."""
+    from depin_jupyter.store import open_store
+
+    rs = open_store(str(jp_root_dir / "depin-results.zarr"))
+    why = "no RAPL power counters on this machine (/sys/class/powercap/intel-rapl:*)"
+    for name, figures in (("rapl", {"energy_j": 12.5, "source": "rapl", "cpu_package_energy_j": 12.5,
+                                    "cpu_seconds": 0.5, "wall_seconds": 0.6}),
+                          ("none", {"energy_j": "not measured", "reason": why, "cpu_seconds": 0.5,
+                                    "wall_seconds": 0.6})):
+        w = rs.begin_run(code="x = 1", inputs={}, options={}, cache_key=None, name=name)
+        w.finish(timings={"total_s": 0.6}, extra={"energy": figures, "pool": None})
+    runs = {r["name"]: r for r in body(await jp_fetch("depin", "runs"))["runs"]}
+    assert runs["rapl"]["energy_j"] == 12.5 and runs["rapl"]["energy_reason"] is None
+    assert runs["rapl"]["energy"] == "12.5 J (rapl), CPU packages 12.5 J; CPU 0.50 s"
+    assert runs["none"]["energy_j"] is None and runs["none"]["energy_reason"] == why
+    assert runs["none"]["energy"] == f"not measured ({why}); CPU 0.50 s"
+    assert runs["none"]["pool"] is None and runs["none"]["gpu_power_mean_w"] is None
 
 
 async def test_unknown_run_is_404_with_a_message(store_with_runs: Any, jp_fetch: Any) -> None:

@@ -39,6 +39,26 @@ test('formatting of sizes, durations, GPUs and utilization', () => {
   assert.equal(f.formatUtilization(null), '–');
 });
 
+test('a run\'s energy: joules, watt-hours, not measured (and why), or nothing', () => {
+  assert.equal(f.formatEnergy(12.34), '12.3 J');
+  assert.equal(f.formatEnergy(3599.9), '3599.9 J');
+  assert.equal(f.formatEnergy(3600), '1.00 Wh');
+  assert.equal(f.formatEnergy(4500), '1.25 Wh');
+  assert.equal(f.formatEnergy(null), '–');
+  assert.equal(f.formatEnergy(NaN), '–');
+  const measured = f.runEnergy({ energy_j: 812.5, energy: '812.5 J (nvml), GPU mean 250 W, peak 300 W; CPU 1.20 s', energy_reason: null });
+  assert.equal(measured.text, '812.5 J');
+  assert.match(measured.title, /self-reported.*812\.5 J \(nvml\), GPU mean 250 W/);
+  assert.equal(f.runEnergy({ energy_j: 7200, energy: null, energy_reason: null }).text, '2.00 Wh');
+  const why = 'no RAPL power counters on this machine (/sys/class/powercap/intel-rapl:*)';
+  const none = f.runEnergy({ energy_j: null, energy: `not measured (${why}); CPU 0.03 s`, energy_reason: why });
+  assert.equal(none.text, 'not measured');
+  assert.equal(none.title, `energy not measured: ${why}\nnot measured (${why}); CPU 0.03 s`);
+  assert.deepEqual(f.runEnergy({ energy_j: null, energy: null, energy_reason: null }),
+    { text: '–', title: 'no energy figures in this run\'s manifest (incomplete, or stored before energy was measured)' });
+  assert.equal(f.runEnergy({}).text, '–'); // an older server that sends no energy fields
+});
+
 test('status bar text', () => {
   assert.equal(f.statusBarText(null, null), 'DePIN: …');
   assert.equal(f.statusBarText(null, 'boom'), 'DePIN: server error');

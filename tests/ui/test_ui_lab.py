@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import time
 from typing import Any
 
 import pytest
 
+from depin_jupyter.energy import rapl_domains
 
 ARTIFACTS = pathlib.Path(__file__).parent / "artifacts"
 Lab = Any  # tests/ui/conftest.py: the running `jupyter lab` (url, token, root, api(), log_tail())
@@ -97,6 +99,17 @@ def _scenario(lab: Lab, page: Any, cells: list[str]) -> None:
     assert run.locator(".depin-status-ok").is_visible() and run.locator(".depin-badge-sealed").is_visible()
     worker_name = panel.locator(".depin-worker-name b").first.inner_text()
     assert worker_name in run.locator(".depin-run-worker").inner_text()
+    # Its energy as the worker measured it: CPU package joules where RAPL is readable, else "not measured"
+    # with the reason and the whole summary (CPU seconds) in the tooltip.
+    energy_cell = run.locator(".depin-run-energy")
+    domains, why = rapl_domains()
+    if domains:
+        assert re.fullmatch(r"\d+\.\d+ (J|Wh)", energy_cell.inner_text()), energy_cell.inner_text()
+        assert "(rapl)" in energy_cell.get_attribute("title")
+    else:
+        assert energy_cell.inner_text() == "not measured"
+        title = energy_cell.get_attribute("title")
+        assert title.startswith(f"energy not measured: {why}") and "; CPU " in title, title
 
     # The status bar item.
     status = page.locator(".depin-statusbar")
