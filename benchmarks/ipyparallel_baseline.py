@@ -7,8 +7,10 @@ The ipyparallel equivalent of a `%%depin` cell is `%%px` on one engine with its 
 outputs pulled: ``view.push(inputs); view.execute(code); view.pull(outputs)``. Both sides run the same
 cells: a trivial one (``y = 1``) and one reading a ``--input-mib`` MiB array (``s = float(a.sum())``), the
 second time for the same array (depin ships it once and reuses it; ipyparallel pushes it again, since
-``%%px`` has no notion of "already there"). Two worker processes / two engines, stores off. Prints medians
-and writes benchmarks/results/ipyparallel_baseline.json.
+``%%px`` has no notion of "already there"). Two worker processes / two engines, stores off, both
+clusters up at once and the candidates interleaved. A bare Dask ``client.submit`` round trip is measured
+beside them: the floor under any `%%depin` cell. Prints medians and writes
+benchmarks/results/ipyparallel_baseline.json.
 """
 
 from __future__ import annotations
@@ -18,7 +20,24 @@ import os
 import platform
 import sys
 
-from _results import save, stats, timed
+import random
+
+from _results import save, stats
+
+
+def _inc(v: int) -> int:  # the bare Dask round trip's task
+    return v + 1
+
+
+def timed(fn, reps: int) -> list[float]:  # noqa: ANN001 - no warm-up call: the caller warmed up
+    import time
+
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def main() -> None:
@@ -41,15 +60,11 @@ def main() -> None:
     dask.config.set({"depin.store.enabled": False})
     a = np.random.default_rng(0).random(args.input_mib * 2**20 // 8)
 
-    rows = {}
+    rows: dict = {}
     session = cluster.connect("local")
     session.client.wait_for_workers(2, timeout=60)
-    rows["depin_trivial"] = stats(timed(lambda: runner.run_cell(session, "y = 1", {}), args.reps))
     ns = {"a": a}
     runner.run_cell(session, "s = float(a.sum())", ns)  # first use ships `a`
-    rows["depin_input_second_use"] = stats(timed(lambda: runner.run_cell(session, "s = float(a.sum())", ns),
-                                                 max(3, args.reps // 5)))
-    cluster.close_session()
 
     with ipp.Cluster(n=2, log_level=40) as rc:
         view = rc[0]
@@ -60,11 +75,34 @@ def main() -> None:
             view.execute(code, block=True)
             view.pull(outputs, block=True)
 
-        rows["ipyparallel_trivial"] = stats(timed(lambda: px("y = 1", {}, ["y"]), args.reps))
-        rows["ipyparallel_input_second_use"] = stats(timed(lambda: px("s = float(a.sum())", {"a": a}, ["s"]),
-                                                           max(3, args.reps // 5)))
+        # Both clusters run at once and the candidates take turns in a new random order each round, so
+        # machine noise and the after-effects of the previous call fall on all of them alike. The bare
+        # Dask round trip (client.submit + result) is the floor any Dask-based cell sits on.
+        trivial = {
+            "depin_trivial": lambda: runner.run_cell(session, "y = 1", {}),
+            "dask_client_submit": lambda: session.client.submit(_inc, 1, pure=False).result(),
+            "ipyparallel_trivial": lambda: px("y = 1", {}, ["y"]),
+        }
+        big = {
+            "depin_input_second_use": lambda: runner.run_cell(session, "s = float(a.sum())", ns),
+            "ipyparallel_input_second_use": lambda: px("s = float(a.sum())", {"a": a}, ["s"]),
+        }
+        samples: dict = {k: [] for k in (*trivial, *big)}
+        order = random.Random(0)
+        for group, reps in ((trivial, args.reps), (big, max(3, args.reps // 5))):
+            items = list(group.items())
+            for fn in group.values():
+                fn()  # warm-up
+            for _ in range(reps):
+                order.shuffle(items)
+                for name, fn in items:
+                    samples[name] += timed(fn, 1)
+        rows = {k: stats(v) for k, v in samples.items()}
+    cluster.close_session()
     ratios = {
         "trivial: depin / ipyparallel": rows["depin_trivial"]["median_ms"] / rows["ipyparallel_trivial"]["median_ms"],
+        "trivial: Dask client.submit / ipyparallel":
+            rows["dask_client_submit"]["median_ms"] / rows["ipyparallel_trivial"]["median_ms"],
         f"{args.input_mib} MiB input, second use: depin / ipyparallel":
             rows["depin_input_second_use"]["median_ms"] / rows["ipyparallel_input_second_use"]["median_ms"],
     }

@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
+import heapq
 import html
+import itertools
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from .runner import Progress
@@ -41,6 +44,55 @@ STAGES = {
 }
 TERMINAL = frozenset({"done", "cached", "failed"})
 _COLORS = {"done": "#2e7d32", "cached": "#1565c0", "failed": "#c62828", "retrying": "#ef6c00"}
+
+
+class _Clock:
+    """One daemon thread that runs delayed callbacks for every progress display.
+
+    A thread per run (``threading.Timer``) costs more than a trivial cell's whole round trip on a
+    small machine (starting it waits for the new thread to be scheduled): measured 3.6 ms of 13 ms
+    on 2 cores. The clock's thread starts once; scheduling is a heap push.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, list[Any]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> list[Any]:
+        """Run ``fn()`` on the clock's thread ``delay`` seconds from now; cancel with `cancel(handle)`."""
+        entry: list[Any] = [fn]
+        item = (time.monotonic() + max(0.0, delay), next(self._seq), entry)
+        with self._cond:
+            heapq.heappush(self._heap, item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="depin-progress-clock", daemon=True)
+                self._thread.start()
+            if self._heap[0] is item:  # only an earlier deadline needs the sleeping thread woken
+                self._cond.notify()
+        return entry
+
+    @staticmethod
+    def cancel(handle: list[Any] | None) -> None:
+        if handle is not None:
+            handle[0] = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, _, entry = heapq.heappop(self._heap)
+            fn = entry[0]
+            if fn is not None:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001, S110 - a display that fails must not stop the clock
+                    pass
+
+
+_clock = _Clock()
 
 
 def _stage_text(stage: str, detail: str) -> str:
@@ -94,7 +146,7 @@ class WidgetProgress(Progress):
         self._lock = threading.Lock()
         self._widget: Any = None
         self._handle: Any = None
-        self._ticker: threading.Thread | None = None
+        self._ticker: list[Any] | None = None  # the clock's handle of the next tick
         self._stop = threading.Event()
 
     @property
@@ -144,21 +196,20 @@ class WidgetProgress(Progress):
                 if self._handle is not None:
                     self._handle.update(self._bundle(), raw=True)
             if self._ticker is None and not self._stop.is_set():
-                self._ticker = threading.Thread(target=self._tick, name="depin-progress", daemon=True)
-                self._ticker.start()
+                self._ticker = _clock.call_later(self._tick_s, self._tick)
 
     def _tick(self) -> None:
-        while not self._stop.wait(self._tick_s):
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                self._widget.value = self.html()
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._widget.value = self.html()
+            self._ticker = _clock.call_later(self._tick_s, self._tick)
 
     def close(self) -> None:
         """Stop the elapsed-time ticker (a terminal stage does this too)."""
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join(timeout=2)
+        with self._lock:
+            self._stop.set()
+            _clock.cancel(self._ticker)
 
 
 class TextProgress(Progress):
@@ -174,7 +225,7 @@ class TextProgress(Progress):
         self._speaking = quiet_s <= 0
         self._done = False
         self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._timer: list[Any] | None = None  # the clock's handle of the first line
 
     def _say(self) -> None:
         head = f"depin [{self.label}]" if self.label else "depin"
@@ -189,15 +240,11 @@ class TextProgress(Progress):
             self.stage, self.detail = stage, detail
             if stage in TERMINAL:
                 self._done = True
-                if self._timer is not None:
-                    self._timer.cancel()
+                _clock.cancel(self._timer)
             if self._speaking:
                 self._say()
             elif self._timer is None and not self._done:
-                self._timer = threading.Timer(max(0.0, self.quiet_s - (time.monotonic() - self.t0)),
-                                              self._wake)
-                self._timer.daemon = True
-                self._timer.start()
+                self._timer = _clock.call_later(self.quiet_s - (time.monotonic() - self.t0), self._wake)
 
     def _wake(self) -> None:
         with self._lock:
@@ -210,5 +257,4 @@ class TextProgress(Progress):
         """Cancel the pending first line (a terminal stage does this too)."""
         with self._lock:
             self._done = True
-            if self._timer is not None:
-                self._timer.cancel()
+            _clock.cancel(self._timer)

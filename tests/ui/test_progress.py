@@ -46,6 +46,23 @@ def test_text_speaks_once_a_run_is_slow() -> None:
     assert lines[2].startswith("depin [slow]: done on worker-1 in 0.41s (")
 
 
+def test_many_runs_share_one_clock_thread() -> None:
+    """No thread per run: the first lines of 50 overlapping slow runs all come from one clock thread."""
+    import threading
+
+    out = io.StringIO()
+    runs = [widgets.TextProgress(f"r{i}", quiet_s=0.2 + i * 0.002, stream=out) for i in range(50)]
+    before = threading.active_count()
+    for p in runs:
+        p.update("running", "on w")
+    assert threading.active_count() <= before + 1
+    for p in runs[::2]:
+        p.update("done", "early")  # half finish early: their pending lines are cancelled
+    time.sleep(0.6)
+    lines = out.getvalue().splitlines()
+    assert sorted(ln.split("]")[0] for ln in lines) == sorted(f"depin [r{i}" for i in range(1, 50, 2))
+
+
 @pytest.fixture(scope="module")
 def kernel():
     from jupyter_client.manager import start_new_kernel
