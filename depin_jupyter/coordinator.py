@@ -16,10 +16,14 @@ Three things stock Dask does not do, done here:
 * **A relay for results.** Volunteers sit behind NAT: they dial out, nobody dials in. A `%%depin` cell on
   a volunteer pushes its pickle-free result to the scheduler over its own connection
   (``depin_relay_put``); the client fetches it from there (``depin_relay_get``). Nothing dials the worker.
+  The same way in: array inputs are put here once by the notebook (``depin_input_put``, held by content
+  hash, least recently used dropped first) and fetched by the volunteers that run cells reading them
+  (``depin_input_get``), so a reused input is not sent again (`relay.InputRef`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import json
 import logging
@@ -40,7 +44,7 @@ logger = logging.getLogger("depin.coordinator")
 # Operations a worker identity may call on the scheduler, by RPC or on its stream.
 WORKER_RPC_OPS = frozenset({
     "register-worker", "heartbeat_worker", "retire_workers", "unregister", "who_has", "identity",
-    "depin_relay_put", "close-stream", "close", "connection_stream", "register_nanny",
+    "depin_relay_put", "depin_input_get", "close-stream", "close", "connection_stream", "register_nanny",
 })
 # Stream operations only a worker may send (results and state of tasks it runs).
 WORKER_STREAM_OPS = frozenset({
@@ -48,7 +52,7 @@ WORKER_STREAM_OPS = frozenset({
     "keep-alive", "log-event", "worker-status-change", "request-refresh-who-has", "steal-response",
     "close-stream",
 })
-_WORKER_ONLY_RPC = frozenset({"register-worker", "heartbeat_worker", "depin_relay_put"})
+_WORKER_ONLY_RPC = frozenset({"register-worker", "heartbeat_worker", "depin_relay_put", "depin_input_get"})
 
 
 def default_state_dir() -> pathlib.Path:
@@ -474,6 +478,9 @@ def _make_scheduler_class() -> type:
             self.credits_dirty = False
             self.relay: dict[str, bytes] = {}
             self.relay_bytes = 0
+            self.inputs: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # LRU by content key
+            self.inputs_bytes = 0
+            self.input_stats = {"puts": 0, "gets": 0, "misses": 0, "evicted": 0}
             self.reputation: dict[str, dict[str, int]] = state.reputation()
             self.reputation_dirty = False
             # task key -> (volunteer, kind, raw seconds, normalized credit) of recent work, so a replica
@@ -489,6 +496,10 @@ def _make_scheduler_class() -> type:
                 "depin_refuse_client": self.depin_refuse_client,
                 "depin_relay_put": self.depin_relay_put,
                 "depin_relay_get": self.depin_relay_get,
+                "depin_input_put": self.depin_input_put,
+                "depin_input_has": self.depin_input_has,
+                "depin_input_get": self.depin_input_get,
+                "depin_input_stats": self.depin_input_stats,
                 "depin_credits": self.depin_credits,
                 "depin_lab_status": self.depin_lab_status,
             })
@@ -586,6 +597,43 @@ def _make_scheduler_class() -> type:
             data = self.relay.pop(key, None)
             if data is not None:
                 self.relay_bytes -= len(data)
+
+        # --- inputs, sent once by notebooks and fetched by volunteers (only these bytes: never unpickled here)
+        async def depin_input_put(self, key: str, data: bytes) -> str:
+            """Hold a serialized input under its content key; "too-large" if it cannot fit at all."""
+            limit = config.nbytes("coordinator.input-cache-bytes")
+            if len(data) > limit:
+                return "too-large"
+            old = self.inputs.pop(key, None)
+            if old is not None:
+                self.inputs_bytes -= len(old)
+            while self.inputs and self.inputs_bytes + len(data) > limit:
+                _, dropped = self.inputs.popitem(last=False)
+                self.inputs_bytes -= len(dropped)
+                self.input_stats["evicted"] += 1
+            self.inputs[key] = bytes(data)
+            self.inputs_bytes += len(data)
+            self.input_stats["puts"] += 1
+            return "OK"
+
+        async def depin_input_has(self, keys: list[str]) -> list[str]:
+            """Which of ``keys`` are held (and so need not be sent again); they count as just used."""
+            held = [k for k in keys if k in self.inputs]
+            for k in held:
+                self.inputs.move_to_end(k)
+            return held
+
+        async def depin_input_get(self, key: str) -> bytes | None:
+            data = self.inputs.get(key)
+            if data is None:
+                self.input_stats["misses"] += 1
+                return None
+            self.inputs.move_to_end(key)
+            self.input_stats["gets"] += 1
+            return data
+
+        async def depin_input_stats(self) -> dict[str, int]:
+            return {**self.input_stats, "held": len(self.inputs), "bytes": self.inputs_bytes}
 
         # --- reputation ---
         async def depin_identities(self) -> dict[str, str]:

@@ -6,18 +6,100 @@ while stock Dask fetches a task's result by dialling the worker that holds it. O
 `safe_codec` (plain data and arrays, no pickle) and pushes it to the coordinator over its own connection;
 the task itself returns a marker. The notebook fetches the payload from the coordinator and decodes it
 without unpickling anything. Values that cannot be encoded that way are reported by name, not sent.
+
+Inputs travel the other way through the coordinator too. Small ones ride inside the task; an array of at
+least ``depin.coordinator.input-ref-min-bytes`` is put on the coordinator once, under its content key,
+and the task carries an `InputRef`: the volunteer's worker fetches the bytes (over its own connection)
+and keeps them in a small LRU cache (``depin.volunteer.input-cache-bytes``), so a reused input crosses
+the network neither from the notebook nor, on the same volunteer, from the coordinator again.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 from . import safe_codec
 
-__all__ = ["run_cell_relayed", "to_payload", "from_payload", "fetch"]
+__all__ = ["InputRef", "InputMissingError", "run_cell_relayed", "to_payload", "from_payload", "fetch"]
 
 RELAYED = "depin-relayed"
 _RICH = "__depin_rich__"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """An input held by the coordinator under ``key`` (its serialized bytes: ``nbytes``)."""
+
+    key: str
+    nbytes: int
+
+
+class InputMissingError(Exception):
+    """The coordinator no longer holds an input a task refers to (its input cache dropped it)."""
+
+
+class _InputCache:
+    """Serialized inputs this worker fetched, least recently used dropped first (bytes: never shared objects,
+    so a cell that changes its input in place cannot change what the next cell gets)."""
+
+    def __init__(self) -> None:
+        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.fetched = 0  # from the coordinator, over this process's life (tests read it)
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: str, data: bytes, limit: int) -> None:
+        with self._lock:
+            self.fetched += 1
+            if len(data) > limit:
+                return
+            old = self._items.pop(key, None)
+            self._bytes -= len(old) if old is not None else 0
+            while self._items and self._bytes + len(data) > limit:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+            self._items[key] = data
+            self._bytes += len(data)
+
+
+_cache = _InputCache()
+
+
+def resolve_inputs(worker: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with each `InputRef` replaced by its value (from this worker's cache or the coordinator).
+
+    Raises InputMissingError naming the input when the coordinator no longer holds it.
+    """
+    refs = {n: v for n, v in inputs.items() if isinstance(v, InputRef)}
+    if not refs:
+        return inputs
+    from distributed.protocol import deserialize_bytes
+    from distributed.utils import sync
+
+    from . import config
+
+    out = dict(inputs)
+    for name, ref in refs.items():
+        data = _cache.get(ref.key)
+        if data is None:
+            data = sync(worker.loop, worker.scheduler.depin_input_get, key=ref.key)
+            if data is None:
+                raise InputMissingError(
+                    f"input {name!r} ({ref.nbytes} bytes) is no longer held by the coordinator (its input cache "
+                    f"dropped it: depin.coordinator.input-cache-bytes)")
+            _cache.put(ref.key, bytes(data), config.nbytes("volunteer.input-cache-bytes"))
+        out[name] = deserialize_bytes(data)
+    return out
 
 
 def _values_safe(values: dict[str, Any], skipped: dict[str, str]) -> dict[str, Any]:
@@ -99,6 +181,13 @@ def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
 
     worker = get_worker()
     key = worker.get_current_task()
+    try:
+        inputs = resolve_inputs(worker, inputs)
+    except InputMissingError as e:  # the notebook re-sends the inputs inside the task and runs it again
+        error = sandbox._error_result(spec, (worker.address, None if worker.name is None else str(worker.name)),
+                                      str(e), type_name="InputMissingError", limit="input-cache")
+        sync(worker.loop, worker.scheduler.depin_relay_put, key=str(key), payload=to_payload(error))
+        return RELAYED
     limits = sandbox.Limits.from_config()
     if limits.is_enabled(volunteer=True):
         # In a child process with limits (and bubblewrap when present); what it sends back is the

@@ -24,6 +24,7 @@ from .modules import bundle_local_modules
 from .failures import Death, explain_death, explain_exception
 from .envcheck import ALWAYS_CHECKED, compare, local_version
 from .errors import (
+    DepinError,
     EnvironmentMismatchError,
     CellTimeoutError,
     NoSuitableWorkerError,
@@ -273,12 +274,16 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                 return _cached(session, namespace, prep, hit, progress)
     retries = int(config.get("retries", options.retries))
     attempt = lost_inputs = 0
+    # On a volunteer network large array inputs go through the coordinator's input cache, unless private
+    # or the coordinator dropped one during the run (then they ride inside the task, which cannot fail so).
+    via_coordinator = session.untrusted and not config.get("volunteer.allow-pickle")
     while True:
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.
         progress.update("shipping", f"{len(prep.names)} input(s)")
         shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes,
-                              inline=session.untrusted)
+                              inline=session.untrusted, via_coordinator=via_coordinator,
+                              keep_inline=frozenset(prep.private))
         t_shipped = time.perf_counter()
         progress.update("queued", f"sent {_human(shipped.sent_bytes)}, reused {len(shipped.reused)} input(s) "
                                   f"already on the cluster")
@@ -289,6 +294,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
         except _InputsLost:
             lost_inputs += 1
             attempt -= 1
+            via_coordinator = False
             if lost_inputs > 3:
                 raise RemoteExecutionError("the cell's inputs keep getting lost with their workers; "
                                            "check the cluster's health (%depin status).") from None
@@ -610,15 +616,25 @@ def _execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep:
     futures: list[Any] = []
     base = {k2: v for k2, v in prep.placement.items() if k2 not in ("workers", "allow_other_workers")}
 
+    inputs_lost: list[str] = []
+
     def run_one(worker: str, primary: bool) -> dict[str, Any]:
         rspec = spec if primary else {**spec, "run_id": f"{spec['run_id']}-{names[worker]}"}
-        return _submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
-                                progress if primary else Progress(), echo=primary, on_submit=futures.append)
+        try:
+            return _submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
+                                    progress if primary else Progress(), echo=primary, on_submit=futures.append)
+        except _InputsLost as e:
+            inputs_lost.append(str(e))
+            raise
 
     record: dict[str, Any] | None = None
     try:
         result, record = replication.run(run_one, plan, candidates, names, k, int(config.get("replicas-max")),
                                          rtol, atol)
+    except DepinError:
+        if inputs_lost:  # not the volunteers' fault: run the whole replicated cell again, inputs inline
+            raise _InputsLost(inputs_lost[0]) from None
+        raise
     except KeyboardInterrupt:
         for f in futures:
             _cancel(session.client, f, spec["run_id"], timed_out=False)
@@ -666,6 +682,7 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
     func = run_cell_relayed if relayed else remote_run_cell
     with warnings.catch_warnings():  # inputs ride inside the task on volunteer networks, by design
         warnings.filterwarnings("ignore", message=".*Large object.*")
+        warnings.filterwarnings("ignore", message=".*Sending large graph.*")
         future = client.submit(func, spec, args, key=key, pure=False, **placement)
     if on_submit is not None:
         future.depin_worker = (placement.get("workers") or [None])[0]
@@ -730,6 +747,9 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
         try:
             if relayed and future.status == "finished":
                 result = _relayed_result(client, key)
+                err = result.get("error") or {}
+                if result.get("status") == "error" and err.get("type") == "InputMissingError":
+                    raise _InputsLost(err.get("message"))  # the run loop sends the inputs again, inline
             else:
                 result = future.result()
         except KilledWorker as e:
@@ -744,6 +764,8 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
             if "lost dependencies" in str(e):
                 raise _InputsLost() from None
             raise RemoteExecutionError(f"the cell was cancelled on the cluster ({e}).") from None
+        except _InputsLost:
+            raise
         except Exception as e:  # noqa: BLE001 - transport failures surface with their cause
             raise RemoteExecutionError(
                 f"the cell could not complete on the cluster: {type(e).__name__}: {e}") from None

@@ -120,26 +120,35 @@ def fingerprints(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
 
 def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache,
                 modules: ModuleBundle | None = None, hashes: dict[str, str] | None = None,
-                inline: bool = False) -> ShippedInputs:
+                inline: bool = False, via_coordinator: bool = False,
+                keep_inline: frozenset[str] = frozenset()) -> ShippedInputs:
     """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks.
 
     ``modules``, the source of the notebook's own modules the cell needs, travels the same way;
     ``hashes`` are the inputs' `fingerprints` when the caller already computed them. ``inline`` sends
-    every input inside the task instead (volunteer networks: scattering would dial the workers).
+    inputs inside the task instead (volunteer networks: scattering would dial the workers); with
+    ``via_coordinator`` large arrays among them are put on the coordinator once and referred to
+    (`relay.InputRef`), except the names in ``keep_inline`` (private data: held by no one else).
     """
     shipped = ShippedInputs()
     if inline:
         if modules is not None:
             shipped.args[MODULES_ARG] = modules.files
             shipped.sent_bytes += modules.nbytes
+        by_ref: dict[str, Any] = {}
+        min_ref = config.nbytes("coordinator.input-ref-min-bytes") if via_coordinator else 0
         for name in names:
             value = namespace[name]
             if isinstance(value, types.ModuleType):
                 shipped.modules[name] = value.__name__
+            elif via_coordinator and name not in keep_inline and _ref_worthy(value, min_ref):
+                by_ref[name] = value
             else:
                 shipped.args[name] = box(value)
                 if not _is_inline(value):
                     shipped.sent_bytes += _serialized_size(name, value)
+        if by_ref:
+            _ship_via_coordinator(client, by_ref, hashes or {}, shipped)
         cache.total_sent += shipped.sent_bytes
         return shipped
     to_send: dict[str, tuple[str, Any, int]] = {}
@@ -178,6 +187,43 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
         if name not in shipped.args:
             shipped.args[name] = cache.get(key) or futures[key]
     return shipped
+
+
+def _ref_worthy(value: Any, min_bytes: int) -> bool:
+    """A host array big enough to be worth holding on the coordinator (cupy and others ride in the task)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.ndarray) and value.nbytes >= min_bytes
+
+
+def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str, str], shipped: ShippedInputs) -> None:
+    """Refer to ``values`` by content key, putting on the coordinator only those it does not hold yet."""
+    from distributed.protocol import serialize_bytes
+
+    from .relay import InputRef
+
+    keys = {name: "depin-input-" + (hashes.get(name) or content_hash(value)) for name, value in values.items()}
+    held = set(client.sync(client.scheduler.depin_input_has, keys=sorted(set(keys.values()))))
+    sizes: dict[str, int] = {}
+    for name, value in values.items():
+        key = keys[name]
+        if key in held:
+            shipped.reused.append(name)
+        elif key not in sizes:
+            try:
+                data = serialize_bytes(box(value), serializers=("dask", "pickle"), on_error="raise")
+            except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
+                raise CellInputError(
+                    f"input {name!r} of type {type(value).__module__}.{type(value).__qualname__} cannot be sent "
+                    f"to a worker: {type(e).__name__}: {e}. Recreate it inside the %%depin cell, or leave it "
+                    f"out with --inputs.") from None
+            if client.sync(client.scheduler.depin_input_put, key=key, data=data) != "OK":
+                shipped.args[name] = box(value)  # larger than the coordinator's whole input cache: inline
+                shipped.sent_bytes += len(data)
+                continue
+            sizes[key] = len(data)
+            shipped.sent_bytes += len(data)
+        shipped.hashes[name] = key
+        shipped.args[name] = InputRef(key, sizes.get(key, int(value.nbytes)))
 
 
 def apply_results(namespace: dict[str, Any], result: dict[str, Any], keep: Any = None) -> list[str]:

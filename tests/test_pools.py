@@ -249,6 +249,12 @@ def test_private_input_is_refused_before_a_byte_reaches_the_volunteer(net):
     out = runner.run_cell(net.session, "s = int(secret.sum())", ns,
                           runner.RunOptions(private=("secret",), pool="lab", store=str(store)))
     assert out.worker == _address(net, "lab-box") and ns["s"] == int(secret.sum())
+    # private data rides inside the task: the coordinator's input cache never holds it (the control it does)
+    from depin_jupyter.remote import content_hash
+
+    keys = {n: "depin-input-" + content_hash(v) for n, v in (("secret", secret), ("control", control))}
+    held = net.session.client.sync(net.session.client.scheduler.depin_input_has, keys=sorted(keys.values()))
+    assert list(held) == [keys["control"]], held
     from depin_jupyter.store import open_store
 
     m = open_store(str(store), create=False).manifest(out.run_id)

@@ -185,6 +185,69 @@ def test_nated_volunteer_serves_cells_through_the_relay(net):
     assert "left gracefully" in log.read_text()
 
 
+def _input_stats(s: cluster.Session) -> dict:
+    return s.client.sync(s.client.scheduler.depin_input_stats)
+
+
+def test_a_reused_input_crosses_the_network_once(net):
+    """Array inputs go to the coordinator once; the (NATed) volunteer fetches them once and keeps them."""
+    proc, _ = net.start_worker(net.token("worker", "cachevol"), "--contact-address", "tls://127.0.0.1:9")
+    s = _session(net.token("client", "scientist-cache"))
+    try:
+        wait_for_workers(s, 1)
+        a = np.random.default_rng(7).random(2**20)  # 8 MiB
+        first_value = float(a[0])
+        ns = {"a": a}
+        before = _input_stats(s)
+        out = runner.run_cell(s, "t = float(a.sum())", ns)
+        assert ns["t"] == float(a.sum()) and out.sent_bytes >= a.nbytes and out.reused_inputs == []
+        out = runner.run_cell(s, "u = float((a * 2).sum())", ns)
+        assert ns["u"] == float((a * 2).sum())
+        assert out.sent_bytes < 64 * 1024 and out.reused_inputs == ["a"]  # nothing sent the second time
+        mid = _input_stats(s)
+        assert mid["puts"] - before["puts"] == 1 and mid["gets"] - before["gets"] == 1  # the volunteer kept it
+        # A cell that changes its input in place: the change comes back, and what the volunteer keeps does
+        # not change with it (it keeps bytes, not the object the cell got).
+        runner.run_cell(s, "a[0] = -1.0", ns)
+        assert a[0] == -1.0
+        a[0] = first_value  # the original content again: the same key, served from the volunteer's cache
+        out = runner.run_cell(s, "f = float(a[0])", ns)
+        assert out.reused_inputs == ["a"] and ns["f"] == first_value
+        assert _input_stats(s)["gets"] == mid["gets"]
+    finally:
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_an_input_the_coordinator_dropped_is_sent_again_inside_the_task(tmp_path):
+    """Two 12 MiB inputs and a 20 MiB input cache: putting the second drops the first; the volunteer finds it
+    gone, and the notebook re-runs the cell with its inputs inside the task. No error, the right result."""
+    n = Network(tmp_path, free_port(), env={"DASK_DEPIN__COORDINATOR__INPUT_CACHE_BYTES": "20MiB"})
+    n.start_scheduler()
+    try:
+        n.start_worker(n.token("worker", "smallcache"))
+        n.start_worker(n.token("worker", "smallcache-2"))
+        s = _session(n.token("client", "sci-evict"))
+        wait_for_workers(s, 2)
+        rng = np.random.default_rng(3)
+        ns = {"a": rng.random(3 * 2**19), "b": rng.random(3 * 2**19)}  # 12 MiB each
+        out = runner.run_cell(s, "t = float(a.sum() + b.sum())", ns, runner.RunOptions(replicas=1))
+        assert ns["t"] == float(ns["a"].sum() + ns["b"].sum())
+        stats = _input_stats(s)
+        assert stats["evicted"] >= 1 and stats["misses"] >= 1, stats
+        assert out.sent_bytes >= 2 * 12 * 2**20  # the run that worked: a and b inside the task
+        assert s.inputs.total_sent >= 3 * 12 * 2**20  # before it: both put on the coordinator
+        # replicated: both volunteers miss the dropped input; the whole replicated run goes again, inline
+        ns.update(c=rng.random(3 * 2**19), d=rng.random(3 * 2**19))
+        out = runner.run_cell(s, "v = float(c.sum() - d.sum())", ns, runner.RunOptions(replicas=2))
+        assert ns["v"] == float(ns["c"].sum() - ns["d"].sum())
+        assert _input_stats(s)["misses"] >= stats["misses"] + 2
+        s.close()
+    finally:
+        n.close()
+
+
 def test_malicious_volunteer_cannot_make_the_kernel_unpickle(net, tmp_path):
     target = tmp_path / "pwned"
     proc, _ = net.start_worker(net.token("worker", "evil"), env={
