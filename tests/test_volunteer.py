@@ -112,6 +112,22 @@ def test_worker_identity_cannot_act_as_client(net):
                                         "'run_function'"):
         asyncio.run(run_on_scheduler())
 
+    async def put_input() -> None:  # a volunteer cannot plant inputs for other volunteers' cells
+        async with rpc(tok.address, connection_args=tok.security("worker").get_connection_args("worker")) as s:
+            await s.depin_input_put(key="depin-input-xxh3-0", data=b"planted")
+
+    with pytest.raises(Exception, match="a worker identity may not call 'depin_input_put'"):
+        asyncio.run(put_input())
+
+
+def test_client_identity_cannot_read_inputs_held_for_volunteers(net):
+    s = _session(net.token("client", "curious"))
+    try:
+        with pytest.raises(Exception, match="a client identity may not 'depin_input_get'"):
+            s.client.sync(s.client.scheduler.depin_input_get, key="depin-input-xxh3-0")
+    finally:
+        s.close()
+
 
 def test_client_identity_cannot_register_as_worker(net):
     from distributed import Worker
