@@ -330,9 +330,17 @@ def _install() -> None:
 def _cluster_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     from distributed import get_client, rejoin, secede
 
-    client = get_client()
     if _current() is None:
+        # Not inside a cell: what Dask would do without this setting. (A worker that lives in another
+        # program's process, `LocalCluster(processes=False)`, shares its dask config with that program.)
+        try:
+            client = get_client()
+        except ValueError:  # no worker and no default client here: the local threaded scheduler
+            import dask.threaded
+
+            return dask.threaded.get(dsk, keys, **kwargs)
         return client.get(dsk, keys, **kwargs)
+    client = get_client()
     secede()
     try:
         return client.get(dsk, keys, **kwargs)

@@ -450,3 +450,33 @@ def test_dask_collections_inside_a_cell_use_the_whole_cluster(shell, depin_sessi
     run_ok(shell, code)
     assert len(shell.user_ns["used"]) == 2  # both workers ran the cell's tasks
     assert shell.user_ns["total"] == float(np.arange(1_000_000, dtype=np.float64).sum())
+
+
+def test_cluster_scheduler_outside_a_cell_does_what_dask_would():
+    """A worker living in another program's process (LocalCluster(processes=False)) sets the process's dask
+    scheduler to the cell's one; outside a cell, and with no client to use, that computes locally."""
+    import threading
+
+    import dask
+    import dask.array as da
+
+    from depin_jupyter import remote
+
+    out: dict = {}
+
+    def compute() -> None:  # a fresh thread: no worker and no current client there
+        from distributed.client import _current_client
+
+        token = _current_client.set(None)
+        try:
+            with dask.config.set(scheduler=remote._cluster_get), dask.config.set({"distributed.client": None}):
+                out["v"] = float(da.arange(100, chunks=10).sum().compute())
+        except Exception as e:  # noqa: BLE001 - reported below
+            out["e"] = e
+        finally:
+            _current_client.reset(token)
+
+    t = threading.Thread(target=compute)
+    t.start()
+    t.join(60)
+    assert out.get("v") == 4950.0, out

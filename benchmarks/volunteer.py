@@ -1,0 +1,139 @@
+"""`%%depin` on a volunteer network: a real `depin scheduler` and `depin worker` on 127.0.0.1 (mutual TLS,
+sandbox on), against the same cells on the embedded local cluster, measured in one run.
+
+    python benchmarks/volunteer.py [--reps 20] [--input-mib 64]
+
+Rows: a trivial cell; a cell reading a ``--input-mib`` MiB array for the first time and again. The input
+cache (`relay.InputRef`: the notebook puts an array on the coordinator once, the volunteer keeps what it
+fetched) is measured against its baseline in the same run: the same cells with every input inside the task
+(``depin.coordinator.input-ref-min-bytes`` set above the array's size), which is how volunteer cells
+travelled before the cache. One replica (``--replicas 1``), stores off. Prints a table, writes
+benchmarks/results/volunteer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _results import save, stats
+
+DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[3]} exited before {text!r}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
+
+
+def _timed(fn: Any, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--input-mib", type=int, default=64)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "volunteer.json"))
+    args = ap.parse_args()
+
+    import dask
+    import numpy as np
+
+    from depin_jupyter import cluster, runner
+    from depin_jupyter.coordinator import StateDir
+
+    root = Path(tempfile.mkdtemp(prefix="depin-bench-volunteer-"))
+    port = _free_port()
+    env = {**os.environ, "DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS": "127.0.0.1:0"}
+    procs: list[subprocess.Popen[Any]] = []
+    rows: dict[str, Any] = {}
+    one = runner.RunOptions(replicas=1, no_store=True)
+    try:
+        log = root / "scheduler.log"
+        procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--state-dir", str(root / "state")],
+                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))  # noqa: SIM115
+        _wait_for(log, "listening at", procs[-1])
+        state = StateDir(root / "state")
+        wlog = root / "worker.log"
+        procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "bench-vol").encode(),
+                                       "--gpus", "none"],
+                                      stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))  # noqa: SIM115
+        _wait_for(wlog, "depin worker: joined", procs[-1])
+        vol = cluster._connect_token(state.issue_token("client", "bench-sci").encode())
+        vol.client.wait_for_workers(1, timeout=60)
+        local = cluster.connect("local")
+        local.client.wait_for_workers(1, timeout=60)
+
+        n = args.input_mib * 2**20 // 8
+        trivial = "y = 1"
+        big = "s = big.shape[0]"
+        for name, session in (("local", local), ("volunteer", vol)):
+            runner.run_cell(session, trivial, {}, one)  # warm-up
+            rows[f"{name}: trivial"] = stats(_timed(lambda s=session: runner.run_cell(s, trivial, {}, one),
+                                                    args.reps))
+        for mode, ref_min in (("input cache", "1MiB"), ("inline (baseline)", f"{args.input_mib * 2}MiB")):
+            with dask.config.set({"depin.coordinator.input-ref-min-bytes": ref_min}):
+                first, second = [], []
+                for i in range(max(3, args.reps // 4)):
+                    ns = {"big": np.full(n, float(i) + (0.5 if mode.startswith("inline") else 0.0))}
+                    first += _timed(lambda ns=ns: runner.run_cell(vol, big, ns, one), 1)
+                    second += _timed(lambda ns=ns: runner.run_cell(vol, big, ns, one), 2)
+                rows[f"volunteer, {mode}: {args.input_mib} MiB input, first use"] = stats(first)
+                rows[f"volunteer, {mode}: {args.input_mib} MiB input, reused"] = stats(second)
+        vol.close()
+        cluster.close_session()
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    reused = rows[f"volunteer, input cache: {args.input_mib} MiB input, reused"]["median_ms"]
+    inline = rows[f"volunteer, inline (baseline): {args.input_mib} MiB input, reused"]["median_ms"]
+    ratios = {
+        "volunteer trivial / local trivial": rows["volunteer: trivial"]["median_ms"] / rows["local: trivial"]["median_ms"],
+        f"{args.input_mib} MiB reused: input cache / inline": reused / inline,
+    }
+    print(f"{'case':<58} {'median ms':>10} {'p90 ms':>10}")
+    for name, r in rows.items():
+        print(f"{name:<58} {r['median_ms']:>10.1f} {r['p90_ms']:>10.1f}")
+    for name, v in ratios.items():
+        print(f"{name:<58} {v:>9.2f}x")
+    save(args.out, {"benchmark": "volunteer", "rows": rows, "ratios": ratios, "input_mib": args.input_mib,
+                    "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                                "cpus": os.cpu_count()}})
+
+
+if __name__ == "__main__":
+    main()
