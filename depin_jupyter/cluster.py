@@ -62,7 +62,7 @@ class Session:
         self._workers_at = 0.0
         self.session_file = _publish(self)
         if not untrusted:
-            from .remote import CancelOnRelease
+            from .worker_plugins import CancelOnRelease
 
             client.register_plugin(CancelOnRelease())
 
@@ -217,7 +217,7 @@ def _start_local() -> Session:
             cluster = LocalCluster(n_workers=n, processes=config.get(lc + "processes"), **common)
             what = f"CPU LocalCluster with {n} worker process(es) (no GPU: {why}; cells use numpy)"
     client = Client(cluster, set_as_default=False)
-    from .remote import IgnoreInterrupt
+    from .worker_plugins import IgnoreInterrupt
 
     client.register_plugin(IgnoreInterrupt())
     return Session(client, cluster, what)

@@ -185,17 +185,17 @@ def measure(gpu: bool = False, whole_process: bool = False, interval: float | No
     ``gpu``: this worker has a GPU (sample it with NVML); ``whole_process``: the process runs only this
     cell (a sandboxed child), so its whole CPU time is the cell's.
     """
-    if interval is None:
-        try:
-            from . import config
-
-            interval = config.seconds("energy.interval") or 0.1
-        except Exception:  # noqa: BLE001 - a bare child without the config: the default
-            interval = 0.1
     out: dict[str, Any] = {}
     reasons: list[str] = []
     sampler = None
     if gpu:
+        if interval is None:  # only a GPU is sampled (and a CPU-only sandboxed cell does not import Dask)
+            try:
+                from . import config
+
+                interval = config.seconds("energy.interval") or 0.1
+            except Exception:  # noqa: BLE001 - a bare child without the config: the default
+                interval = 0.1
         nvml, handle, why = _nvml_handle()
         if handle is not None:
             sampler = _GpuSampler(nvml, handle, float(interval))

@@ -24,7 +24,6 @@ import traceback
 import types
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = ["STREAM_TOPIC", "CellCancelled", "CellTimedOut", "run_cell", "cancel_run", "content_hash", "box", "unbox",
            "rebind_globals"]
@@ -302,8 +301,12 @@ def _figure_bundle(fig: Any) -> dict[str, Any]:
     return {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": repr(fig)}
 
 
-def _install() -> None:
-    """Once per worker process: route stdio, display() and plt.show() per thread; start the flusher."""
+def _install(cluster_scheduler: bool = True) -> None:
+    """Once per worker process: route stdio, display() and plt.show() per thread; start the flusher.
+
+    ``cluster_scheduler``: Dask collections computed in a cell run on the cluster (not in a sandboxed
+    cell's process, which has no cluster and does not import Dask for nothing).
+    """
     global _installed
     if _installed:
         return
@@ -320,6 +323,8 @@ def _install() -> None:
     except ImportError:  # IPython missing on the worker: display() falls back to print
         pass
     threading.Thread(target=_flusher, name="depin-stream-flusher", daemon=True).start()
+    if not cluster_scheduler:
+        return
     import dask
 
     # Dask collections computed inside a cell run on the whole cluster through the worker's client;
@@ -393,36 +398,6 @@ def _inject(ident: int, exc: type[BaseException]) -> bool:
 _run_of_key: dict[Any, str] = {}
 
 
-class CancelOnRelease(WorkerPlugin):
-    """Worker plugin: when Dask cancels an executing `%%depin` task (future cancelled or released, its
-    client gone), stop the cell's thread too — Dask alone would let it run on, holding memory and a slot.
-    """
-
-    name = "depin-cancel-on-release"
-    idempotent = True
-
-    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
-        if start == "executing" and finish in ("cancelled", "released", "forgotten"):
-            run_id = _run_of_key.get(key)
-            if run_id is not None:
-                cancel_run(run_id)
-
-
-class IgnoreInterrupt(WorkerPlugin):
-    """Worker plugin for the embedded cluster only: its worker processes share the kernel's process group,
-    so Jupyter's interrupt (SIGINT to the group) would kill them; the kernel cancels the cell instead.
-    """
-
-    name = "depin-ignore-interrupt"
-    idempotent = True
-
-    def setup(self, worker: Any) -> None:
-        import signal
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def cancel_run(run_id: str, timed_out: bool = False, exc_type: type[BaseException] | None = None) -> bool:
     """Stop a run executing in this process; True if it was running.
 
@@ -440,6 +415,8 @@ def cancel_run(run_id: str, timed_out: bool = False, exc_type: type[BaseExceptio
 
 
 def _escalate(run_id: str) -> None:
+    if _SAFE_CODEC_RESULTS:
+        return  # a sandboxed cell's process: its worker kills it at the limit
     import dask
 
     grace = float(dask.utils.parse_timedelta(dask.config.get("depin.cancel-grace", "3s"), default="s"))
@@ -523,7 +500,14 @@ def _clean_traceback(exc: BaseException, filename: str) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb if tb is not None else exc.__traceback__))
 
 
+# Set in a sandboxed cell's process: its results are encoded by `relay.to_payload` (safe_codec), which
+# reports by name what it cannot encode, so Dask's serializers are not consulted (nor imported) there.
+_SAFE_CODEC_RESULTS = False
+
+
 def _portable_exception(exc: BaseException) -> BaseException | None:
+    if _SAFE_CODEC_RESULTS:
+        return None  # a sandboxed cell's errors travel as text only (`relay.to_payload`)
     from distributed.protocol import pickle as dpickle  # cloudpickle fallback: classes from the cell travel
 
     try:
@@ -536,6 +520,8 @@ def _portable_exception(exc: BaseException) -> BaseException | None:
 
 def _serializable(value: Any) -> str | None:
     """None if ``value`` can travel back to the notebook, else the reason it cannot."""
+    if _SAFE_CODEC_RESULTS:
+        return None
     from distributed.protocol import serialize
 
     try:

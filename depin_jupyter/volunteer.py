@@ -97,7 +97,7 @@ class VolunteerWorker(Worker):
         from tornado.ioloop import PeriodicCallback
 
         from . import controls
-        from .remote import CancelOnRelease
+        from .worker_plugins import CancelOnRelease
 
         super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
         self.depin_pool = _own_pool(self.security)

@@ -75,7 +75,8 @@ def test_normal_cell_returns_outputs_and_streams_its_output(bwrap, monkeypatch):
             "print('to stderr', file=sys.stderr)\n"
             "os.write(1, b'\\x00\\x00\\x00\\x05\\x03C code writing to fd 1 does not reach the protocol\\n')\n"
             "y = x * 2\n"
-            "leaked = sorted(k for k in os.environ if k.startswith(('AWS', 'DASK')))\n"
+            "leaked = sorted(k for k in os.environ if k.startswith(('AWS', 'DASK')) and k != 'DASK_SCHEDULER')\n"
+            "sched = os.environ.get('DASK_SCHEDULER')\n"
             "where = os.getcwd()\n"
             "home = os.environ['HOME']\n"
             "uid = os.getuid()\n"
@@ -83,7 +84,7 @@ def test_normal_cell_returns_outputs_and_streams_its_output(bwrap, monkeypatch):
     result, events, stats = run(code, {"x": np.arange(5)}, sandbox.Limits(bubblewrap=bwrap), last_expr=True)
     assert result["status"] == "ok", result.get("error")
     np.testing.assert_array_equal(result["outputs"]["y"], np.arange(5) * 2)
-    assert result["outputs"]["leaked"] == []
+    assert result["outputs"]["leaked"] == [] and result["outputs"]["sched"] == "threads"  # set by the sandbox
     scratch = result["outputs"]["where"]
     assert scratch == result["outputs"]["home"] and os.path.basename(scratch).startswith("depin-cell-")
     assert not os.path.exists(scratch), "the scratch directory outlived the cell"
