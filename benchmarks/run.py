@@ -3,7 +3,7 @@
     python benchmarks/run.py [--store-mib 1024] [--quick]
 
 Each benchmark is its own script (overhead, store, longruns, scaling, replication, ipyparallel_baseline when
-ipyparallel is installed; gpu when a GPU is usable) writing
+ipyparallel is installed, volunteer; gpu when a GPU is usable) writing
 benchmarks/results/<name>.json; this collects them. `--quick` uses small sizes and few repetitions.
 """
 
@@ -64,7 +64,10 @@ def main() -> None:
             summary.append((f"replicas: {name}", f"{v:.2f}x", "-"))
     if (r := _run("ipyparallel_baseline.py", *(["--reps", "10"] if args.quick else []))) is not None:
         for name, v in r["ratios"].items():
-            summary.append((name, f"{v:.2f}x", "< 1.0x" if name.startswith("trivial") else "-"))
+            summary.append((name, f"{v:.2f}x", "< 1.0x" if name.startswith("trivial: depin") else "-"))
+    if (r := _run("volunteer.py", *(["--reps", "8", "--input-mib", "16"] if args.quick else []))) is not None:
+        for name, v in r["ratios"].items():
+            summary.append((f"volunteer network: {name}", f"{v:.2f}x", "-"))
     _run("gpu.py")  # exits 2 without a GPU: said, and left out
     print(f"\n{'measure':44} {'result':>30} {'target':>16}")
     for name, value, target in summary:
