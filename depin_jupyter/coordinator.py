@@ -24,6 +24,7 @@ Three things stock Dask does not do, done here:
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import json
 import logging
@@ -31,6 +32,7 @@ import os
 import pathlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from . import config
@@ -74,7 +76,7 @@ class StateDir:
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = pathlib.Path(path).expanduser() if path else default_state_dir()
-        self._registry_cache: tuple[float, dict[str, Any]] | None = None
+        self._registry_cache: tuple[Any, dict[str, Any]] | None = None
 
     # --- files ---
     @property
@@ -133,21 +135,40 @@ class StateDir:
     def registry(self) -> dict[str, Any]:
         """The issued certificates (re-read only when the file changed)."""
         p = self.path / "tokens.json"
-        mtime = p.stat().st_mtime_ns if p.exists() else 0
-        if self._registry_cache is None or self._registry_cache[0] != mtime:
-            self._registry_cache = (mtime, self._read("tokens.json", {"certificates": []}))
+        try:
+            st = p.stat()
+            # Every write replaces the file (a new inode): two writes within one tick of the file system's
+            # coarse clock have the same mtime, and a cache keyed on it alone missed a token just issued.
+            stamp: Any = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if self._registry_cache is None or self._registry_cache[0] != stamp:
+            self._registry_cache = (stamp, self._read("tokens.json", {"certificates": []}))
         return self._registry_cache[1]
+
+    @contextlib.contextmanager
+    def _registry_lock(self) -> Iterator[None]:
+        """Hold the registry for a read-modify-write: the scheduler and `depin token` may write at once."""
+        import fcntl
+
+        fd = os.open(self.path / ".tokens.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _register(self, name: str, role: str, serial: int, expires: float, pool: str | None = None,
                   **lab: Any) -> None:
-        reg = self._read("tokens.json", {"certificates": []})
         entry = {"name": name, "role": role, "serial": str(serial), "issued": time.time(),
                  "expires": expires, "revoked": None}
         if pool is not None:
             entry["pool"] = pool
         entry.update({k: v for k, v in lab.items() if v})  # quota, educator (virtual labs, `lab.py`)
-        reg["certificates"].append(entry)
-        _write_atomic(self.path / "tokens.json", json.dumps(reg, indent=1))
+        with self._registry_lock():
+            reg = self._read("tokens.json", {"certificates": []})
+            reg["certificates"].append(entry)
+            _write_atomic(self.path / "tokens.json", json.dumps(reg, indent=1))
 
     def issue_token(self, role: str, name: str, days: float | None = None,
                     not_after: Any = None, pool: str | None = None, quota: Any = None,
@@ -181,15 +202,16 @@ class StateDir:
 
     def revoke(self, name: str) -> int:
         """Revoke every certificate issued to ``name``; returns how many were live."""
-        reg = self._read("tokens.json", {"certificates": []})
-        n = 0
-        for c in reg["certificates"]:
-            if c["name"] == name and c["role"] != "scheduler" and not c["revoked"]:
-                c["revoked"] = time.time()
-                n += 1
-        if not n:
-            raise DepinUsageError(f"no live certificate is issued to {name!r} (see `depin token list`)")
-        _write_atomic(self.path / "tokens.json", json.dumps(reg, indent=1))
+        with self._registry_lock():
+            reg = self._read("tokens.json", {"certificates": []})
+            n = 0
+            for c in reg["certificates"]:
+                if c["name"] == name and c["role"] != "scheduler" and not c["revoked"]:
+                    c["revoked"] = time.time()
+                    n += 1
+            if not n:
+                raise DepinUsageError(f"no live certificate is issued to {name!r} (see `depin token list`)")
+            _write_atomic(self.path / "tokens.json", json.dumps(reg, indent=1))
         return n
 
     def admit(self, name: str, roles: set[str], serial: int | None) -> str | None:

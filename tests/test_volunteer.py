@@ -43,6 +43,31 @@ def _session(token: str) -> cluster.Session:
 
 # ------------------------------------------------------------------ tokens and refusals
 
+def test_tokens_issued_at_once_are_all_registered(tmp_path):
+    """The scheduler issues its first tokens while `depin token issue` may run: no issued token is lost."""
+    state = StateDir(tmp_path / "s")
+    state.init("tls://127.0.0.1:1")
+    errors: list[BaseException] = []
+
+    def issue(k: int) -> None:
+        try:
+            for i in range(5):
+                StateDir(tmp_path / "s").issue_token("worker", f"w{k}-{i}")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=issue, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    names = {c["name"] for c in state.registry()["certificates"]}
+    assert names >= {f"w{k}-{i}" for k in range(8) for i in range(5)}
+    state.revoke("w3-1")  # and a revocation sees them all
+    assert len(state.registry()["certificates"]) == 41
+
+
 def test_token_is_one_string_and_damage_is_explained(net):
     text = net.token("client", "alice")
     assert text.startswith("depin1-") and "\n" not in text
