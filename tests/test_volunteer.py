@@ -239,20 +239,21 @@ def test_a_reused_input_crosses_the_network_once(net):
         a = np.random.default_rng(7).random(2**20)  # 8 MiB
         first_value = float(a[0])
         ns = {"a": a}
+        here = runner.RunOptions(worker="cachevol", replicas=1)  # this volunteer only, whoever else is connected
         before = _input_stats(s)
-        out = runner.run_cell(s, "t = float(a.sum())", ns)
+        out = runner.run_cell(s, "t = float(a.sum())", ns, here)
         assert ns["t"] == float(a.sum()) and out.sent_bytes >= a.nbytes and out.reused_inputs == []
-        out = runner.run_cell(s, "u = float((a * 2).sum())", ns)
+        out = runner.run_cell(s, "u = float((a * 2).sum())", ns, here)
         assert ns["u"] == float((a * 2).sum())
         assert out.sent_bytes < 64 * 1024 and out.reused_inputs == ["a"]  # nothing sent the second time
         mid = _input_stats(s)
         assert mid["puts"] - before["puts"] == 1 and mid["gets"] - before["gets"] == 1  # the volunteer kept it
         # A cell that changes its input in place: the change comes back, and what the volunteer keeps does
         # not change with it (it keeps bytes, not the object the cell got).
-        runner.run_cell(s, "a[0] = -1.0", ns)
+        runner.run_cell(s, "a[0] = -1.0", ns, here)
         assert a[0] == -1.0
         a[0] = first_value  # the original content again: the same key, served from the volunteer's cache
-        out = runner.run_cell(s, "f = float(a[0])", ns)
+        out = runner.run_cell(s, "f = float(a[0])", ns, here)
         assert out.reused_inputs == ["a"] and ns["f"] == first_value
         assert _input_stats(s)["gets"] == mid["gets"]
     finally:
