@@ -368,7 +368,9 @@ class ResultStore:
         store = self.zarr_store
         raw = _io.get(store, f"runs/{run_id}/zarr.json")
         if raw is None:
-            if _io.list_prefix(store, f"runs/{run_id}"):  # data but no metadata: its writer was killed early
+            # Listed by `runs()` but without metadata (only data, only a half-written temporary file, or an
+            # empty directory): its writer was killed early.
+            if _io.list_prefix(store, f"runs/{run_id}") or run_id in _io.list_dir(store, "runs"):
                 raise RunIncompleteError(f"run {run_id} in {self.url} has no run metadata: its writer was killed "
                                          f"before it began; it is not servable (see `depin runs {self.url}`)")
             raise RunNotFoundError(f"no run {run_id} in {self.url} (see `depin runs {self.url}`)")

@@ -245,3 +245,21 @@ def test_a_run_killed_before_its_metadata_is_incomplete_not_missing(tmp_path):
     assert summary.run_id == run_id and not summary.complete
     with pytest.raises(RunIncompleteError, match="killed before it began"):
         rs.load(run_id)
+
+
+@pytest.mark.parametrize("left", ["empty directory", "half-written metadata"])
+def test_a_run_killed_while_creating_its_group_is_incomplete_not_missing(tmp_path, left):
+    # Killed after making the run's directory, before its zarr.json landed (nothing, or only the temporary
+    # file an atomic write renames): `runs()` lists it, so loading it must say "incomplete", not "no run".
+    url = str(tmp_path / "early.zarr")
+    open_store(url)
+    run_id = "20261125T000000.000000Z-0badf00d"
+    d = tmp_path / "early.zarr" / "runs" / run_id
+    d.mkdir(parents=True)
+    if left == "half-written metadata":  # zarr's LocalStore writes <key>.<uuid>.partial, then renames it
+        (d / f"zarr.json.{'0' * 32}.partial").write_bytes(b'{"zarr_for')
+    rs = open_store(url, create=False)
+    [summary] = rs.runs()
+    assert summary.run_id == run_id and not summary.complete
+    with pytest.raises(RunIncompleteError, match="killed before it began"):
+        rs.load(run_id)
