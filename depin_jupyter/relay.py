@@ -192,7 +192,8 @@ def run_cell_relayed(spec: dict[str, Any], inputs: dict[str, Any]) -> str:
     if limits.is_enabled(volunteer=True):
         # In a child process with limits (and bubblewrap when present); what it sends back is the
         # pickle-free payload and stream events, never unpickled here. CPU time is measured by this
-        # process (wait4 on the child), not reported by it.
+        # process (wait4, the child's process tree), or, if the child exited too fast for that, taken
+        # from the child's own figure capped by its cores x wall time (`sandbox.run_sandboxed`).
         stats: dict[str, Any] = {}
         payload = sandbox.run_sandboxed(spec, inputs, emit=lambda m: worker.log_event(STREAM_TOPIC, m),
                                         limits=limits, stats=stats)

@@ -546,8 +546,9 @@ def run_sandboxed(spec: dict[str, Any], inputs: dict[str, Any], *, emit: Callabl
     ``emit(msg)`` receives the cell's stream events (stdout, stderr, display, start), decoded with
     `safe_codec` only; connect it to ``worker.log_event(remote.STREAM_TOPIC, msg)``. ``limits``
     defaults to `Limits.from_config()`; the cell's --timeout/--max-runtime cap its wall time either
-    way. ``stats``, if given, is filled with what the worker measured itself (not what the child
-    says): ``cpu_seconds`` (the child's user+system time, e.g. for credit), ``wall_seconds``,
+    way. ``stats``, if given, is filled with what the worker measured: ``cpu_seconds`` (the child's
+    user+system time, e.g. for credit; where the child exited before its tree could be read, its own
+    figure, at most its cores x the wall time), ``wall_seconds``,
     ``max_rss`` (bytes); and ``energy``, the child's own `energy.measure` figures (numbers and short
     text only, decoded with `safe_codec`), so the coordinator's ledger can total energy per volunteer
     without decoding the result.
@@ -730,8 +731,14 @@ def run_sandboxed(spec: dict[str, Any], inputs: dict[str, Any], *, emit: Callabl
             if stats is not None:
                 stats["wall_seconds"] = time.monotonic() - t0
                 if usage is not None:
-                    # wait4 sees only what bwrap reaped; the tree measured before exit sees the cell itself
-                    stats["cpu_seconds"] = max(usage.ru_utime + usage.ru_stime, tree_cpu)
+                    # wait4 sees only what bwrap reaped; the tree measured when the result arrived sees the
+                    # cell's process unless it had already exited (then it is gone from the tree, and bwrap's
+                    # pid 1 may be killed before reaping it). The child's own figure (its energy frame) covers
+                    # that race, capped by what its cores could have done in the wall time.
+                    own = (stats.get("energy") or {}).get("cpu_seconds")
+                    own = min(float(own), stats["wall_seconds"] * (os.cpu_count() or 1)) \
+                        if isinstance(own, (int, float)) and own > 0 else 0.0
+                    stats["cpu_seconds"] = max(usage.ru_utime + usage.ru_stime, tree_cpu, own)
                     stats["max_rss"] = usage.ru_maxrss * 1024
             if proc.stdin and not proc.stdin.closed:
                 try:
