@@ -25,11 +25,13 @@ def stats(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(s) * 1e3, "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3, "n": len(s)}
 
 
-def timed(fn: Any, reps: int) -> list[float]:
-    """Seconds of ``reps`` calls of ``fn`` after one warm-up call."""
+def timed(fn: Any, reps: int, warmup: bool = True) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn``, after one warm-up call unless ``warmup`` is False (interleaved
+    one-shot timings, where the caller warmed up once for all)."""
     import time
 
-    fn()
+    if warmup:
+        fn()
     out = []
     for _ in range(reps):
         t = time.perf_counter()

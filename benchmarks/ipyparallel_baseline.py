@@ -22,22 +22,12 @@ import sys
 
 import random
 
-from _results import save, stats
+from _results import save, stats, timed
 
 
 def _inc(v: int) -> int:  # the bare Dask round trip's task
     return v + 1
 
-
-def timed(fn, reps: int) -> list[float]:  # noqa: ANN001 - no warm-up call: the caller warmed up
-    import time
-
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
@@ -96,7 +86,7 @@ def main() -> None:
             for _ in range(reps):
                 order.shuffle(items)
                 for name, fn in items:
-                    samples[name] += timed(fn, 1)
+                    samples[name] += timed(fn, 1, warmup=False)
         rows = {k: stats(v) for k, v in samples.items()}
     cluster.close_session()
     ratios = {

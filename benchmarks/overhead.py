@@ -13,9 +13,8 @@ import argparse
 import os
 import platform
 import sys
-import time
 
-from _results import save, stats as _stats  # a script run from this folder: its siblings are importable
+from _results import save, stats as _stats, timed  # a script run from this folder: its siblings are importable
 
 
 def _inc(v):  # noqa: ANN001, ANN202 - the baseline task
@@ -45,14 +44,6 @@ def main() -> None:
     client = session.client
     client.wait_for_workers(1)
     shell.user_ns.update(x=1)
-
-    def timed(fn, reps):  # noqa: ANN001, ANN202
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return out
 
     def depin(code, flags="--no-store"):  # noqa: ANN001, ANN202
         res = shell.run_cell(f"%%depin {flags}\n" + code, store_history=False)
@@ -86,7 +77,7 @@ def main() -> None:
     for _ in range(args.reps):
         order.shuffle(candidates)
         for samples, fn in candidates:
-            samples += timed(fn, 1)
+            samples += timed(fn, 1, warmup=False)
 
     n = args.input_mib * 2**20 // 8
     first, second = [], []
@@ -94,10 +85,10 @@ def main() -> None:
     big_code = "s = big.shape[0]"
     for i in range(max(3, args.reps // 10)):
         shell.user_ns["big"] = np.full(n, float(i))  # new content: shipped
-        first += timed(lambda: depin(big_code), 1)
-        second += timed(lambda: depin(big_code), 1)  # same content: already on the cluster
+        first += timed(lambda: depin(big_code), 1, warmup=False)
+        second += timed(lambda: depin(big_code), 1, warmup=False)  # same content: already on the cluster
     for _ in range(args.reps - len(second)):
-        second += timed(lambda: depin(big_code), 1)
+        second += timed(lambda: depin(big_code), 1, warmup=False)
 
     rows = {
         "a_local_exec": _stats(a),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _results import save, stats
+from _results import save, stats, timed
 
 DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
 
@@ -45,15 +45,6 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float
             raise SystemExit(f"{proc.args[3]} exited before {text!r}:\n{path.read_text()[-2000:]}")
         time.sleep(0.1)
     raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
-
-
-def _timed(fn: Any, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
@@ -97,15 +88,15 @@ def main() -> None:
         big = "s = big.shape[0]"
         for name, session in (("local", local), ("volunteer", vol)):
             runner.run_cell(session, trivial, {}, one)  # warm-up
-            rows[f"{name}: trivial"] = stats(_timed(lambda s=session: runner.run_cell(s, trivial, {}, one),
-                                                    args.reps))
+            rows[f"{name}: trivial"] = stats(timed(lambda s=session: runner.run_cell(s, trivial, {}, one),
+                                                   args.reps, warmup=False))
         for mode, ref_min in (("input cache", "1MiB"), ("inline (baseline)", f"{args.input_mib * 2}MiB")):
             with dask.config.set({"depin.coordinator.input-ref-min-bytes": ref_min}):
                 first, second = [], []
                 for i in range(max(3, args.reps // 4)):
                     ns = {"big": np.full(n, float(i) + (0.5 if mode.startswith("inline") else 0.0))}
-                    first += _timed(lambda ns=ns: runner.run_cell(vol, big, ns, one), 1)
-                    second += _timed(lambda ns=ns: runner.run_cell(vol, big, ns, one), 2)
+                    first += timed(lambda ns=ns: runner.run_cell(vol, big, ns, one), 1, warmup=False)
+                    second += timed(lambda ns=ns: runner.run_cell(vol, big, ns, one), 2, warmup=False)
                 rows[f"volunteer, {mode}: {args.input_mib} MiB input, first use"] = stats(first)
                 rows[f"volunteer, {mode}: {args.input_mib} MiB input, reused"] = stats(second)
         vol.close()
