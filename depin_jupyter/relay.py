@@ -49,7 +49,6 @@ class _InputCache:
         self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.fetched = 0  # from the coordinator, over this process's life (tests read it)
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
@@ -60,7 +59,6 @@ class _InputCache:
 
     def put(self, key: str, data: bytes, limit: int) -> None:
         with self._lock:
-            self.fetched += 1
             if len(data) > limit:
                 return
             old = self._items.pop(key, None)
