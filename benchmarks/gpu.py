@@ -50,7 +50,7 @@ def main() -> None:
     import numpy as np
     from IPython.core.interactiveshell import InteractiveShell
 
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     u0 = np.zeros((args.n, args.n))
     u0[args.n // 4: args.n // 2, args.n // 4: args.n // 2] = 1.0

@@ -45,7 +45,7 @@ def main() -> None:
     import dask
     import numpy as np
 
-    from depin_jupyter import cluster, runner
+    from depin_jupyter.kernel import cluster, runner
 
     dask.config.set({"depin.store.enabled": False})
     a = np.random.default_rng(0).random(args.input_mib * 2**20 // 8)

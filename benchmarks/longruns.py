@@ -27,7 +27,7 @@ def _inc(v):  # noqa: ANN001, ANN202
 
 
 def _executing_cells() -> int:
-    from depin_jupyter import remote
+    from depin_jupyter.worker import execute as remote
 
     return len(remote._active)
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     from IPython.core.interactiveshell import InteractiveShell
 
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "depin_jupyter")

@@ -35,7 +35,7 @@ def main() -> None:
 
     import dask
 
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     dask.config.set({"depin.store.url": os.path.join(tempfile.mkdtemp(prefix="depin-bench-"), "r.zarr")})
     shell = InteractiveShell.instance()

@@ -34,7 +34,7 @@ def main() -> None:
     import dask
     import numpy as np
 
-    from depin_jupyter import cluster, replication, runner
+    from depin_jupyter.kernel import cluster, replication, runner
 
     dask.config.set({"depin.store.enabled": False})
     session = cluster.connect("local")

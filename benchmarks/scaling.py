@@ -34,8 +34,8 @@ def main() -> None:
 
     import dask
 
-    from depin_jupyter import background, cluster
-    from depin_jupyter.runner import RunOptions
+    from depin_jupyter.kernel import background, cluster
+    from depin_jupyter.kernel.runner import RunOptions
 
     rows = {}
     for n in args.workers:

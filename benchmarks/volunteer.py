@@ -57,8 +57,8 @@ def main() -> None:
     import dask
     import numpy as np
 
-    from depin_jupyter import cluster, runner
-    from depin_jupyter.coordinator import StateDir
+    from depin_jupyter.kernel import cluster, runner
+    from depin_jupyter.network.coordinator import StateDir
 
     root = Path(tempfile.mkdtemp(prefix="depin-bench-volunteer-"))
     port = _free_port()

@@ -13,14 +13,14 @@ __all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", 
 
 def xp():  # type: ignore[no-untyped-def]
     """The array module for this process: cupy where a GPU is usable, numpy otherwise."""
-    from .gpu import array_module
+    from depin_jupyter.gpu import array_module
 
     return array_module()
 
 
 def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
     """`%load_ext depin_jupyter`: register `%%depin` and `%depin`."""
-    from .magics import DepinMagics, bind_finished_runs
+    from depin_jupyter.kernel.magics import DepinMagics, bind_finished_runs
 
     ipython.register_magics(DepinMagics)
     # Finished background runs are bound before the next cell runs, never while one runs.
@@ -29,8 +29,8 @@ def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]
 
 def unload_ipython_extension(ipython):  # type: ignore[no-untyped-def]
     """`%unload_ext depin_jupyter`: close the session's cluster connection."""
-    from .cluster import close_session
-    from .magics import bind_finished_runs
+    from depin_jupyter.kernel.cluster import close_session
+    from depin_jupyter.kernel.magics import bind_finished_runs
 
     try:
         ipython.events.unregister("pre_run_cell", bind_finished_runs)
@@ -51,6 +51,6 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 def _load_jupyter_server_extension(server_app):  # type: ignore[no-untyped-def]
     """Register the routes; dask/distributed/zarr are imported only when a route is first used."""
-    from .server import load
+    from depin_jupyter.server import load
 
     load(server_app)

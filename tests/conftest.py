@@ -59,7 +59,7 @@ def ip():
 @pytest.fixture(scope="session")
 def depin_session(ip):
     """The embedded default cluster (2 CPU worker processes here), shared by the suite."""
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     session = cluster.connect("local")
     session.client.wait_for_workers(2, timeout=60)
@@ -70,7 +70,7 @@ def depin_session(ip):
 @pytest.fixture
 def shell(ip, depin_session):
     """The shell, connected, with a clean user namespace for each test."""
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     if cluster.current_session() is not depin_session:  # a test connected elsewhere: come back
         cluster._session = depin_session

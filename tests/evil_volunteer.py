@@ -27,7 +27,9 @@ class EvilError(Exception):
 
 
 def dask_setup(worker):
-    from depin_jupyter import relay, remote, sandbox
+    from depin_jupyter.worker import execute as remote
+    from depin_jupyter.worker import relayed as relay
+    from depin_jupyter.worker import sandbox
 
     real_run = remote.run_cell
 

@@ -4,7 +4,8 @@
 def dask_setup(worker):
     import numpy as np
 
-    from depin_jupyter import relay, sandbox
+    from depin_jupyter.protocol.payloads import from_payload
+    from depin_jupyter.worker import relayed as relay, sandbox
 
     honest, honest_sandboxed = relay.to_payload, sandbox.run_sandboxed
 
@@ -16,7 +17,7 @@ def dask_setup(worker):
         return honest(result)
 
     def run_sandboxed(spec, inputs, **kwargs):
-        return to_payload(relay.from_payload(honest_sandboxed(spec, inputs, **kwargs)))
+        return to_payload(from_payload(honest_sandboxed(spec, inputs, **kwargs)))
 
     relay.to_payload = to_payload
     sandbox.run_sandboxed = run_sandboxed

@@ -24,7 +24,7 @@ def test_finished_run_is_bound_before_the_next_cell(shell):
     deadline = time.monotonic() + 30
     run_obj = None
     while time.monotonic() < deadline:
-        from depin_jupyter import cluster
+        from depin_jupyter.kernel import cluster
 
         run_obj = cluster.current_session().background["quick"]
         if run_obj.done():
@@ -41,7 +41,7 @@ def test_a_rebound_name_is_kept_and_reported(shell):
         run_ok(shell, "%depin wait rb")
     assert shell.user_ns["result"] == "mine"
     assert "kept your current value of result" in cap.stderr
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     assert cluster.current_session().background["rb"].outputs["result"] == "from the run"
 

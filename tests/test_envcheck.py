@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port, run, run_ok
-from depin_jupyter.envcheck import Mismatch, compare, local_version
+from depin_jupyter.kernel.envcheck import Mismatch, compare, local_version
 from depin_jupyter.errors import EnvironmentMismatchError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def old_numpy_venv(tmp_path_factory):
 
 
 def test_worker_with_older_numpy_is_refused(shell, depin_session, old_numpy_venv):
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     port = free_port()
     addr = f"tcp://127.0.0.1:{port}"

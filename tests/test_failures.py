@@ -10,7 +10,7 @@ from distributed import LocalCluster
 
 from conftest import run, run_ok
 from depin_jupyter.errors import WorkerLostError
-from depin_jupyter.failures import explain_death, explain_exception
+from depin_jupyter.kernel.failures import explain_death, explain_exception
 
 
 # ---------------------------------------------------------------- pure explanations
@@ -69,7 +69,7 @@ def test_host_memory_error_gets_a_hint(shell):
 
 
 def test_worker_over_its_memory_limit_is_explained(shell, depin_session):
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0,
                           "distributed.worker.memory.terminate": 0.9}):

@@ -10,13 +10,13 @@ import time
 from click.testing import CliRunner
 
 from depin_jupyter.cli import main
-from depin_jupyter.jobs import owner
+from depin_jupyter.kernel.jobs import owner
 
 
 def _start_looping_run(address, beat, name):
     script = textwrap.dedent(f"""
-        from depin_jupyter import cluster
-        from depin_jupyter.runner import RunOptions, run_cell
+        from depin_jupyter.kernel import cluster
+        from depin_jupyter.kernel.runner import RunOptions, run_cell
         s = cluster.connect({address!r})
         try:
             run_cell(s, "import time\\nn = 0\\nwhile True:\\n    n += 1\\n    open(beat, 'w').write(str(n))\\n"

@@ -81,7 +81,7 @@ def test_interrupt_frees_the_cluster_from_a_cell_stuck_in_a_c_call(kernel_manage
     """time.sleep(600) never returns to Python: the worker restarts itself; within 5 s nothing runs it."""
     from distributed import Client
 
-    from depin_jupyter.cluster import published_sessions
+    from depin_jupyter.kernel.cluster import published_sessions
 
     km, kc = kernel_manager
     reply, _ = execute(kc, "%load_ext depin_jupyter\n%depin connect local")

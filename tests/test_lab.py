@@ -11,13 +11,9 @@ from click.testing import CliRunner
 from conftest import free_port
 from volunteer_net import Network, wait_for_workers
 
-from depin_jupyter import cluster, runner
-from depin_jupyter.errors import (
-    ClusterConnectionError,
-    DepinUsageError,
-    RemoteExecutionError,
-)
-from depin_jupyter.lab import fetch_lab_status, format_lab_status, parse_quota
+from depin_jupyter.kernel import cluster, runner
+from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
+from depin_jupyter.network.lab import fetch_lab_status, format_lab_status, parse_quota
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 
@@ -120,7 +116,7 @@ def test_educator_view_only_for_educators(net):
     prof = net.token("client", "prof", educator=True)
     status = fetch_lab_status(token_text=prof)
     assert "nosy-student" in status["students"] and status["students"]["prof"]["educator"]
-    from depin_jupyter.magics import format_status
+    from depin_jupyter.kernel.magics import format_status
 
     s = _session(prof)
     try:  # `%depin status` of an educator appends the lab table; a student's does not

@@ -252,7 +252,7 @@ def test_unreachable_scheduler_names_the_address(shell, depin_session):
 
     assert isinstance(err, ClusterConnectionError)
     assert f"127.0.0.1:{port}" in str(err) and "dask scheduler" in str(err)
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     assert cluster.current_session() is depin_session  # a failed connect keeps the working session
     _assert_kernel_still_works(shell)
@@ -321,7 +321,7 @@ def test_unknown_worker_pin_lists_the_connected_workers(shell, depin_session):
 
 
 def test_line_magic_status_config_and_close(ip, capsys):
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     saved = cluster._session
     cluster._session = None
@@ -340,7 +340,7 @@ def test_line_magic_status_config_and_close(ip, capsys):
 
 
 def test_connect_to_a_scheduler_in_another_process(shell, depin_session, scheduler_process, capsys):
-    from depin_jupyter import cluster
+    from depin_jupyter.kernel import cluster
 
     cluster._session = None  # keep the suite's cluster: connect would close the session it replaces
     try:
@@ -381,8 +381,8 @@ def test_a_cell_whose_kernel_dies_is_stopped_on_the_worker(depin_session, tmp_pa
     beat = tmp_path / "beat"
     script = textwrap.dedent(f"""
         import os, threading, time
-        from depin_jupyter import cluster
-        from depin_jupyter.runner import run_cell
+        from depin_jupyter.kernel import cluster
+        from depin_jupyter.kernel.runner import run_cell
         s = cluster.connect({depin_session.address!r})
         def die():
             while not os.path.exists({str(beat)!r}):
@@ -460,7 +460,7 @@ def test_cluster_scheduler_outside_a_cell_does_what_dask_would():
     import dask
     import dask.array as da
 
-    from depin_jupyter import remote
+    from depin_jupyter.worker.in_cell import cluster_get
 
     out: dict = {}
 
@@ -469,7 +469,7 @@ def test_cluster_scheduler_outside_a_cell_does_what_dask_would():
 
         token = _current_client.set(None)
         try:
-            with dask.config.set(scheduler=remote._cluster_get), dask.config.set({"distributed.client": None}):
+            with dask.config.set(scheduler=cluster_get), dask.config.set({"distributed.client": None}):
                 out["v"] = float(da.arange(100, chunks=10).sum().compute())
         except Exception as e:  # noqa: BLE001 - reported below
             out["e"] = e

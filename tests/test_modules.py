@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import run_ok
-from depin_jupyter.modules import bundle_local_modules, is_local
+from depin_jupyter.kernel.modules import bundle_local_modules, is_local
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from depin_jupyter import cluster, energy, runner
-from depin_jupyter.coordinator import POOL_CAPACITY, StateDir, grant_pool
+from depin_jupyter.kernel import cluster, runner
+from depin_jupyter.worker import energy
+from depin_jupyter.network.coordinator import POOL_CAPACITY, StateDir, grant_pool
 from depin_jupyter.errors import DepinUsageError, NoSuitableWorkerError
-from depin_jupyter.pki import Token, cert_pool
+from depin_jupyter.network.pki import Token, cert_pool
 
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers
@@ -250,7 +251,7 @@ def test_private_input_is_refused_before_a_byte_reaches_the_volunteer(net):
                           runner.RunOptions(private=("secret",), pool="lab", store=str(store)))
     assert out.worker == _address(net, "lab-box") and ns["s"] == int(secret.sum())
     # private data rides inside the task: the coordinator's input cache never holds it (the control it does)
-    from depin_jupyter.remote import content_hash
+    from depin_jupyter.protocol.values import content_hash
 
     keys = {n: "depin-input-" + content_hash(v) for n, v in (("secret", secret), ("control", control))}
     held = net.session.client.sync(net.session.client.scheduler.depin_input_has, keys=sorted(keys.values()))
@@ -265,7 +266,7 @@ def test_private_input_is_refused_before_a_byte_reaches_the_volunteer(net):
 
 
 def test_energy_is_reported_per_run_in_the_result_and_status(net):
-    from depin_jupyter.magics import format_status
+    from depin_jupyter.kernel.magics import format_status
 
     ns: dict = {}
     code = "t = sum(i * i for i in range(300_000))"

@@ -11,7 +11,7 @@ import pytest
 from test_reproduce import _notebook, published  # noqa: F401  (the fixture: a notebook run into a store)
 
 from depin_jupyter.errors import StoreIntegrityError
-from depin_jupyter.publish import CRATE_FILE, LOCK_FILE, STORE_DIR, open_bundle, publish
+from depin_jupyter.reproduce.publish import CRATE_FILE, LOCK_FILE, STORE_DIR, open_bundle, publish
 
 DEPIN = os.path.join(os.path.dirname(sys.executable), "depin")
 

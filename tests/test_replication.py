@@ -9,7 +9,7 @@ import pytest
 from IPython.utils.capture import capture_output
 
 from conftest import run, run_ok
-from depin_jupyter import replication
+from depin_jupyter.kernel import replication
 from depin_jupyter.store import open_store
 
 

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from depin_jupyter.reproduce import reproduce
+from depin_jupyter.reproduce.rerun import reproduce
 
 
 def _notebook(path, offset="0.0", second_cell="y = x * 2 + offset\ntotal = float(y.sum())"):
@@ -88,7 +88,7 @@ def test_a_tampered_store_stops_before_re_execution(published):
 def test_report_matches_its_schema_and_renders_as_html(published, shell):
     import jsonschema
 
-    from depin_jupyter.reproduce import REPORT_SCHEMA
+    from depin_jupyter.reproduce.rerun import REPORT_SCHEMA
 
     nb_path, store = published
     report = shell.run_line_magic("depin", f"reproduce {nb_path} --store {store}")

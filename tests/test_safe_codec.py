@@ -15,14 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from depin_jupyter.safe_codec import (
-    MAX_DEPTH,
-    DecodeError,
-    UnsafeValueError,
-    decode,
-    encodable,
-    encode,
-)
+from depin_jupyter.protocol.safe_codec import MAX_DEPTH, DecodeError, UnsafeValueError, decode, encodable, encode
 
 ENVELOPE = msgpack.ExtType(0, b"\x01")
 

@@ -2,7 +2,7 @@
 stops it comes back as the cell's error while the worker carries on.
 
 Called in-process (no Dask cluster): `run_sandboxed` returns the pickle-free payload, decoded here with
-`relay.from_payload` exactly as the notebook does. Protections the machine cannot provide (no working
+`payloads.from_payload` exactly as the notebook does. Protections the machine cannot provide (no working
 bwrap, not root so no switch to an unprivileged user) are skipped with the reason.
 """
 
@@ -18,9 +18,12 @@ import uuid
 import numpy as np
 import pytest
 
-from depin_jupyter import relay, remote, sandbox
+from depin_jupyter.protocol import payloads
+from depin_jupyter.worker import cancel, sandbox
+from depin_jupyter.worker.runs import active
+from depin_jupyter.worker.sandbox import isolation
 
-BWRAP_OK, BWRAP_WHY = sandbox._bwrap_works(False, "nobody")
+BWRAP_OK, BWRAP_WHY = isolation.bwrap_works(False, "nobody")
 ROOT = os.geteuid() == 0
 MODES = [
     pytest.param(True, id="bwrap",
@@ -31,7 +34,7 @@ MODES = [
 
 
 def make_spec(code: str, **kw) -> dict:
-    """A spec with the keys `runner.make_spec` gives `remote.run_cell`."""
+    """A spec with the keys `runner.make_spec` gives `worker.execute.run_cell`."""
     spec = {"run_id": uuid.uuid4().hex, "name": "test", "code": code, "filename": f"<depin-cell-{uuid.uuid4().hex[:8]}>",
             "modules": {}, "maybe_mutated": [], "outputs": None, "last_expr": False, "timeout": None,
             "max_runtime": None, "flush_interval": 0.02, "local_modules": None}
@@ -46,7 +49,7 @@ def run(code: str, inputs: dict | None = None, limits: sandbox.Limits | None = N
     payload = sandbox.run_sandboxed(make_spec(code, **spec_kw), dict(inputs or {}), emit=events.append,
                                     limits=limits, stats=stats)
     assert isinstance(payload, bytes)
-    return relay.from_payload(payload), events, stats
+    return payloads.from_payload(payload), events, stats
 
 
 def printed(events: list[dict]) -> str:
@@ -61,7 +64,7 @@ def still_works(bwrap: bool | str = "auto") -> None:
 
 
 def sandbox_tasks() -> int:
-    return sandbox._tasks_of(65534) if ROOT else 0
+    return isolation.tasks_of(65534) if ROOT else 0
 
 
 # ---------------------------------------------------------------- a normal cell
@@ -231,13 +234,13 @@ def test_a_crash_is_reported_and_the_worker_carries_on():
 
 def test_cancelling_the_run_kills_the_child():
     spec = make_spec("import time\ntime.sleep(60)\n")
-    threading.Timer(1.5, remote.cancel_run, args=(spec["run_id"],)).start()
+    threading.Timer(1.5, cancel.cancel_run, args=(spec["run_id"],)).start()
     t0 = time.monotonic()
     payload = sandbox.run_sandboxed(spec, {}, emit=lambda msg: None, limits=sandbox.Limits())
     assert time.monotonic() - t0 < 10
-    result = relay.from_payload(payload)
+    result = payloads.from_payload(payload)
     assert result["status"] == "cancelled"
-    assert spec["run_id"] not in remote._active
+    assert active.get(spec["run_id"]) is None
 
 
 # ---------------------------------------------------------------- settings and description
@@ -259,7 +262,7 @@ def test_limits_from_config_and_the_cells_timeout():
 
 
 def test_bubblewrap_required_but_missing_is_an_error(monkeypatch):
-    monkeypatch.setattr(sandbox, "_bwrap_works", lambda network, user: (False, "bwrap is not installed"))
+    monkeypatch.setattr(isolation, "bwrap_works", lambda network, user: (False, "bwrap is not installed"))
     with pytest.raises(sandbox.SandboxError, match="depin.sandbox.bubblewrap is true"):
         sandbox.run_sandboxed(make_spec("x = 1"), {}, emit=lambda m: None, limits=sandbox.Limits(bubblewrap=True))
     assert sandbox.describe(sandbox.Limits(bubblewrap=True))["bubblewrap"]["active"] is False

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from depin_jupyter import cluster, runner
-from depin_jupyter.coordinator import StateDir
+from depin_jupyter.kernel import cluster, runner
+from depin_jupyter.network.coordinator import StateDir
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
-from depin_jupyter.pki import Token
+from depin_jupyter.network.pki import Token
 
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers
@@ -317,7 +317,7 @@ def test_unpickle_guard_refuses_pickled_frames_from_worker_identities(tmp_path):
     from distributed.protocol import dumps, loads
     from distributed.protocol.serialize import ToPickle
 
-    from depin_jupyter.coordinator import _UNTRUSTED, _install_unpickle_guard
+    from depin_jupyter.network.coordinator import _UNTRUSTED, _install_unpickle_guard
 
     class Boom:
         def __reduce__(self):
@@ -567,7 +567,7 @@ def test_a_lying_volunteer_is_caught_every_time_and_loses_its_streak_and_credit(
 
 
 def test_status_shows_volunteers_and_their_trust(net):
-    from depin_jupyter.magics import format_status
+    from depin_jupyter.kernel.magics import format_status
 
     proc, _ = net.start_worker(net.token("worker", "trusty"))
     s = _session(net.token("client", "sci-trust"))
@@ -586,7 +586,7 @@ def test_status_shows_volunteers_and_their_trust(net):
 def test_sandbox_on_a_volunteer_stops_bad_cells_and_the_worker_takes_the_next(net, tmp_path):
     import secrets
 
-    from depin_jupyter import sandbox
+    from depin_jupyter.worker import sandbox
 
     if not sandbox.describe()["bubblewrap"]["active"] and os.geteuid() != 0:
         pytest.skip("neither bubblewrap nor a root worker (uid drop) to hide the home directory here")

@@ -38,7 +38,7 @@ class Network:
     """A coordinator process with its state dir, and the volunteer processes started against it."""
 
     def __init__(self, root: pathlib.Path, port: int, env: dict[str, str] | None = None) -> None:
-        from depin_jupyter.coordinator import StateDir
+        from depin_jupyter.network.coordinator import StateDir
 
         self.root = root
         self.port = port

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from depin_jupyter import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,10 +17,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import demo, jobs, network, reproduce  # noqa: F401  (each module adds its commands to `main`)
+    from depin_jupyter.cli import demo, jobs, network, reproduce  # noqa: F401  (each module adds its commands to `main`)
 
     try:
-        from . import store  # noqa: F401
+        from depin_jupyter.cli import store  # noqa: F401
     except ImportError:  # the store commands land with the store module
         pass
 

@@ -1,5 +1,5 @@
 """`python -m depin_jupyter.cli` runs the `depin` command."""
 
-from . import main
+from depin_jupyter.cli import main
 
 main()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from depin_jupyter.cli import main
 
 
 def _client(scheduler: str | None):  # type: ignore[no-untyped-def]
     from distributed import Client
 
-    from .. import config
+    from depin_jupyter import config
 
     address = scheduler or config.get("scheduler-address")
     if not address:
@@ -29,7 +29,7 @@ _scheduler_option = click.option("--scheduler", "scheduler", default=None, metav
 @_scheduler_option
 def jobs(scheduler: str | None) -> None:
     """List runs queued or executing on the cluster, with owner and age."""
-    from ..jobs import format_jobs, list_jobs
+    from depin_jupyter.kernel.jobs import format_jobs, list_jobs
 
     with _client(scheduler) as client:
         click.echo(format_jobs(list_jobs(client)))
@@ -42,7 +42,7 @@ def jobs(scheduler: str | None) -> None:
 @_scheduler_option
 def cancel(runs: tuple[str, ...], mine: bool, all_: bool, scheduler: str | None) -> None:
     """Cancel RUNS (run ids or names), --mine or --all; their workers stop the cells."""
-    from ..jobs import cancel_jobs, list_jobs, owner
+    from depin_jupyter.kernel.jobs import cancel_jobs, list_jobs, owner
 
     if not (runs or mine or all_):
         raise click.UsageError("name the runs to cancel, or give --mine or --all")

@@ -6,14 +6,14 @@ import sys
 
 import click
 
-from . import main
+from depin_jupyter.cli import main
 
 _state_option = click.option("--state-dir", default=None, metavar="DIR",
                              help="the coordinator's directory (default: config depin.coordinator.state-dir)")
 
 
 def _state(state_dir: str | None):  # type: ignore[no-untyped-def]
-    from ..coordinator import StateDir
+    from depin_jupyter.network.coordinator import StateDir
 
     return StateDir(state_dir)
 
@@ -35,8 +35,8 @@ def scheduler(host: str, port: int | None, advertise: str | None, dashboard_addr
     import asyncio
     import signal
 
-    from .. import config
-    from ..coordinator import serve
+    from depin_jupyter import config
+    from depin_jupyter.network.coordinator import serve
 
     state = _state(state_dir)
     port = config.get("coordinator.port") if port is None else port
@@ -98,8 +98,8 @@ def worker(token: str, gpus: str, memory_limit: str, name: str | None, nthreads:
     You stay in control: `depin pause [--for 30m]` and `depin resume` act on running workers; --hours,
     --when-idle and --max-gpu-util pause it automatically (running cells finish, queued ones go elsewhere).
     """
-    from ..errors import DepinError
-    from ..volunteer import run
+    from depin_jupyter.errors import DepinError
+    from depin_jupyter.worker.volunteer import run
 
     try:
         code = run(token, gpus=gpus, memory_limit=memory_limit, name=name, nthreads=nthreads,
@@ -114,7 +114,7 @@ def _await_workers(want_paused: bool, directory, since: float, timeout: float = 
     """The running workers' states once each has seen the control file written at ``since`` (or timeout)."""
     import time
 
-    from ..controls import worker_states
+    from depin_jupyter.worker.controls import worker_states
 
     deadline = time.monotonic() + timeout
     while True:
@@ -137,8 +137,8 @@ def pause(duration: str | None) -> None:
     """
     import time
 
-    from ..controls import control_dir, parse_duration, write_control
-    from ..errors import DepinError
+    from depin_jupyter.worker.controls import control_dir, parse_duration, write_control
+    from depin_jupyter.errors import DepinError
 
     try:
         until = time.time() + parse_duration(duration) if duration else None
@@ -168,8 +168,8 @@ def resume() -> None:
     """Resume the depin workers on this machine paused with `depin pause`."""
     import time
 
-    from ..controls import control_dir, write_control
-    from ..errors import DepinError
+    from depin_jupyter.worker.controls import control_dir, write_control
+    from depin_jupyter.errors import DepinError
 
     try:
         d = control_dir()
@@ -215,7 +215,7 @@ def token_issue(role: str, name: str | None, days: float | None, out: str | None
     """Issue a token: the coordinator's address, its CA, and a certificate for NAME in ROLE."""
     import os
 
-    from ..errors import DepinError
+    from depin_jupyter.errors import DepinError
 
     if roster is not None:
         return _issue_class(role, roster, out_dir, days, quota, state_dir)
@@ -241,8 +241,8 @@ def _issue_class(role: str, roster: str, out_dir: str | None, days: float | None
     import os
     import pathlib
 
-    from ..errors import DepinError
-    from ..lab import format_quota, parse_quota, read_roster
+    from depin_jupyter.errors import DepinError
+    from depin_jupyter.network.lab import format_quota, parse_quota, read_roster
 
     if role != "client":
         raise click.UsageError("--class issues client tokens (students): use --role client")
@@ -293,7 +293,7 @@ def token_list(state_dir: str | None) -> None:
 @_state_option
 def token_revoke(name: str, state_dir: str | None) -> None:
     """Revoke every certificate of NAME: it cannot connect again, and a running coordinator drops it."""
-    from ..errors import DepinError
+    from depin_jupyter.errors import DepinError
 
     try:
         n = _state(state_dir).revoke(name)
@@ -309,8 +309,8 @@ def credits(as_json: bool, state_dir: str | None) -> None:
     """Contributed compute per volunteer: raw GPU/CPU-seconds, normalized credit, energy (self-reported)."""
     import json
 
-    from ..controls import CREDIT_FORMULA
-    from ..energy import ledger_text
+    from depin_jupyter.worker.controls import CREDIT_FORMULA
+    from depin_jupyter.worker.energy import ledger_text
 
     state = _state(state_dir)
     data = state.credits() if state.path.exists() else {}
@@ -322,7 +322,7 @@ def credits(as_json: bool, state_dir: str | None) -> None:
     if not data:
         click.echo("no completed work recorded yet")
         return
-    from .. import config
+    from depin_jupyter import config
 
     streak = int(config.get("trust-streak"))
 
@@ -366,8 +366,8 @@ def lab_status(token_text: str | None, as_json: bool, state_dir: str | None) -> 
     """Per student: connected, cells running/queued, GPU/CPU-seconds used today vs quota."""
     import json
 
-    from ..errors import DepinError
-    from ..lab import fetch_lab_status, format_lab_status
+    from depin_jupyter.errors import DepinError
+    from depin_jupyter.network.lab import fetch_lab_status, format_lab_status
 
     try:
         status = fetch_lab_status(token_text=token_text, state=None if token_text else _state(state_dir))

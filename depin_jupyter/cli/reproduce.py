@@ -6,7 +6,7 @@ import json
 
 import click
 
-from . import main
+from depin_jupyter.cli import main
 
 
 @main.command()
@@ -24,8 +24,8 @@ def reproduce(notebook: str, store: str | None, cluster: str | None, rtol: float
     %%depin run; exit 0 only if all reproduced."""
     import pathlib
 
-    from ..publish import open_bundle, verify_files
-    from ..reproduce import reproduce as run
+    from depin_jupyter.reproduce.publish import open_bundle, verify_files
+    from depin_jupyter.reproduce.rerun import reproduce as run
 
     bundle = open_bundle(notebook)
     if bundle is not None:
@@ -58,8 +58,8 @@ def reproduce(notebook: str, store: str | None, cluster: str | None, rtol: float
 @click.option("--overwrite", is_flag=True, help="replace a non-empty OUT")
 def publish(notebook: str, store: str, out: str, overwrite: bool) -> None:
     """Write NOTEBOOK, its verified STORE, an environment lock and RO-Crate metadata to OUT."""
-    from ..errors import DepinError
-    from ..publish import publish as run
+    from depin_jupyter.errors import DepinError
+    from depin_jupyter.reproduce.publish import publish as run
 
     try:
         bundle = run(notebook, store, out, overwrite=overwrite)

@@ -12,12 +12,12 @@ from typing import Any
 
 import click
 
-from . import main
+from depin_jupyter.cli import main
 
 
 def _open(url: str | None) -> Any:
     """The store at ``url`` (or depin.store.url / ./depin-results.zarr), opened read-only."""
-    from ..store import StoreAccessError, open_store
+    from depin_jupyter.store import StoreAccessError, open_store
 
     try:
         return open_store(url, create=False, writable=False)
@@ -62,7 +62,7 @@ def _elide(doc: dict[str, Any]) -> dict[str, Any]:
 @click.option("--full", is_flag=True, help="include every chunk digest")
 def show(run: str, store: str | None, fmt: str, full: bool) -> None:
     """Print the manifest of RUN (an id or a unique prefix; incomplete runs are reported, exit 1)."""
-    from ..store import RunIncompleteError, RunNotFoundError, StoreIntegrityError
+    from depin_jupyter.store import RunIncompleteError, RunNotFoundError, StoreIntegrityError
 
     rs = _open(store)
     matches = [s.run_id for s in rs.runs() if s.run_id.startswith(run)]
@@ -84,7 +84,7 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
         click.echo(yaml.safe_dump(doc, sort_keys=False, width=100))
         extra = doc.get("extra") or {}
         if extra.get("energy"):
-            from ..energy import summary
+            from depin_jupyter.worker.energy import summary
 
             click.echo(f"# energy: {summary(extra['energy'])}; pool: {extra.get('pool') or 'any'}")
 
@@ -94,7 +94,7 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="print only mismatches and the verdict")
 def verify(store: str, quiet: bool) -> None:
     """Re-hash every chunk, manifest and ledger entry of STORE; exit 1 naming any mismatch."""
-    from ..publish import open_bundle, verify_files
+    from depin_jupyter.reproduce.publish import open_bundle, verify_files
 
     bundle = open_bundle(store)
     if bundle is not None:  # a `depin publish` bundle: its files against the crate, then its store

@@ -12,7 +12,7 @@ __all__ = ["load"]
 
 def load(server_app: Any) -> None:
     """Register the depin routes (called by `depin_jupyter._load_jupyter_server_extension`)."""
-    from .routes import setup_routes
+    from depin_jupyter.server.routes import setup_routes
 
     setup_routes(server_app)
     server_app.log.info("depin_jupyter | routes registered under %sdepin/", server_app.web_app.settings["base_url"])

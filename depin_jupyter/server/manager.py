@@ -8,7 +8,7 @@ same user): the manager then joins with that identity (mutual TLS) and asks the 
 volunteers' credit. Run history comes from the Zarr result store (`depin_jupyter.store`).
 
 Reproduction (`reproduce_start`) re-executes a notebook *file under the server root* in a separate
-process (`python -m depin_jupyter.server.reproduce_job`, which calls `depin_jupyter.reproduce.reproduce`):
+process (`python -m depin_jupyter.server.reproduce_job`, which calls `depin_jupyter.reproduce.rerun.reproduce`):
 nothing here executes code sent by the browser. Tested without HTTP in tests/server/test_server_manager.py.
 """
 
@@ -83,7 +83,7 @@ class Unavailable(ManagerError):
 
 
 def _published_sessions() -> list[dict[str, Any]]:
-    from ..cluster import published_sessions
+    from depin_jupyter.kernel.cluster import published_sessions
 
     return published_sessions()
 
@@ -198,7 +198,7 @@ class DepinManager:
         """The client identity of a published volunteer-network token (one Security per token)."""
         security = self._securities.get(token)
         if security is None:
-            from ..pki import Token
+            from depin_jupyter.network.pki import Token
 
             security = Token.decode(token).security("client")
             if len(self._securities) > 32:  # tokens of long-gone kernels
@@ -255,7 +255,7 @@ class DepinManager:
     def store_url(self, store: str | None) -> str:
         """The store to read: given, else depin.store.url, else ./depin-results.zarr (server root)."""
         if not store:
-            from .. import config
+            from depin_jupyter import config
 
             store = config.get("store.url") or "depin-results.zarr"
         store = str(store)
@@ -266,7 +266,7 @@ class DepinManager:
     def _open(self, store: str | None) -> Any:
         url = self.store_url(store)
         try:
-            from ..store import StoreAccessError, open_store
+            from depin_jupyter.store import StoreAccessError, open_store
         except Exception as exc:  # noqa: BLE001 - the panel says why instead of failing
             raise Unavailable(f"the result store is not available: {type(exc).__name__}: {exc}") from None
         if "://" not in url and not os.path.isdir(url):
@@ -314,7 +314,7 @@ class DepinManager:
     def _run(self, store: str | None, run_id: str, full: bool) -> dict[str, Any]:
         self._check_run_id(run_id, store)
         rs = self._open(store)
-        from ..store import RunIncompleteError, RunNotFoundError, StoreIntegrityError
+        from depin_jupyter.store import RunIncompleteError, RunNotFoundError, StoreIntegrityError
 
         try:
             manifest = rs.manifest(run_id)
@@ -356,7 +356,7 @@ class DepinManager:
         if store:
             url = self.store_url(store)
         else:
-            from .. import config
+            from depin_jupyter import config
 
             url = str(config.get("store.url") or "depin-results.zarr")
             if "://" not in url and not os.path.isabs(url):
@@ -513,7 +513,7 @@ def worker_record(address: str, w: Mapping[str, Any], processing: Any = (), *,
 
 def trust_record(rep: Any) -> dict[str, Any]:
     """A volunteer's reputation as the panel shows it: counts, and whether it is trusted (spot-checked)."""
-    from .. import config
+    from depin_jupyter import config
 
     rep = dict(rep) if isinstance(rep, Mapping) else {}
     streak = int(rep.get("streak", 0) or 0)
@@ -559,7 +559,7 @@ def energy_fields(extra: Mapping[str, Any]) -> dict[str, Any]:
     e = extra.get("energy")
     if not isinstance(e, Mapping):
         return {"energy_j": None, "energy": None, "energy_reason": None, "gpu_power_mean_w": None}
-    from ..energy import summary
+    from depin_jupyter.worker.energy import summary
 
     e = dict(e)
     joules = _finite(e.get("energy_j"))

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     notebook, store, out = argv
-    from ..reproduce import reproduce
+    from depin_jupyter.reproduce.rerun import reproduce
 
     try:
         report = reproduce(notebook, store)

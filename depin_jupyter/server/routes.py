@@ -15,7 +15,7 @@ import tornado.web
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
-from .manager import DEFAULT_RUN_LIMIT, BadRequest, DepinManager, ManagerError
+from depin_jupyter.server.manager import DEFAULT_RUN_LIMIT, BadRequest, DepinManager, ManagerError
 
 __all__ = ["setup_routes"]
 

@@ -7,18 +7,12 @@ are documented in `_store.py` and `_digest.py`.
 
 from __future__ import annotations
 
-from ._errors import (
-    RunIncompleteError,
-    RunNotFoundError,
-    StoreAccessError,
-    StoreIntegrityError,
-    UnsupportedOutputError,
-)
-from ._outputs import classify as output_kind
-from ._store import ResultStore, RunWriter, new_run_id, open_store
-from .ledger import LedgerEntry
-from .manifest import OutputRecord, RunManifest, RunSummary, local_environment, local_worker
-from .verify import Problem, VerifyReport
+from depin_jupyter.store._errors import RunIncompleteError, RunNotFoundError, StoreAccessError, StoreIntegrityError, UnsupportedOutputError
+from depin_jupyter.store._outputs import classify as output_kind
+from depin_jupyter.store._store import ResultStore, RunWriter, new_run_id, open_store
+from depin_jupyter.store.ledger import LedgerEntry
+from depin_jupyter.store.manifest import OutputRecord, RunManifest, RunSummary, local_environment, local_worker
+from depin_jupyter.store.verify import Problem, VerifyReport
 
 __all__ = [
     "LedgerEntry",

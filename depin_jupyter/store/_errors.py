@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DepinError, DepinUsageError, StoreIntegrityError
+from depin_jupyter.errors import DepinError, DepinUsageError, StoreIntegrityError
 
 __all__ = [
     "RunIncompleteError",

@@ -18,7 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from ._digest import sha256_hex
+from depin_jupyter.store._digest import sha256_hex
 
 PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 """Temporary files a killed LocalStore writer can leave behind (``<key>.<uuid>.partial``)."""

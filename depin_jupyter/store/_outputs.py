@@ -28,12 +28,12 @@ from zarr.core.sync import sync
 from zarr.errors import UnstableSpecificationWarning
 from zarr.storage import LocalStore
 
-from .. import config
-from ..errors import DepinUsageError
-from . import _io, _values
-from ._digest import canonical_json, grid_size, output_digest, sha256_hex
-from ._errors import StoreIntegrityError, UnsupportedOutputError
-from .manifest import OutputRecord
+from depin_jupyter import config
+from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.store import _io, _values
+from depin_jupyter.store._digest import canonical_json, grid_size, output_digest, sha256_hex
+from depin_jupyter.store._errors import StoreIntegrityError, UnsupportedOutputError
+from depin_jupyter.store.manifest import OutputRecord
 
 MAX_VALUE_BYTES = 1 << 20
 """Largest JSON form of a value kept in the manifest; bigger containers should be arrays."""

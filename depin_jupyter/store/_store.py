@@ -31,25 +31,12 @@ from typing import Any
 import numpy as np
 from zarr.abc.store import Store
 
-from .. import config
-from ..errors import DepinUsageError
-from . import _io, _outputs, ledger
-from ._digest import group_document, sha256_hex
-from ._errors import (
-    RunIncompleteError,
-    RunNotFoundError,
-    StoreAccessError,
-    StoreIntegrityError,
-    UnsupportedOutputError,
-)
-from .manifest import (
-    MANIFEST_ATTR,
-    OutputRecord,
-    RunManifest,
-    RunSummary,
-    local_environment,
-    local_worker,
-)
+from depin_jupyter import config
+from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.store import _io, _outputs, ledger
+from depin_jupyter.store._digest import group_document, sha256_hex
+from depin_jupyter.store._errors import RunIncompleteError, RunNotFoundError, StoreAccessError, StoreIntegrityError, UnsupportedOutputError
+from depin_jupyter.store.manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary, local_environment, local_worker
 
 DEFAULT_URL = "depin-results.zarr"
 STORE_ATTR = "depin_store"
@@ -447,7 +434,7 @@ class ResultStore:
 
     def verify(self) -> Any:
         """Re-hash every chunk, manifest and ledger entry; a `VerifyReport` naming each mismatch."""
-        from .verify import verify_store
+        from depin_jupyter.store.verify import verify_store
 
         return verify_store(self)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from zarr.abc.store import Store
 
-from . import _io
-from ._digest import canonical_json, group_document, sha256_hex
+from depin_jupyter.store import _io
+from depin_jupyter.store._digest import canonical_json, group_document, sha256_hex
 
 PREFIX = "ledger"
 ENTRY_ATTR = "depin_ledger_entry"

@@ -10,12 +10,12 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import _io, ledger
-from ._digest import output_digest, sha256_hex
-from .manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary
+from depin_jupyter.store import _io, ledger
+from depin_jupyter.store._digest import output_digest, sha256_hex
+from depin_jupyter.store.manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary
 
 if TYPE_CHECKING:
-    from ._store import ResultStore
+    from depin_jupyter.store._store import ResultStore
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _check_outputs(run_id: str, manifest: RunManifest, hashes: dict[str, str | N
 
 def verify_store(rs: ResultStore) -> VerifyReport:
     """Check the ledger chain, every sealed manifest and every chunk of every complete run."""
-    from ._store import RUN_ATTR, summarize
+    from depin_jupyter.store._store import RUN_ATTR, summarize
 
     store = rs.zarr_store
     entries, chain = ledger.read_chain(store)

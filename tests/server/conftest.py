@@ -56,7 +56,7 @@ def published(local_cluster: Any, jp_environ: Any) -> Iterator[Any]:
     """
     from distributed import Client
 
-    from depin_jupyter.cluster import Session
+    from depin_jupyter.kernel.cluster import Session
 
     client = Client(local_cluster, set_as_default=False)
     session = Session(client, None, "test LocalCluster (1 in-process worker)")

@@ -10,16 +10,7 @@ from typing import Any
 
 import pytest
 
-from depin_jupyter.server.manager import (
-    NOT_CONNECTED,
-    BadRequest,
-    Conflict,
-    DepinManager,
-    NotFound,
-    _duration,
-    energy_fields,
-    worker_record,
-)
+from depin_jupyter.server.manager import NOT_CONNECTED, BadRequest, Conflict, DepinManager, NotFound, _duration, energy_fields, worker_record
 
 
 async def test_status_not_connected(jp_environ: Any, jp_root_dir: pathlib.Path) -> None:
@@ -144,7 +135,8 @@ async def test_runs_carry_their_energy_or_why_it_was_not_measured(published: Any
     """A real %%depin run on the CPU LocalCluster, stored beside the notebook, and one with measured joules."""
     import json
 
-    from depin_jupyter import energy, runner
+    from depin_jupyter.worker import energy
+    from depin_jupyter.kernel import runner
     from depin_jupyter.store import open_store
 
     store = str(jp_root_dir / "depin-results.zarr")

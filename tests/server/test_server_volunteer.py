@@ -38,7 +38,7 @@ def net(tmp_path: pathlib.Path) -> Any:
 async def test_status_shows_volunteers_and_credit(net: Any, jp_fetch: Any, jp_environ: Any) -> None:
     import dask
 
-    from depin_jupyter import cluster, runner
+    from depin_jupyter.kernel import cluster, runner
 
     # As `%depin connect TOKEN` in a kernel: the session publishes {"volunteer": true, "token": ...}.
     session = await asyncio.to_thread(cluster._connect_token, net.token("client", "dana"))

@@ -1,4 +1,4 @@
-"""depin_jupyter.widgets on its own: the text fallback, and the live widget in a real ipykernel."""
+"""depin_jupyter.kernel.widgets on its own: the text fallback, and the live widget in a real ipykernel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import kernel_execute
 
-from depin_jupyter import widgets
-from depin_jupyter.runner import Progress
+from depin_jupyter.kernel import widgets
+from depin_jupyter.kernel.runner import Progress
 
 
 def test_auto_outside_a_kernel_is_text_and_modes_are_checked() -> None:
@@ -86,7 +86,7 @@ def _execute(kc, code: str, timeout: float = 60) -> tuple[dict, list[dict]]:
 def test_widget_in_a_kernel_updates_live_and_leaves_a_text_fallback(kernel) -> None:
     code = (
         "import time\n"
-        "from depin_jupyter.widgets import make_progress, WidgetProgress\n"
+        "from depin_jupyter.kernel.widgets import make_progress, WidgetProgress\n"
         "p = make_progress('demo')\n"
         "assert isinstance(p, WidgetProgress), type(p)\n"
         "p.update('shipping', '1 input(s)')\n"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from depin_jupyter.energy import rapl_domains
+from depin_jupyter.worker.energy import rapl_domains
 
 ARTIFACTS = pathlib.Path(__file__).parent / "artifacts"
 Lab = Any  # tests/ui/conftest.py: the running `jupyter lab` (url, token, root, api(), log_tail())

@@ -1,0 +1,316 @@
+"""The notebook's connection to a cluster: the embedded default, or a scheduler address.
+
+One `Session` per kernel holds the Dask client, the embedded cluster if we started one, the cache
+of inputs already on the cluster and the live-output subscription.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from depin_jupyter import config
+from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
+
+__all__ = ["Session", "WorkerInfo", "connect", "get_session", "close_session", "current_session",
+           "published_sessions"]
+
+_session: Session | None = None
+_session_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as `%depin status` shows it."""
+
+    address: str
+    name: str
+    nthreads: int
+    memory_limit: int
+    gpus: int
+    gpu_model: str | None
+    gpu_memory: int | None
+    executing: int
+    pools: tuple[str, ...] = ()   # from Dask resources "pool:NAME" (on a volunteer network: granted by the coordinator)
+
+
+class Session:
+    """A live connection: client, optional embedded cluster, input cache, stream dispatcher."""
+
+    def __init__(self, client: Any, cluster: Any | None, description: str, untrusted: bool = False,
+                 token: str | None = None) -> None:
+        from depin_jupyter.kernel.envcheck import EnvironmentCache
+        from depin_jupyter.kernel.shipping import InputCache
+        from depin_jupyter.kernel.stream import StreamDispatcher
+
+        self.client = client
+        self.cluster = cluster
+        # A volunteer network: results come through the coordinator's relay, decoded without unpickling,
+        # and nothing dials a worker (volunteers install the depin worker plugins themselves).
+        self.untrusted = untrusted
+        self.token = token  # the client token of a volunteer network (the Jupyter server's panel uses it)
+        self.description = description
+        self.inputs = InputCache()
+        self.streams = StreamDispatcher(client)
+        self.cpu_fallback_said = False
+        self.env = EnvironmentCache()
+        self._gpus: dict[str, Any] = {}
+        self.background: dict[str, Any] = {}   # name -> background.BackgroundRun
+        self.last_workers: list[WorkerInfo] = []
+        self._workers_at = 0.0
+        self.session_file = _publish(self)
+        if not untrusted:
+            from depin_jupyter.worker.plugins import CancelOnRelease
+
+            client.register_plugin(CancelOnRelease())
+
+    @property
+    def address(self) -> str:
+        return str(self.client.scheduler.address)
+
+    def workers(self, max_age: float = 2.0) -> list[WorkerInfo]:
+        """The workers connected (as of at most ``max_age`` seconds ago), with GPU model and memory.
+
+        Asking the scheduler costs a round trip, so a burst of cells shares one answer.
+        """
+        import time
+
+        if self.last_workers and time.monotonic() - self._workers_at < max_age:
+            return self.last_workers
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        self._workers_at = time.monotonic()
+        out = []
+        for addr, w in sorted(info.items()):
+            gpu = w.get("gpu") or {}
+            volunteer = (w.get("depin") or {}).get("gpu") if isinstance(w.get("depin"), dict) else None
+            if not gpu.get("name") and isinstance(volunteer, dict):
+                gpu = {"name": volunteer.get("name"), "memory-total": volunteer.get("memory")}
+            out.append(WorkerInfo(
+                address=addr,
+                name=str(w.get("name", addr)),
+                nthreads=int(w.get("nthreads", 0)),
+                memory_limit=int(w.get("memory_limit") or 0),
+                gpus=int((w.get("resources") or {}).get("GPU", 0)),
+                gpu_model=gpu.get("name"),
+                gpu_memory=gpu.get("memory-total"),
+                executing=int((w.get("metrics") or {}).get("task_counts", {}).get("executing", 0)
+                              if isinstance((w.get("metrics") or {}).get("task_counts"), dict) else 0),
+                pools=tuple(sorted(str(r)[5:] for r in (w.get("resources") or {}) if str(r).startswith("pool:"))),
+            ))
+        self.last_workers = out
+        return out
+
+    def gpu_hardware(self, addresses: list[str]) -> dict[str, Any]:
+        """GPU description (gpu.describe) of each worker, asked once per worker and cached."""
+        from depin_jupyter.gpu import describe
+
+        unknown = [a for a in addresses if a not in self._gpus]
+        if unknown and self.untrusted:  # what volunteers advertised when they joined; never dial them
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            self._gpus.update({a: ((info.get(a) or {}).get("depin") or {}).get("gpu") for a in unknown})
+        elif unknown:
+            self._gpus.update(self.client.run(describe, workers=unknown, on_error="return"))
+        return {a: (self._gpus.get(a) if isinstance(self._gpus.get(a), dict) else None) for a in addresses}
+
+    def worker_versions(self, workers: list[str], packages: list[str]) -> dict[str, dict[str, str | None]]:
+        """Package versions on ``workers``: asked of each worker, or as volunteers advertised them."""
+        if not self.untrusted:
+            return self.env.versions(self.client, workers, packages)
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        out = {}
+        for w in workers:
+            advertised = ((info.get(w) or {}).get("depin") or {}).get("versions")
+            if isinstance(advertised, dict):
+                out[w] = {p: advertised.get(p) for p in packages}
+        return out
+
+    def close(self) -> None:
+        if self.session_file is not None:
+            self.session_file.unlink(missing_ok=True)
+        self.inputs.clear()
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def _sessions_dir() -> Any:
+    import pathlib
+
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return pathlib.Path(jupyter_runtime_dir()) / "depin-sessions"
+
+
+def _publish(session: Session) -> Any:
+    """Write this kernel's connection (scheduler address, description) where the Jupyter server finds it.
+
+    The JupyterLab panel runs in the server process, not the kernel: it reads these files and asks the
+    scheduler itself. Removed when the session closes; files of dead processes are ignored by readers.
+    """
+    import json
+    import time
+
+    try:
+        d = _sessions_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        info = {"pid": os.getpid(), "scheduler": session.address, "description": session.description,
+                "embedded": session.cluster is not None, "started": time.time(),
+                "volunteer": session.untrusted}
+        if session.token:  # same user only (0600 in the 0700 runtime dir): the panel joins as this client
+            info["token"] = session.token
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info))
+        tmp.replace(path)
+        return path
+    except Exception:  # noqa: BLE001 - the panel is optional; never fail a connection over it
+        return None
+
+
+def published_sessions() -> list[dict[str, Any]]:
+    """Connections published by live kernels on this machine (for the Jupyter server extension)."""
+    import json
+
+    out = []
+    d = _sessions_dir()
+    for path in sorted(d.glob("*.json")) if d.exists() else []:
+        try:
+            info = json.loads(path.read_text())
+            os.kill(int(info["pid"]), 0)  # still alive?
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(info)
+    return out
+
+
+def _start_local() -> Session:
+    """The embedded default: LocalCUDACluster when GPUs are usable, else a CPU LocalCluster."""
+    import dask.config
+    from distributed import Client, LocalCluster
+
+    from depin_jupyter.gpu import detect
+
+    n_gpus, why = detect()
+    lc = "local-cluster."
+    common: dict[str, Any] = dict(
+        threads_per_worker=config.get(lc + "threads-per-worker"),
+        # null: a free port, so a second cluster never warns that 8787 is taken
+        dashboard_address=config.get(lc + "dashboard-address") or ":0",
+        memory_limit=config.get(lc + "memory-limit"),
+    )
+    n_workers = config.get(lc + "n-workers")
+    # Our own cluster reports a dead worker at once, so `--retries` (not the scheduler) decides re-runs.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        if n_gpus:
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(n_workers=n_workers or n_gpus, resources={"GPU": 1}, **common)
+            what = f"LocalCUDACluster with {n_workers or n_gpus} GPU worker(s) ({why})"
+        else:
+            n = n_workers or max(1, min(2, os.cpu_count() or 1))
+            cluster = LocalCluster(n_workers=n, processes=config.get(lc + "processes"), **common)
+            what = f"CPU LocalCluster with {n} worker process(es) (no GPU: {why}; cells use numpy)"
+    client = Client(cluster, set_as_default=False)
+    from depin_jupyter.worker.plugins import IgnoreInterrupt
+
+    client.register_plugin(IgnoreInterrupt())
+    return Session(client, cluster, what)
+
+
+def _connect_address(address: str) -> Session:
+    from distributed import Client
+
+    timeout = config.seconds("connect-timeout")
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as e:
+        raise ClusterConnectionError(
+            f"no Dask scheduler answered at {address} within {timeout:g}s ({type(e).__name__}: {e}). "
+            f"Start one there (`dask scheduler`, or `depin scheduler` for a volunteer network), check "
+            f"the address and port, or use `%depin connect local` for a cluster on this machine."
+        ) from None
+    return Session(client, None, f"scheduler at {address}")
+
+
+def _connect_token(text: str) -> Session:
+    """Join a volunteer network with a client token (mutual TLS; results relayed, never unpickled)."""
+    from distributed import Client
+
+    from depin_jupyter.network.pki import Token
+
+    token = Token.decode(text)
+    token.check_valid("client")
+    timeout = config.seconds("connect-timeout")
+    who = token.info.name
+    try:
+        client = Client(token.address, security=token.security("client"), timeout=timeout, set_as_default=False)
+    except ImportError as e:  # the coordinator's refusal arrives this way (stream-start error)
+        raise ClusterConnectionError(f"{e}. Ask the coordinator for a client token "
+                                     f"(`depin token issue --role client --name {who}`).") from None
+    except (OSError, TimeoutError) as e:
+        text_e = f"{type(e).__name__}: {e}"
+        hint = ("the coordinator refused this certificate (revoked, expired or from another coordinator): "
+                "ask for a new client token" if "SSL" in text_e or "closed" in text_e.lower()
+                else "check that `depin scheduler` runs there and that its port is reachable")
+        raise ClusterConnectionError(f"could not join the volunteer network at {token.address} as {who!r} "
+                                     f"within {timeout:g}s ({text_e}); {hint}.") from None
+    return Session(client, None, f"volunteer network at {token.address} as {who!r} (results relayed, "
+                                 f"decoded without pickle)", untrusted=True, token=token.encode())
+
+
+def connect(target: str | None = None) -> Session:
+    """Connect this kernel to ``target`` (None/"local": embedded default; an address).
+
+    The previous session is closed only once the new one is up, so a failed connect loses nothing.
+    """
+    global _session
+    target = target if target is not None else config.get("scheduler-address")
+    from depin_jupyter.network.pki import TOKEN_PREFIX
+
+    if target in (None, "", "local"):
+        new = _start_local()
+    elif target.startswith(TOKEN_PREFIX) or (os.path.isfile(os.path.expanduser(target))
+                                             and "://" not in target):
+        new = _connect_token(target)
+    elif "://" in target or ":" in target:
+        new = _connect_address(target if "://" in target else f"tcp://{target}")
+    else:
+        raise DepinUsageError(
+            f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
+            f"a scheduler address such as tcp://host:8786, or a volunteer network's client token (or a "
+            f"file holding it)."
+        )
+    with _session_lock:
+        old, _session = _session, new
+    if old is not None:
+        old.close()
+    return new
+
+
+def current_session() -> Session | None:
+    """The session if one is connected (never starts one)."""
+    return _session
+
+
+def get_session() -> Session:
+    """The session, starting the embedded default on first use (as the first `%%depin` does)."""
+    if _session is None:
+        return connect()
+    return _session
+
+
+def close_session() -> bool:
+    """Close the session's client and any embedded cluster; True if there was one."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            return False
+        _session.close()
+        _session = None
+        return True

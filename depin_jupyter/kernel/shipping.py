@@ -1,0 +1,310 @@
+"""Moving a cell's variables: inputs to the cluster (content-hashed, sent once), results back into the namespace.
+
+Inputs are classified: modules travel as their import path and are re-imported on the worker;
+small immutable values ride inside the task; everything else is scattered once under a key made
+of its content hash and kept on the cluster (LRU, `depin.input-cache-bytes`), so a cell that reads
+the same 1 GiB array again ships nothing. Results come back as values, aliases of inputs, modules
+to import, and inputs changed in place — the last applied to the existing local objects so that
+views and other references see the change, as they would if the cell ran locally.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+from depin_jupyter import config
+from depin_jupyter.errors import CellInputError
+from depin_jupyter.kernel.modules import ModuleBundle
+from depin_jupyter.protocol.constants import MODULES_ARG
+from depin_jupyter.protocol.values import box, content_hash, rebind_globals, unbox
+
+__all__ = ["InputCache", "ShippedInputs", "ship_inputs", "apply_results"]
+
+_INLINE_TYPES = (int, float, complex, bool, str, bytes, type(None))
+_INLINE_MAX_BYTES = 64 * 1024
+
+
+@dataclass
+class ShippedInputs:
+    """What a run's inputs became: task arguments, modules to import, and what was sent."""
+
+    args: dict[str, Any] = field(default_factory=dict)       # name -> future or inline value
+    modules: dict[str, str] = field(default_factory=dict)    # name -> module import path
+    hashes: dict[str, str] = field(default_factory=dict)     # name -> content hash
+    sent_bytes: int = 0                                      # bytes scattered by this run
+    reused: list[str] = field(default_factory=list)          # names found on the cluster already
+
+
+class InputCache:
+    """Futures of inputs already on the cluster, by content hash, least recently used released first."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes if max_bytes is not None else config.nbytes("input-cache-bytes")
+        self._items: collections.OrderedDict[str, tuple[Any, int]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.total_sent = 0  # bytes scattered over the session's life (tests and benchmarks read it)
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            fut, _ = item
+            if fut.status in ("error", "cancelled", "lost"):
+                del self._items[key]
+                return None
+            self._items.move_to_end(key)
+            return fut
+
+    def put(self, key: str, future: Any, nbytes: int) -> None:
+        with self._lock:
+            self._items[key] = (future, nbytes)
+            self._items.move_to_end(key)
+            total = sum(n for _, n in self._items.values())
+            while total > self.max_bytes and len(self._items) > 1:
+                _, (old, n) = self._items.popitem(last=False)
+                total -= n
+                old.release()
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            item = self._items.pop(key, None)
+        if item is not None:
+            item[0].release()
+
+    def clear(self) -> None:
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        for fut, _ in items:
+            fut.release()
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _is_inline(value: Any) -> bool:
+    if isinstance(value, _INLINE_TYPES):
+        return not isinstance(value, (str, bytes)) or len(value) <= _INLINE_MAX_BYTES
+    return False
+
+
+def _serialized_size(name: str, value: Any) -> int:
+    """Bytes ``value`` takes on the wire; raises CellInputError naming the variable if it cannot travel."""
+    from distributed.protocol import serialize
+
+    try:
+        _, frames = serialize(value, serializers=("cuda", "dask", "pickle"), on_error="raise")
+    except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
+        raise CellInputError(
+            f"input {name!r} of type {type(value).__module__}.{type(value).__qualname__} cannot be sent to "
+            f"a worker: {type(e).__name__}: {e}. Recreate it inside the %%depin cell, or leave it out "
+            f"with --inputs."
+        ) from None
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def fingerprints(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """Content hash of each input (modules by import path): the cache key's and the cluster's view."""
+    return {n: ("module:" + namespace[n].__name__ if isinstance(namespace[n], types.ModuleType)
+                else content_hash(namespace[n])) for n in names}
+
+
+def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache,
+                modules: ModuleBundle | None = None, hashes: dict[str, str] | None = None,
+                inline: bool = False, via_coordinator: bool = False,
+                keep_inline: frozenset[str] = frozenset()) -> ShippedInputs:
+    """Prepare ``names`` from ``namespace`` for a run, scattering only content the cluster lacks.
+
+    ``modules``, the source of the notebook's own modules the cell needs, travels the same way;
+    ``hashes`` are the inputs' `fingerprints` when the caller already computed them. ``inline`` sends
+    inputs inside the task instead (volunteer networks: scattering would dial the workers); with
+    ``via_coordinator`` large arrays among them are put on the coordinator once and referred to
+    (`relay.InputRef`), except the names in ``keep_inline`` (private data: held by no one else).
+    """
+    shipped = ShippedInputs()
+    if inline:
+        if modules is not None:
+            shipped.args[MODULES_ARG] = modules.files
+            shipped.sent_bytes += modules.nbytes
+        by_ref: dict[str, Any] = {}
+        min_ref = config.nbytes("coordinator.input-ref-min-bytes") if via_coordinator else 0
+        for name in names:
+            value = namespace[name]
+            if isinstance(value, types.ModuleType):
+                shipped.modules[name] = value.__name__
+            elif via_coordinator and name not in keep_inline and _ref_worthy(value, min_ref):
+                by_ref[name] = value
+            else:
+                shipped.args[name] = box(value)
+                if not _is_inline(value):
+                    shipped.sent_bytes += _serialized_size(name, value)
+        if by_ref:
+            _ship_via_coordinator(client, by_ref, hashes or {}, shipped)
+        cache.total_sent += shipped.sent_bytes
+        return shipped
+    to_send: dict[str, tuple[str, Any, int]] = {}
+    if modules is not None:
+        fut = cache.get(modules.key)
+        if fut is not None:
+            shipped.args[MODULES_ARG] = fut
+        else:
+            to_send[modules.key] = (MODULES_ARG, modules.files, modules.nbytes)
+        shipped.hashes[MODULES_ARG] = modules.key
+    for name in names:
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            shipped.modules[name] = value.__name__
+            continue
+        if _is_inline(value):
+            shipped.args[name] = value
+            continue
+        key = "depin-input-" + (hashes[name] if hashes and name in hashes else content_hash(value))
+        shipped.hashes[name] = key
+        fut = cache.get(key)
+        if fut is not None:
+            shipped.args[name] = fut
+            shipped.reused.append(name)
+        elif key in to_send:  # two names, one content: send once
+            continue
+        else:
+            to_send[key] = (name, value, _serialized_size(name, value))
+    if to_send:
+        futures = client.scatter({key: box(value) for key, (_, value, _) in to_send.items()}, hash=False)
+        for key, (name, _, size) in to_send.items():
+            cache.put(key, futures[key], size)
+            shipped.sent_bytes += size
+        cache.total_sent += shipped.sent_bytes
+    for name, key in shipped.hashes.items():
+        if name not in shipped.args:
+            shipped.args[name] = cache.get(key) or futures[key]
+    return shipped
+
+
+def _ref_worthy(value: Any, min_bytes: int) -> bool:
+    """A host array big enough to be worth holding on the coordinator (cupy and others ride in the task)."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.ndarray) and value.nbytes >= min_bytes
+
+
+def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str, str], shipped: ShippedInputs) -> None:
+    """Refer to ``values`` by content key, putting on the coordinator only those it does not hold yet."""
+    from distributed.protocol import serialize_bytes
+
+    from depin_jupyter.protocol.payloads import InputRef
+
+    keys = {name: "depin-input-" + (hashes.get(name) or content_hash(value)) for name, value in values.items()}
+    try:
+        held = set(client.sync(client.scheduler.depin_input_has, keys=sorted(set(keys.values()))))
+    except Exception:  # noqa: BLE001 - a coordinator without an input cache (older): inside the task
+        for name, value in values.items():
+            shipped.args[name] = box(value)
+            shipped.sent_bytes += _serialized_size(name, value)
+        return
+    sizes: dict[str, int] = {}
+    for name, value in values.items():
+        key = keys[name]
+        if key in held:
+            shipped.reused.append(name)
+        elif key not in sizes:
+            try:
+                data = serialize_bytes(box(value), serializers=("dask", "pickle"), on_error="raise")
+            except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
+                raise CellInputError(
+                    f"input {name!r} of type {type(value).__module__}.{type(value).__qualname__} cannot be sent "
+                    f"to a worker: {type(e).__name__}: {e}. Recreate it inside the %%depin cell, or leave it "
+                    f"out with --inputs.") from None
+            if client.sync(client.scheduler.depin_input_put, key=key, data=data) != "OK":
+                shipped.args[name] = box(value)  # larger than the coordinator's whole input cache: inline
+                shipped.sent_bytes += len(data)
+                continue
+            sizes[key] = len(data)
+            shipped.sent_bytes += len(data)
+        shipped.hashes[name] = key
+        shipped.args[name] = InputRef(key, sizes.get(key, int(value.nbytes)))
+
+
+def apply_results(namespace: dict[str, Any], result: dict[str, Any], keep: Any = None) -> list[str]:
+    """Bind a run's results into ``namespace``; returns warnings to show the user.
+
+    ``keep(name) -> bool`` may veto binding a name (it was rebound meanwhile); vetoed names are reported.
+    """
+    warnings: list[str] = []
+    vetoed: list[str] = []
+
+    def allowed(name: str) -> bool:
+        if keep is None or keep(name):
+            return True
+        vetoed.append(name)
+        return False
+
+    for name, modpath in result.get("modules", {}).items():
+        if not allowed(name):
+            continue
+        try:
+            namespace[name] = sys.modules.get(modpath) or importlib.import_module(modpath)
+        except ImportError as e:
+            warnings.append(f"the cell imported {modpath!r} on the worker, but it cannot be imported here ({e})")
+    for name, value in result.get("mutated", {}).items():
+        if not allowed(name):
+            continue
+        value = unbox(value)
+        local = namespace.get(name)
+        if local is None or not _update_in_place(local, value):
+            namespace[name] = value
+    for name, value in result.get("outputs", {}).items():
+        if allowed(name):
+            namespace[name] = rebind_globals(unbox(value), namespace)
+    for name, source in result.get("aliases", {}).items():
+        if allowed(name):
+            namespace[name] = namespace[source]
+    for name in result.get("deleted", []):
+        if allowed(name):
+            namespace.pop(name, None)
+    for name, why in result.get("skipped", {}).items():
+        warnings.append(f"output {name!r} of type {why} could not be brought back from the worker; "
+                        f"it is not bound here")
+    if vetoed:
+        warnings.append(f"kept your current value of {', '.join(vetoed)}: rebound or changed since the run "
+                        f"was submitted (the run's values are in its handle's .outputs)")
+    return warnings
+
+
+def _update_in_place(local: Any, new: Any) -> bool:
+    """Make ``local`` equal to ``new`` without replacing it; False when that is not possible."""
+    if type(local) is not type(new):
+        return False
+    mod = type(local).__module__
+    if mod.startswith(("numpy", "cupy")) and hasattr(local, "shape"):
+        if local.shape != new.shape or local.dtype != new.dtype or not local.flags.writeable:
+            return False
+        local[...] = new
+        return True
+    if isinstance(local, (list, bytearray)):
+        local[:] = new
+        return True
+    if isinstance(local, (dict, collections.OrderedDict)):
+        local.clear()
+        local.update(new)
+        return True
+    if isinstance(local, set):
+        local.clear()
+        local.update(new)
+        return True
+    if mod.startswith("numpy.random") and hasattr(local, "bit_generator"):
+        local.bit_generator.state = new.bit_generator.state  # a seeded Generator advanced by the cell
+        return True
+    if hasattr(local, "__dict__") and not isinstance(local, type):
+        local.__dict__.clear()
+        local.__dict__.update(new.__dict__)
+        return True
+    return False

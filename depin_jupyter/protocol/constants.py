@@ -1,0 +1,43 @@
+"""Names both sides of a process boundary must agree on: event topics, key prefixes, resource names, exit codes."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CREDIT_TOPIC", "MODULES_ARG", "POOL_CAPACITY", "POOL_PREFIX", "RELAYED", "RUN_KEY_PREFIX", "STREAM_TOPIC",
+    "STUCK_EXIT_STATUS", "pool_resource", "pools_of", "run_key", "run_of_key",
+]
+
+STREAM_TOPIC = "depin-stream"   # Dask event topic of a cell's live output (stdout, stderr, display, start)
+CREDIT_TOPIC = "depin-credit"   # Dask event topic of a volunteer's claimed CPU time and energy for a task
+RELAYED = "depin-relayed"       # what a relayed cell's task returns: its result waits on the coordinator
+MODULES_ARG = "__depin_modules__"  # the task argument carrying the bundle of the notebook's own modules
+
+RUN_KEY_PREFIX = "depin-run-"   # Dask keys of `%%depin` tasks: depin-run-<run id>-<6 hex>
+POOL_PREFIX = "pool:"           # Dask resource naming a worker's pool; on a volunteer network the coordinator grants it
+POOL_CAPACITY = 1_000_000       # so that a pool never limits how many cells run at once on a worker
+
+STUCK_EXIT_STATUS = 70          # a worker process exits with this when a cancelled cell is stuck in a C call
+
+
+def run_key(run_id: str, suffix: str) -> str:
+    """The Dask key of one submission of run ``run_id``."""
+    return f"{RUN_KEY_PREFIX}{run_id}-{suffix}"
+
+
+def run_of_key(key: str) -> str:
+    """The run id in a `%%depin` task's key (the key itself for other keys)."""
+    if not key.startswith(RUN_KEY_PREFIX):
+        return key
+    return key[len(RUN_KEY_PREFIX):].rsplit("-", 1)[0]
+
+
+def pool_resource(pool: str) -> str:
+    """The Dask resource name of ``pool``."""
+    return POOL_PREFIX + pool
+
+
+def pools_of(resources: object) -> tuple[str, ...]:
+    """The pools a worker's resources put it in, sorted."""
+    if not isinstance(resources, dict):
+        return ()
+    return tuple(sorted(str(r)[len(POOL_PREFIX):] for r in resources if str(r).startswith(POOL_PREFIX)))

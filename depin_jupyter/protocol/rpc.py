@@ -1,0 +1,99 @@
+"""The coordinator's own RPCs, as typed calls: one facade for the kernel, the server, the CLI and the worker.
+
+Every call the rest of the package makes to a volunteer network's coordinator goes through `Coordinator`,
+so an op name, its arguments and what a coordinator without that op answers live in one place. The
+handlers themselves are registered under the same names by `network.coordinator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["OPS", "Coordinator"]
+
+# Op name on the coordinator -> what it does. `network.coordinator` registers exactly these handlers.
+OPS: dict[str, str] = {
+    "depin_identities": "worker address -> the certificate name of the volunteer behind it",
+    "depin_pools": "worker address -> the pool its certificate put it in",
+    "depin_reputation": "volunteer name -> its replication record (streak, valid, invalid, checked)",
+    "depin_verdicts": "report replica verdicts (valid or not) of finished tasks",
+    "depin_relay_put": "a worker parks a relayed cell's pickle-free result",
+    "depin_relay_get": "a client takes a relayed cell's result",
+    "depin_input_put": "a client puts a serialized input under its content key",
+    "depin_input_has": "which content keys the coordinator holds",
+    "depin_input_get": "a worker fetches a held input",
+    "depin_input_stats": "the input cache's counters",
+    "depin_credits": "credit per volunteer",
+    "depin_lab_status": "the educator's view of a virtual lab",
+}
+
+
+class Coordinator:
+    """Typed calls to the coordinator's depin RPCs over an existing Dask connection.
+
+    ``rpc`` is the connection's scheduler RPC (``client.scheduler`` or ``worker.scheduler``); ``sync`` runs
+    one of its coroutines to completion from a plain thread.
+    """
+
+    def __init__(self, rpc: Any, sync: Callable[..., Any]) -> None:
+        self._rpc = rpc
+        self._sync = sync
+
+    @classmethod
+    def of_client(cls, client: Any) -> Coordinator:
+        return cls(client.scheduler, client.sync)
+
+    @classmethod
+    def of_worker(cls, worker: Any) -> Coordinator:
+        from distributed.utils import sync
+
+        return cls(worker.scheduler, lambda f, *a, **k: sync(worker.loop, f, *a, **k))
+
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        assert op in OPS, op
+        method: Callable[..., Awaitable[Any]] = getattr(self._rpc, op)
+        return self._sync(method, **kwargs)
+
+    # --- results relayed by the coordinator (volunteers behind NAT) ---
+    def relay_put(self, key: str, payload: bytes) -> None:
+        self._call("depin_relay_put", key=key, payload=payload)
+
+    def relay_get(self, key: str) -> bytes | None:
+        """The relayed payload of task ``key`` (removed there once fetched)."""
+        data = self._call("depin_relay_get", key=key)
+        return None if data is None else bytes(data)
+
+    # --- inputs held by content key ---
+    def input_put(self, key: str, data: bytes) -> bool:
+        """Hold ``data`` under ``key``; False if it cannot fit in the coordinator's input cache at all."""
+        return self._call("depin_input_put", key=key, data=data) == "OK"
+
+    def input_has(self, keys: list[str]) -> set[str]:
+        return set(self._call("depin_input_has", keys=keys))
+
+    def input_get(self, key: str) -> bytes | None:
+        data = self._call("depin_input_get", key=key)
+        return None if data is None else bytes(data)
+
+    def input_stats(self) -> dict[str, int]:
+        return dict(self._call("depin_input_stats"))
+
+    # --- identities, reputation, credit ---
+    def identities(self) -> dict[str, str]:
+        return dict(self._call("depin_identities"))
+
+    def pools(self) -> dict[str, str | None]:
+        return dict(self._call("depin_pools"))
+
+    def reputation(self) -> dict[str, dict[str, Any]]:
+        return dict(self._call("depin_reputation"))
+
+    def report_verdicts(self, verdicts: list[dict[str, Any]]) -> None:
+        self._call("depin_verdicts", verdicts=verdicts)
+
+    def credits(self) -> dict[str, dict[str, Any]]:
+        return dict(self._call("depin_credits"))
+
+    def lab_status(self) -> dict[str, Any]:
+        return dict(self._call("depin_lab_status"))

@@ -1,0 +1,422 @@
+"""A volunteer's worker: `depin worker TOKEN` joins a coordinator with mutual TLS and leaves gracefully.
+
+With GPUs it starts one worker per GPU through dask-cuda (``resources={'GPU': 1}``), otherwise one CPU
+worker; each runs under a nanny that restarts it if it dies. The worker advertises what it is (GPU model,
+memory, driver, or CPU) so `%depin status` can show it. Ctrl-C or SIGTERM hands the work back: the
+coordinator retires the workers (tasks running there are re-run elsewhere, not failed) before they close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import platform
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from distributed import Nanny, Worker
+from distributed.core import Status
+from distributed.utils import NoOpAwaitable
+
+from depin_jupyter import config
+from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
+from depin_jupyter.network.pki import Token, peer_identity
+
+__all__ = ["VolunteerWorker", "run", "wait_for_scheduler", "volunteer_info"]
+
+logger = logging.getLogger("depin.volunteer")
+
+# What a peer worker may ask of this worker when it dials in: the data of finished tasks, nothing else.
+_PEER_WORKER_OPS = frozenset({"get_data", "identity", "close-stream"})
+
+
+def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
+    """What this worker advertises to the coordinator (shown by `%depin status`)."""
+    from depin_jupyter.gpu import describe
+
+    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid(),
+                            "versions": _versions()}
+    # self-reported, like everything here: the coordinator turns it into a speed factor for credit
+    info["benchmark"] = getattr(worker, "depin_benchmark", None) or _benchmark(False)
+    try:
+        gpu = describe()
+    except Exception:  # noqa: BLE001 - no GPU (or no NVML): a CPU volunteer
+        gpu = None
+    if isinstance(gpu, dict) and gpu.get("name"):
+        info["gpu"] = {k: gpu.get(k) for k in ("name", "memory", "driver", "arch") if k in gpu}
+    else:
+        info["cpu"] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return info
+
+
+_bench_cache: dict[bool, dict[str, Any]] = {}
+
+
+def _benchmark(gpu: bool) -> dict[str, Any]:
+    """The speed benchmark of this process, run once (see `controls.benchmark`)."""
+    from depin_jupyter.worker.controls import benchmark
+
+    if gpu not in _bench_cache:
+        _bench_cache[gpu] = benchmark(gpu)
+    return _bench_cache[gpu]
+
+
+def _versions() -> dict[str, str]:
+    """Installed package versions by top-level module: notebooks check theirs against these."""
+    import importlib.metadata
+
+    out = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            try:
+                out[module] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+class VolunteerWorker(Worker):
+    """A Dask worker that only lets the coordinator command it; peer workers may only fetch data.
+
+    It installs the depin worker plugins itself: on a volunteer network nobody dials in to add them.
+
+    The volunteer stays in charge: every ``depin.volunteer.poll-interval`` it asks `controls.Controls` for
+    reasons to take no work (``depin pause``, ``--hours``, ``--when-idle``, ``--max-gpu-util``). While there
+    is one, the worker is in Dask's own ``Status.paused``: the scheduler sends it nothing new, running tasks
+    finish, and tasks queued here but not started are handed back (``reschedule``) to run elsewhere.
+    Changes are printed ("paused: outside hours 22:00-07:00"), logged as the event topic
+    ``depin-volunteer``, and written to the control directory for ``depin pause`` to report.
+    """
+
+    def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        from depin_jupyter.worker import controls
+        from depin_jupyter.worker.plugins import CancelOnRelease
+
+        super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
+        self.depin_pool = _own_pool(self.security)
+        if self.depin_pool:  # the coordinator grants it (from the certificate) only if asked for
+            from depin_jupyter.network.coordinator import POOL_CAPACITY, POOL_PREFIX
+
+            self.state.total_resources[POOL_PREFIX + self.depin_pool] = POOL_CAPACITY
+            self.state.available_resources[POOL_PREFIX + self.depin_pool] = POOL_CAPACITY
+        gpu = bool(self.state.total_resources.get("GPU"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        devices = [visible.split(",")[0].strip()] if gpu and visible.strip() else (["0"] if gpu else [])
+        self.depin_controls = controls.Controls.from_config(devices)
+        self.depin_benchmark = _benchmark(gpu)
+        self._depin_handed_back: dict[Any, float] = {}
+        self._depin_paused_by_us = False
+        self._depin_reasons: list[str] = []
+        self._depin_reasons = self._depin_evaluate()  # before registering: never take work it should not
+        interval = (config.seconds("volunteer.poll-interval") or 0.5) * 1000
+        self.periodic_callbacks["depin-controls"] = PeriodicCallback(self._depin_poll, interval)
+
+    # --- the volunteer's controls ---
+    @property  # type: ignore[override]
+    def status(self) -> Status:
+        return Worker.status.fget(self)  # type: ignore[attr-defined]
+
+    @status.setter
+    def status(self, value: Status) -> None:
+        # Dask sets "running" after registering and when memory drops again: stay paused while a
+        # volunteer's reason holds.
+        if value == Status.running and getattr(self, "_depin_reasons", None):
+            self._depin_paused_by_us = True
+            if Worker.status.fget(self) == Status.paused:  # type: ignore[attr-defined]
+                return
+            Worker.status.fset(self, Status.paused)  # type: ignore[attr-defined]
+            if self.state.running:  # e.g. starting -> paused: Dask only pauses the state on running -> paused
+                from distributed.worker_state_machine import PauseEvent
+
+                self.handle_stimulus(PauseEvent(stimulus_id=f"depin-pause-{time.time()}"))
+            return
+        Worker.status.fset(self, value)  # type: ignore[attr-defined]
+
+    def _depin_evaluate(self) -> list[str]:
+        try:
+            return self.depin_controls.reasons(own_busy=bool(self.state.executing_count))
+        except Exception as e:  # noqa: BLE001 - a broken signal must not kill the worker: stay paused
+            return [f"a volunteer control failed ({type(e).__name__}: {e})"]
+
+    def _depin_poll(self) -> None:
+        reasons = self._depin_evaluate()
+        changed = reasons != self._depin_reasons
+        self._depin_reasons = reasons
+        if reasons and self.status == Status.running:
+            self._depin_paused_by_us = True
+            self.status = Status.paused
+        elif not reasons and self.status == Status.paused and self._depin_paused_by_us:
+            self._depin_paused_by_us = False
+            self.status = Status.running
+        if self.status == Status.paused and self._depin_paused_by_us:
+            self._depin_hand_back()
+        if changed or not getattr(self, "_depin_announced", False):
+            self._depin_announced = True
+            self._depin_announce()
+
+    def _depin_hand_back(self) -> None:
+        """Give the scheduler back tasks queued here that have not started: a paused worker holds nothing."""
+        now = time.time()
+        for ts in list(self.state.tasks.values()):
+            if (ts.state in ("ready", "constrained", "waiting") and ts.run_spec is not None
+                    and now - self._depin_handed_back.get(ts.key, 0.0) > 5.0):
+                self._depin_handed_back[ts.key] = now
+                self.batched_send({"op": "reschedule", "key": ts.key, "stimulus_id": f"depin-pause-{now}"})
+        for key in [k for k, t in self._depin_handed_back.items() if now - t > 60]:
+            del self._depin_handed_back[key]
+
+    def _depin_announce(self) -> None:
+        from depin_jupyter.worker import controls
+
+        state = "paused" if self._depin_reasons else "running"
+        text = f"paused: {'; '.join(self._depin_reasons)}" if self._depin_reasons else "taking work"
+        print(f"depin worker {self.name}: {text}", file=sys.stderr, flush=True)
+        msg = {"name": str(self.name), "status": state, "reasons": list(self._depin_reasons)}
+        try:
+            self.log_event("depin-volunteer", msg)
+        except Exception:  # noqa: BLE001, S110 - not connected yet: the state file still says it
+            pass
+        try:
+            controls.write_worker_state({**msg, "address": self.contact_address or self.address},
+                                        self.depin_controls.directory)
+        except OSError as e:
+            logger.warning("could not write the worker state to the control directory: %s", e)
+
+    async def close(self, *args: Any, **kwargs: Any) -> Any:
+        from depin_jupyter.worker import controls
+
+        controls.remove_worker_state(self.depin_controls.directory)
+        return await super().close(*args, **kwargs)
+
+    def handle_comm(self, comm: Any) -> Any:
+        _, roles, _ = peer_identity(comm.extra_info.get("peercert"))
+        if "scheduler" in roles or "client" in roles:
+            return super().handle_comm(comm)
+        if "worker" not in roles:
+            logger.warning("refused a connection from %s without a depin role", comm.peer_address)
+            comm.abort()
+            return NoOpAwaitable()
+        read = comm.read
+
+        async def peer_read(deserializers: Any = None) -> Any:
+            msg = await read(deserializers)
+            for m in msg if isinstance(msg, (list, tuple)) else (msg,):
+                if isinstance(m, dict) and m.get("op") not in _PEER_WORKER_OPS:
+                    logger.warning("refused %r from peer worker %s", m.get("op"), comm.peer_address)
+                    raise PermissionError(f"a peer worker may not call {m.get('op')!r}")
+            return msg
+
+        comm.read = peer_read
+        return super().handle_comm(comm)
+
+
+def _own_pool(security: Any) -> str:
+    """The pool named in this worker's own certificate ("" when it cannot be read)."""
+    from depin_jupyter.network.pki import cert_pool
+
+    cert = getattr(security, "tls_worker_cert", None) or ""
+    try:
+        if not str(cert).lstrip().startswith("-----BEGIN"):
+            cert = pathlib.Path(str(cert)).read_text()
+        return cert_pool(str(cert))
+    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): in no pool
+        return ""
+
+
+def _pool_of(token: Token) -> str:
+    from depin_jupyter.network.pki import cert_pool
+
+    return cert_pool(token.cert)
+
+
+async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -> None:
+    """Return once the coordinator answers this identity; retry with backoff while it is unreachable.
+
+    A refusal (revoked token, another coordinator's certificate) is final and raised at once.
+    """
+    import ssl
+
+    from distributed.comm import connect
+    from distributed.comm.core import CommClosedError
+
+    args = token.security("worker").get_connection_args("worker")
+    delay = config.seconds("volunteer.join-retry-initial") or 1.0
+    longest = config.seconds("volunteer.join-retry-max") or 60.0
+    tries = config.get("volunteer.join-tries")
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            comm = await connect(token.address, timeout=max(delay, 5.0), **args)
+        except (OSError, TimeoutError, CommClosedError) as e:
+            reason = _reason(e)
+            if isinstance(e.__cause__ or e, ssl.SSLError) or "SSL" in reason or "certificate" in reason:
+                raise ClusterConnectionError(
+                    f"the coordinator at {token.address} refused this token's certificate ({reason}). It was "
+                    f"issued by another coordinator or has expired: ask for a new worker token.") from None
+            if tries is not None and attempt >= int(tries):
+                raise ClusterConnectionError(f"the coordinator at {token.address} stayed unreachable after "
+                                             f"{attempt} tries ({reason}).") from None
+            say(f"depin worker: the coordinator at {token.address} is unreachable ({reason}); "
+                f"retrying in {delay:g}s (try {attempt + 1}).")
+            await asyncio.sleep(delay)
+            delay = min(longest, delay * 2)
+            continue
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            await asyncio.wait_for(comm.read(), 10)
+        except (OSError, CommClosedError, asyncio.TimeoutError):
+            raise ClusterConnectionError(
+                f"the coordinator at {token.address} closed the connection of {token.info.name!r}: the token "
+                f"was revoked or is unknown there. Ask the coordinator for a new worker token.") from None
+        finally:
+            comm.abort()
+        return
+
+
+def _reason(e: BaseException) -> str:
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    text = f"{type(root).__name__}: {root}" if str(root) else type(root).__name__
+    return text[:200]
+
+
+def _gpu_list(gpus: str) -> list[str] | None:
+    """Which GPUs to use: None for no GPU, [] for all, else the device indices given."""
+    if gpus == "none":
+        return None
+    if gpus == "all":
+        return []
+    items = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not items or not all(g.isdigit() for g in items):
+        raise DepinUsageError(f"--gpus {gpus!r}: give all, none, or device indices such as 0,2")
+    return items
+
+
+async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
+                 contact_address: str | None, say: Callable[[str], None]) -> list[Nanny]:
+    from depin_jupyter.worker import controls
+    from depin_jupyter.gpu import detect
+
+    security = token.security("worker")
+    common: dict[str, Any] = dict(security=security, nthreads=nthreads, memory_limit=memory_limit,
+                                  worker_class=VolunteerWorker, contact_address=contact_address,
+                                  startup_information={"depin": volunteer_info}, dashboard=False,
+                                  host=None if contact_address is None else "127.0.0.1")
+    wanted = _gpu_list(gpus)
+    exclude = controls.parse_gpu_indices(config.get("volunteer.exclude-gpus"))
+    n_gpus, why = (0, "--gpus none") if wanted is None else detect()
+    settings = controls.Controls.from_config()
+    for note in settings.check(gpu_worker=bool(n_gpus)):
+        say(f"depin worker: {note}.")
+    if n_gpus:
+        from dask_cuda import CUDAWorker
+
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # indices as nvidia-smi and NVML number them
+        devices = controls.cuda_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), n_gpus, wanted, exclude)
+        if wanted or exclude:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        if exclude:
+            say(f"depin worker: GPU(s) {','.join(exclude)} excluded; sharing GPU(s) {','.join(devices)}.")
+        power = config.get("volunteer.max-power")
+        if power is not None:
+            for line in controls.set_power_limits(devices, float(power)):
+                say(f"depin worker: {line}.")
+        cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
+        await cw
+        say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with {len(cw.nannies)} GPU worker(s).")
+        return list(cw.nannies)
+    if wanted:
+        raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
+    if config.get("volunteer.max-power") is not None:
+        say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
+    nanny = Nanny(token.address, name=name, **common)
+    await nanny
+    say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with a CPU worker ({why}); cells use numpy here.")
+    return [nanny]
+
+
+async def _leave(token: Token, nannies: list[Nanny], say: Callable[[str], None]) -> None:
+    """Hand the work back: ask the coordinator to retire our workers, then close them."""
+    from distributed.core import rpc
+
+    addresses = [n.worker_address for n in nannies if n.worker_address]
+    for n in nannies:
+        n.close_gracefully(reason="volunteer-leaving")  # the nanny must not restart a worker we retire
+    say(f"depin worker: leaving; handing {len(addresses)} worker(s) back to the coordinator...")
+    timeout = config.seconds("volunteer.leave-timeout") or 20.0
+    args = token.security("worker").get_connection_args("worker")
+    async with rpc(token.address, connection_args=args) as sched:
+        try:
+            await asyncio.wait_for(sched.retire_workers(workers=addresses, close_workers=False, remove=True,
+                                                        stimulus_id=f"depin-leave-{time.time()}"), timeout)
+        except Exception as e:  # noqa: BLE001 - fall back to a plain, still expected, departure
+            say(f"depin worker: retiring took too long or failed ({_reason(e)}); leaving anyway "
+                f"(running cells are re-run elsewhere).")
+            for a in addresses:
+                try:
+                    await asyncio.wait_for(sched.unregister(address=a, expected=True, close=False,
+                                                            stimulus_id=f"depin-leave-{time.time()}"), 5)
+                except Exception:  # noqa: BLE001 - the scheduler notices the closed connection itself
+                    pass
+    await asyncio.gather(*(n.close(timeout=5, reason="volunteer-left") for n in nannies), return_exceptions=True)
+    say("depin worker: left gracefully.")
+
+
+async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
+                contact_address: str | None, say: Callable[[str], None]) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await wait_for_scheduler(token, say)
+    nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
+    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        await _leave(token, nannies, say)
+        return 0
+    say("depin worker: the coordinator closed this worker.")
+    return 1
+
+
+def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: str | None = None,
+        nthreads: int | None = None, contact_address: str | None = None, *, hours: str | None = None,
+        when_idle: bool | None = None, exclude_gpus: str | None = None, max_gpu_util: float | None = None,
+        max_power: float | None = None) -> int:
+    """Join the coordinator named in the token and work until stopped; the process exit code.
+
+    The volunteer's controls (``hours`` ... ``max_power``) override config ``depin.volunteer.*``; the
+    worker processes read them from the config this process hands them.
+    """
+    import dask.config
+
+    from depin_jupyter.worker import controls
+
+    token = Token.decode(token_text)
+    token.check_valid("worker")
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    options = {"hours": hours, "when-idle": when_idle, "exclude-gpus": exclude_gpus,
+               "max-gpu-util": max_gpu_util, "max-power": max_power}
+    dask.config.set({f"depin.volunteer.{k}": v for k, v in options.items() if v is not None})
+    if config.get("volunteer.hours"):
+        controls.parse_hours(config.get("volunteer.hours"))  # a typo fails here, not in every worker
+    util = config.get("volunteer.max-gpu-util")
+    if util is not None and not 0 <= float(util) <= 100:
+        raise DepinUsageError(f"--max-gpu-util {util}: give a percentage between 0 and 100")
+    say(f"depin worker: `depin pause [--for 30m]` / `depin resume` control this worker (control directory "
+        f"{controls.control_dir()}).")
+    nthreads = nthreads or int(config.get("volunteer.nthreads"))
+    return asyncio.run(_main(token, gpus, memory_limit, name or token.info.name, nthreads, contact_address, say))
