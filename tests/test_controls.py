@@ -16,6 +16,7 @@ from controls_net import cli, wait_status, worker_info
 from volunteer_net import Network, wait_for_text, wait_for_workers
 
 from depin_jupyter.kernel import cluster, runner
+from depin_jupyter.protocol import credit
 from depin_jupyter.worker import controls
 from depin_jupyter.errors import DepinUsageError
 
@@ -93,13 +94,13 @@ def test_control_file_and_reasons(tmp_path):
 
 
 def test_speed_factor_normalizes_and_is_clipped():
-    ref = controls.REFERENCE_SECONDS["numpy"]
-    assert controls.speed_factor({"kind": "numpy", "seconds": ref}) == pytest.approx(1.0)
-    assert controls.speed_factor({"kind": "numpy", "seconds": ref / 2}) == pytest.approx(2.0)  # twice as fast
-    assert controls.speed_factor({"kind": "numpy", "seconds": 1e-9}) == controls.FACTOR_RANGE[1]
-    assert controls.speed_factor({"kind": "numpy", "seconds": 1e9}) == controls.FACTOR_RANGE[0]
-    assert controls.speed_factor(None) == 1.0
-    assert controls.normalized_credit(3.0, {"kind": "numpy", "seconds": ref * 2}) == pytest.approx(1.5)
+    ref = credit.REFERENCE_SECONDS["numpy"]
+    assert credit.speed_factor({"kind": "numpy", "seconds": ref}) == pytest.approx(1.0)
+    assert credit.speed_factor({"kind": "numpy", "seconds": ref / 2}) == pytest.approx(2.0)  # twice as fast
+    assert credit.speed_factor({"kind": "numpy", "seconds": 1e-9}) == credit.FACTOR_RANGE[1]
+    assert credit.speed_factor({"kind": "numpy", "seconds": 1e9}) == credit.FACTOR_RANGE[0]
+    assert credit.speed_factor(None) == 1.0
+    assert credit.normalized_credit(3.0, {"kind": "numpy", "seconds": ref * 2}) == pytest.approx(1.5)
     b = controls.benchmark()
     assert b["kind"] == "numpy" and b["seconds"] > 0
 

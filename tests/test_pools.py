@@ -15,9 +15,11 @@ import pytest
 
 from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.worker import energy
-from depin_jupyter.network.coordinator import POOL_CAPACITY, StateDir, grant_pool
+from depin_jupyter.network.coordinator import StateDir
+from depin_jupyter.network.gate import grant_pool
+from depin_jupyter.protocol.constants import POOL_CAPACITY
 from depin_jupyter.errors import DepinUsageError, NoSuitableWorkerError
-from depin_jupyter.network.pki import Token, cert_pool
+from depin_jupyter.protocol.identity import Token, cert_pool
 
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers

@@ -19,7 +19,7 @@ import pytest
 from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.network.coordinator import StateDir
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
-from depin_jupyter.network.pki import Token
+from depin_jupyter.protocol.identity import Token
 
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers
@@ -317,14 +317,14 @@ def test_unpickle_guard_refuses_pickled_frames_from_worker_identities(tmp_path):
     from distributed.protocol import dumps, loads
     from distributed.protocol.serialize import ToPickle
 
-    from depin_jupyter.network.coordinator import _UNTRUSTED, _install_unpickle_guard
+    from depin_jupyter.network._scheduler import _UNTRUSTED, install_unpickle_guard
 
     class Boom:
         def __reduce__(self):
             return (open, (str(tmp_path / "guard"), "w"))
 
     frames = dumps({"op": "log-event", "msg": ToPickle(Boom())})
-    _install_unpickle_guard()
+    install_unpickle_guard()
     token = _UNTRUSTED.set("evil")
     try:
         with pytest.raises(Exception, match="refused to unpickle data sent by worker identity 'evil'"):

@@ -309,7 +309,7 @@ def credits(as_json: bool, state_dir: str | None) -> None:
     """Contributed compute per volunteer: raw GPU/CPU-seconds, normalized credit, energy (self-reported)."""
     import json
 
-    from depin_jupyter.worker.controls import CREDIT_FORMULA
+    from depin_jupyter.protocol.credit import CREDIT_FORMULA
     from depin_jupyter.worker.energy import ledger_text
 
     state = _state(state_dir)

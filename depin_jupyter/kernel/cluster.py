@@ -242,7 +242,7 @@ def _connect_token(text: str) -> Session:
     """Join a volunteer network with a client token (mutual TLS; results relayed, never unpickled)."""
     from distributed import Client
 
-    from depin_jupyter.network.pki import Token
+    from depin_jupyter.protocol.identity import Token
 
     token = Token.decode(text)
     token.check_valid("client")
@@ -271,7 +271,7 @@ def connect(target: str | None = None) -> Session:
     """
     global _session
     target = target if target is not None else config.get("scheduler-address")
-    from depin_jupyter.network.pki import TOKEN_PREFIX
+    from depin_jupyter.protocol.identity import TOKEN_PREFIX
 
     if target in (None, "", "local"):
         new = _start_local()

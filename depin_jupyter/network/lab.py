@@ -388,7 +388,7 @@ def fetch_lab_status(token_text: str | None = None, state: Any = None, timeout: 
     from distributed.core import rpc
 
     if token_text is not None:
-        from depin_jupyter.network.pki import Token
+        from depin_jupyter.protocol.identity import Token
 
         token = Token.decode(token_text)
         token.check_valid("client")

@@ -198,7 +198,7 @@ class DepinManager:
         """The client identity of a published volunteer-network token (one Security per token)."""
         security = self._securities.get(token)
         if security is None:
-            from depin_jupyter.network.pki import Token
+            from depin_jupyter.protocol.identity import Token
 
             security = Token.decode(token).security("client")
             if len(self._securities) > 32:  # tokens of long-gone kernels

@@ -44,19 +44,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from depin_jupyter.protocol.credit import REFERENCE_SECONDS, speed_factor
 from depin_jupyter.errors import DepinUsageError
 
 __all__ = [
-    "CREDIT_FORMULA",
     "Controls",
     "IdleSignal",
     "benchmark",
+    "cached_benchmark",
     "control_dir",
     "control_reason",
     "cuda_visible_devices",
     "hours_reason",
     "in_hours",
-    "normalized_credit",
     "parse_duration",
     "parse_gpu_indices",
     "parse_hours",
@@ -475,16 +475,6 @@ class Controls:
 
 # ------------------------------------------------------------------ speed and credit
 
-# Seconds of thread CPU time the fixed workloads took on the reference machines: one core of a 2020s x86
-# server for numpy (measured), and roughly a mid-range consumer GPU for cupy (an estimate).
-REFERENCE_SECONDS = {"numpy": 0.20, "cupy": 0.10}
-FACTOR_RANGE = (0.1, 10.0)
-CREDIT_FORMULA = (
-    "credit = CPU seconds the cell's thread used (time.thread_time) x speed factor, where speed factor = "
-    "reference benchmark time / this volunteer's benchmark time, clipped to 0.1-10; sleeping or waiting "
-    "earns nothing. Self-reported by the volunteers' workers; not yet verified by replication.")
-
-
 def _numpy_workload() -> float:
     import numpy as np
 
@@ -531,17 +521,11 @@ def benchmark(gpu: bool = False, repeat: int = 3) -> dict[str, Any]:
             "factor": speed_factor({"kind": kind, "seconds": best})}
 
 
-def speed_factor(bench: Any) -> float:
-    """reference time / measured time of an advertised benchmark, clipped to FACTOR_RANGE; 1.0 if unusable."""
-    try:
-        ref = REFERENCE_SECONDS[str(bench["kind"])]
-        seconds = float(bench["seconds"])
-    except (KeyError, TypeError, ValueError):
-        return 1.0
-    if not math.isfinite(seconds) or seconds <= 0:
-        return FACTOR_RANGE[1]
-    return min(max(ref / seconds, FACTOR_RANGE[0]), FACTOR_RANGE[1])
+_bench_cache: dict[bool, dict[str, Any]] = {}
 
 
-def normalized_credit(cpu_seconds: float, bench: Any) -> float:
-    return max(0.0, float(cpu_seconds)) * speed_factor(bench)
+def cached_benchmark(gpu: bool) -> dict[str, Any]:
+    """The speed benchmark of this process, run once (see `benchmark`)."""
+    if gpu not in _bench_cache:
+        _bench_cache[gpu] = benchmark(gpu)
+    return _bench_cache[gpu]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pathlib
 import platform
 import signal
 import sys
@@ -19,20 +18,16 @@ import time
 from typing import Any, Callable
 
 from distributed import Nanny, Worker
-from distributed.core import Status
-from distributed.utils import NoOpAwaitable
 
 from depin_jupyter import config
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
-from depin_jupyter.network.pki import Token, peer_identity
+from depin_jupyter.protocol.identity import Token
+from depin_jupyter.worker import controls
+from depin_jupyter.worker._dask import VolunteerWorker
 
 __all__ = ["VolunteerWorker", "run", "wait_for_scheduler", "volunteer_info"]
 
 logger = logging.getLogger("depin.volunteer")
-
-# What a peer worker may ask of this worker when it dials in: the data of finished tasks, nothing else.
-_PEER_WORKER_OPS = frozenset({"get_data", "identity", "close-stream"})
-
 
 def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     """What this worker advertises to the coordinator (shown by `%depin status`)."""
@@ -41,7 +36,7 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid(),
                             "versions": _versions()}
     # self-reported, like everything here: the coordinator turns it into a speed factor for credit
-    info["benchmark"] = getattr(worker, "depin_benchmark", None) or _benchmark(False)
+    info["benchmark"] = getattr(worker, "depin_benchmark", None) or controls.cached_benchmark(False)
     try:
         gpu = describe()
     except Exception:  # noqa: BLE001 - no GPU (or no NVML): a CPU volunteer
@@ -51,18 +46,6 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     else:
         info["cpu"] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     return info
-
-
-_bench_cache: dict[bool, dict[str, Any]] = {}
-
-
-def _benchmark(gpu: bool) -> dict[str, Any]:
-    """The speed benchmark of this process, run once (see `controls.benchmark`)."""
-    from depin_jupyter.worker.controls import benchmark
-
-    if gpu not in _bench_cache:
-        _bench_cache[gpu] = benchmark(gpu)
-    return _bench_cache[gpu]
 
 
 def _versions() -> dict[str, str]:
@@ -80,158 +63,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class VolunteerWorker(Worker):
-    """A Dask worker that only lets the coordinator command it; peer workers may only fetch data.
-
-    It installs the depin worker plugins itself: on a volunteer network nobody dials in to add them.
-
-    The volunteer stays in charge: every ``depin.volunteer.poll-interval`` it asks `controls.Controls` for
-    reasons to take no work (``depin pause``, ``--hours``, ``--when-idle``, ``--max-gpu-util``). While there
-    is one, the worker is in Dask's own ``Status.paused``: the scheduler sends it nothing new, running tasks
-    finish, and tasks queued here but not started are handed back (``reschedule``) to run elsewhere.
-    Changes are printed ("paused: outside hours 22:00-07:00"), logged as the event topic
-    ``depin-volunteer``, and written to the control directory for ``depin pause`` to report.
-    """
-
-    def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
-        from tornado.ioloop import PeriodicCallback
-
-        from depin_jupyter.worker import controls
-        from depin_jupyter.worker.plugins import CancelOnRelease
-
-        super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
-        self.depin_pool = _own_pool(self.security)
-        if self.depin_pool:  # the coordinator grants it (from the certificate) only if asked for
-            from depin_jupyter.network.coordinator import POOL_CAPACITY, POOL_PREFIX
-
-            self.state.total_resources[POOL_PREFIX + self.depin_pool] = POOL_CAPACITY
-            self.state.available_resources[POOL_PREFIX + self.depin_pool] = POOL_CAPACITY
-        gpu = bool(self.state.total_resources.get("GPU"))
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        devices = [visible.split(",")[0].strip()] if gpu and visible.strip() else (["0"] if gpu else [])
-        self.depin_controls = controls.Controls.from_config(devices)
-        self.depin_benchmark = _benchmark(gpu)
-        self._depin_handed_back: dict[Any, float] = {}
-        self._depin_paused_by_us = False
-        self._depin_reasons: list[str] = []
-        self._depin_reasons = self._depin_evaluate()  # before registering: never take work it should not
-        interval = (config.seconds("volunteer.poll-interval") or 0.5) * 1000
-        self.periodic_callbacks["depin-controls"] = PeriodicCallback(self._depin_poll, interval)
-
-    # --- the volunteer's controls ---
-    @property  # type: ignore[override]
-    def status(self) -> Status:
-        return Worker.status.fget(self)  # type: ignore[attr-defined]
-
-    @status.setter
-    def status(self, value: Status) -> None:
-        # Dask sets "running" after registering and when memory drops again: stay paused while a
-        # volunteer's reason holds.
-        if value == Status.running and getattr(self, "_depin_reasons", None):
-            self._depin_paused_by_us = True
-            if Worker.status.fget(self) == Status.paused:  # type: ignore[attr-defined]
-                return
-            Worker.status.fset(self, Status.paused)  # type: ignore[attr-defined]
-            if self.state.running:  # e.g. starting -> paused: Dask only pauses the state on running -> paused
-                from distributed.worker_state_machine import PauseEvent
-
-                self.handle_stimulus(PauseEvent(stimulus_id=f"depin-pause-{time.time()}"))
-            return
-        Worker.status.fset(self, value)  # type: ignore[attr-defined]
-
-    def _depin_evaluate(self) -> list[str]:
-        try:
-            return self.depin_controls.reasons(own_busy=bool(self.state.executing_count))
-        except Exception as e:  # noqa: BLE001 - a broken signal must not kill the worker: stay paused
-            return [f"a volunteer control failed ({type(e).__name__}: {e})"]
-
-    def _depin_poll(self) -> None:
-        reasons = self._depin_evaluate()
-        changed = reasons != self._depin_reasons
-        self._depin_reasons = reasons
-        if reasons and self.status == Status.running:
-            self._depin_paused_by_us = True
-            self.status = Status.paused
-        elif not reasons and self.status == Status.paused and self._depin_paused_by_us:
-            self._depin_paused_by_us = False
-            self.status = Status.running
-        if self.status == Status.paused and self._depin_paused_by_us:
-            self._depin_hand_back()
-        if changed or not getattr(self, "_depin_announced", False):
-            self._depin_announced = True
-            self._depin_announce()
-
-    def _depin_hand_back(self) -> None:
-        """Give the scheduler back tasks queued here that have not started: a paused worker holds nothing."""
-        now = time.time()
-        for ts in list(self.state.tasks.values()):
-            if (ts.state in ("ready", "constrained", "waiting") and ts.run_spec is not None
-                    and now - self._depin_handed_back.get(ts.key, 0.0) > 5.0):
-                self._depin_handed_back[ts.key] = now
-                self.batched_send({"op": "reschedule", "key": ts.key, "stimulus_id": f"depin-pause-{now}"})
-        for key in [k for k, t in self._depin_handed_back.items() if now - t > 60]:
-            del self._depin_handed_back[key]
-
-    def _depin_announce(self) -> None:
-        from depin_jupyter.worker import controls
-
-        state = "paused" if self._depin_reasons else "running"
-        text = f"paused: {'; '.join(self._depin_reasons)}" if self._depin_reasons else "taking work"
-        print(f"depin worker {self.name}: {text}", file=sys.stderr, flush=True)
-        msg = {"name": str(self.name), "status": state, "reasons": list(self._depin_reasons)}
-        try:
-            self.log_event("depin-volunteer", msg)
-        except Exception:  # noqa: BLE001, S110 - not connected yet: the state file still says it
-            pass
-        try:
-            controls.write_worker_state({**msg, "address": self.contact_address or self.address},
-                                        self.depin_controls.directory)
-        except OSError as e:
-            logger.warning("could not write the worker state to the control directory: %s", e)
-
-    async def close(self, *args: Any, **kwargs: Any) -> Any:
-        from depin_jupyter.worker import controls
-
-        controls.remove_worker_state(self.depin_controls.directory)
-        return await super().close(*args, **kwargs)
-
-    def handle_comm(self, comm: Any) -> Any:
-        _, roles, _ = peer_identity(comm.extra_info.get("peercert"))
-        if "scheduler" in roles or "client" in roles:
-            return super().handle_comm(comm)
-        if "worker" not in roles:
-            logger.warning("refused a connection from %s without a depin role", comm.peer_address)
-            comm.abort()
-            return NoOpAwaitable()
-        read = comm.read
-
-        async def peer_read(deserializers: Any = None) -> Any:
-            msg = await read(deserializers)
-            for m in msg if isinstance(msg, (list, tuple)) else (msg,):
-                if isinstance(m, dict) and m.get("op") not in _PEER_WORKER_OPS:
-                    logger.warning("refused %r from peer worker %s", m.get("op"), comm.peer_address)
-                    raise PermissionError(f"a peer worker may not call {m.get('op')!r}")
-            return msg
-
-        comm.read = peer_read
-        return super().handle_comm(comm)
-
-
-def _own_pool(security: Any) -> str:
-    """The pool named in this worker's own certificate ("" when it cannot be read)."""
-    from depin_jupyter.network.pki import cert_pool
-
-    cert = getattr(security, "tls_worker_cert", None) or ""
-    try:
-        if not str(cert).lstrip().startswith("-----BEGIN"):
-            cert = pathlib.Path(str(cert)).read_text()
-        return cert_pool(str(cert))
-    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): in no pool
-        return ""
-
-
 def _pool_of(token: Token) -> str:
-    from depin_jupyter.network.pki import cert_pool
+    from depin_jupyter.protocol.identity import cert_pool
 
     return cert_pool(token.cert)
 

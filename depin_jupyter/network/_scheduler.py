@@ -1,0 +1,300 @@
+"""The coordinator's Dask scheduler: every Dask internal the network side relies on lives in this module.
+
+`DepinScheduler` extends Dask's `Scheduler` where no public hook exists: it admits each connection by its
+certificate and wraps the connection's reads with the role gate (`network.gate`), refuses to unpickle what
+worker identities send, answers the depin RPCs (`protocol.rpc.OPS`), and binds worker identities at
+registration. tests/test_dask_contract.py names each private attribute, op and message field used here, so
+a Dask upgrade that changes one fails that test, not the volunteer network at run time.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from typing import Any
+
+from distributed import Scheduler
+from distributed.core import Status
+from distributed.utils import NoOpAwaitable
+
+from depin_jupyter import config
+from depin_jupyter.errors import TrustError
+from depin_jupyter.network.credit import Ledger, apply_verdicts
+from depin_jupyter.network.gate import RoleGate, normalized_address
+from depin_jupyter.network.relay import InputStore, ResultRelay
+from depin_jupyter.network.state import StateDir, write_atomic
+from depin_jupyter.protocol.identity import peer_identity, peer_pool
+
+__all__ = ["DepinScheduler", "install_unpickle_guard"]
+
+logger = logging.getLogger("depin.coordinator")
+
+# Set while the scheduler reads a message from a worker identity: unpickling is refused there.
+_UNTRUSTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("depin_untrusted_peer", default=None)
+_guard_installed = False
+
+# Dask internals used below (named by tests/test_dask_contract.py):
+#   Scheduler.handle_comm, .handlers, .periodic_callbacks, .workers, .tasks, .client_comms, .add_client,
+#   .remove_client, .update_graph, .client_releases_keys, .remove_worker, ._ongoing_background_tasks;
+#   TaskState.state / .processing_on; WorkerState.resources / .extra; comm.read / .extra_info["peercert"];
+#   distributed.protocol.pickle.loads (guarded); the stream op "stream-start" and its "error" field.
+
+
+def install_unpickle_guard() -> None:
+    """Make Dask's protocol refuse to unpickle while an untrusted peer's message is being decoded.
+
+    Dask decodes ``__Pickled__`` sub-frames even with ``deserialize=False``; a worker could use that to run
+    code on the coordinator. The guard is a context variable, so client connections are unaffected.
+    """
+    global _guard_installed
+    if _guard_installed:
+        return
+    from distributed.protocol import pickle as dpickle
+
+    original = dpickle.loads
+
+    def loads(x: Any, *args: Any, **kwargs: Any) -> Any:
+        peer = _UNTRUSTED.get()
+        if peer is not None:
+            raise TrustError(f"refused to unpickle data sent by worker identity {peer!r}")
+        return original(x, *args, **kwargs)
+
+    dpickle.loads = loads
+    _guard_installed = True
+
+
+def _strip_serialized(obj: Any, depth: int = 0) -> Any:
+    """``obj`` with every serialized (pickled) sub-object replaced by None."""
+    from distributed.protocol.serialize import Pickled, Serialized, ToPickle
+
+    if isinstance(obj, (Serialized, Pickled, ToPickle)) or depth > 50:
+        return None
+    if isinstance(obj, dict):
+        return {k: _strip_serialized(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_strip_serialized(v, depth + 1) for v in obj)
+    return obj
+
+
+class DepinScheduler(Scheduler):
+    """Dask scheduler enforcing certificate roles and revocation, relaying results, keeping credit."""
+
+    def __init__(self, *args: Any, state: StateDir, **kwargs: Any) -> None:
+        install_unpickle_guard()
+        super().__init__(*args, **kwargs)
+        self.state = state
+        self.worker_names: dict[str, str] = {}          # worker address -> certificate name
+        self.worker_pools: dict[str, str | None] = {}   # worker address -> pool granted (None: no pool)
+        self.credits: dict[str, dict[str, Any]] = state.credits()
+        self.credits_dirty = False
+        self.relay = ResultRelay()
+        self.inputs = InputStore(config.nbytes("coordinator.input-cache-bytes"))
+        self.reputation: dict[str, dict[str, Any]] = state.reputation()
+        self.reputation_dirty = False
+        # task key -> (volunteer, kind, raw seconds, normalized credit) of recent work, so a replica
+        # found invalid can have its credit withheld
+        self.key_credit: dict[str, tuple[str, str, float, float]] = {}
+        from depin_jupyter.protocol.rpc import OPS
+
+        self.handlers.update({op: getattr(self, op) for op in OPS})
+        self.handlers.update({"depin_refused": self.depin_refused, "depin_refuse_worker": self.depin_refuse_worker,
+                              "depin_refuse_client": self.depin_refuse_client})
+        self.add_plugin(Ledger(self))
+        from depin_jupyter.network.lab import LabGate, make_plugin
+
+        self.lab = LabGate(self)  # virtual labs: quotas per student, fair share (`network.lab`)
+        self.add_plugin(make_plugin(self.lab))
+        from tornado.ioloop import PeriodicCallback
+
+        self.periodic_callbacks["depin-housekeeping"] = PeriodicCallback(self._housekeeping, 1000)
+
+    # --- admission ---
+    def handle_comm(self, comm: Any) -> Any:
+        peercert = comm.extra_info.get("peercert")
+        name, roles, serial = peer_identity(peercert)
+        why = self.state.admit(name, roles, serial) if peercert else "no client certificate"
+        if why is not None:
+            logger.warning("refused connection from %s: %s", comm.peer_address, why)
+            comm.abort()
+            return NoOpAwaitable()
+        role = next(iter(roles))
+        gate = RoleGate(self, name, role, pool=peer_pool(peercert) if role == "worker" else "")
+        read = comm.read
+
+        async def gated_read(deserializers: Any = None) -> Any:
+            token = _UNTRUSTED.set(name) if role == "worker" else None
+            try:
+                msg = await read(deserializers)
+            finally:
+                if token is not None:
+                    _UNTRUSTED.reset(token)
+            return gate.check(msg)
+
+        comm.read = gated_read
+        comm.depin_identity = (name, role)
+        return super().handle_comm(comm)
+
+    # --- what the gate and the ledger ask of Dask's state ---
+    def strip_serialized(self, msg: Any) -> Any:
+        """A worker identity's message with every serialized (pickled) part replaced by None."""
+        return _strip_serialized(msg)
+
+    def addresses_of(self, name: str) -> set[str]:
+        return {a for a, n in self.worker_names.items() if n == name}
+
+    def is_connected(self, address: str) -> bool:
+        return address in self.workers
+
+    def is_processing_on(self, key: Any, address: Any) -> bool:
+        """Whether task ``key`` is processing on the worker at ``address`` right now."""
+        ts = self.tasks.get(key)
+        return (ts is not None and ts.state == "processing" and ts.processing_on is not None
+                and ts.processing_on.address == address)
+
+    def worker_profile(self, address: Any) -> tuple[bool, Any]:
+        """(whether the worker has a GPU, the benchmark it advertised) for credit."""
+        ws = self.workers.get(address)
+        if ws is None:
+            return False, None
+        return bool(ws.resources.get("GPU")), ((ws.extra or {}).get("depin") or {}).get("benchmark")
+
+    def note_worker(self, address: str, name: str) -> None:
+        self.worker_names[normalized_address(address)] = name
+
+    def note_pool(self, address: str, pool: str | None) -> None:
+        self.worker_pools[normalized_address(address)] = pool
+
+    def note_credit(self, key: str, name: str, kind: str, seconds: float, credit: float) -> None:
+        self.key_credit[key] = (name, kind, seconds, credit)
+        while len(self.key_credit) > 100_000:  # bounded: verdicts come within seconds of the work
+            self.key_credit.pop(next(iter(self.key_credit)))
+
+    # --- refusals the gate turns messages into ---
+    async def depin_refused(self, message: str, reply: bool = True, **_: Any) -> None:
+        raise TrustError(f"refused by the coordinator: {message}")
+
+    async def depin_refuse_worker(self, comm: Any, message: str, **_: Any) -> Any:
+        await comm.write({"status": "error", "time": time.time(), "message": f"refused by the coordinator: {message}"})
+        return Status.dont_reply
+
+    async def depin_refuse_client(self, comm: Any, message: str, **_: Any) -> Any:
+        await comm.write([{"op": "stream-start", "error": f"refused by the coordinator: {message}"}])
+        return Status.dont_reply
+
+    # --- the depin RPCs (`protocol.rpc.OPS`) ---
+    async def depin_pools(self) -> dict[str, str | None]:
+        """Worker address -> the pool its certificate put it in (None: in no pool), connected ones."""
+        return {a: p for a, p in self.worker_pools.items() if a in self.workers}
+
+    async def depin_relay_put(self, comm: Any, key: str, payload: bytes) -> str:
+        self.relay.put(key, payload, config.nbytes("coordinator.relay-max-bytes"))
+        return "OK"
+
+    async def depin_relay_get(self, key: str, pop: bool = True) -> bytes | None:
+        return self.relay.get(key, pop)
+
+    async def depin_input_put(self, key: str, data: bytes) -> str:
+        """Hold a serialized input under its content key; "too-large" if it cannot fit at all."""
+        return "OK" if self.inputs.put(key, data, config.nbytes("coordinator.input-cache-bytes")) else "too-large"
+
+    async def depin_input_has(self, keys: list[str]) -> list[str]:
+        return self.inputs.has(keys)
+
+    async def depin_input_get(self, key: str) -> bytes | None:
+        return self.inputs.get(key)
+
+    async def depin_input_stats(self) -> dict[str, int]:
+        return self.inputs.summary()
+
+    async def depin_identities(self) -> dict[str, str]:
+        """Worker address -> the certificate name of the volunteer behind it."""
+        return dict(self.worker_names)
+
+    async def depin_reputation(self) -> dict[str, dict[str, Any]]:
+        return self.reputation
+
+    async def depin_verdicts(self, verdicts: list[dict[str, Any]]) -> str:
+        """Replica verdicts from a client (clients are trusted to report honestly)."""
+        if apply_verdicts(verdicts, worker_names=self.worker_names, reputation=self.reputation,
+                          credits=self.credits, spent=self.key_credit):
+            self.credits_dirty = True
+        self.reputation_dirty = True
+        return "OK"
+
+    async def depin_credits(self) -> dict[str, Any]:
+        return self.credits
+
+    async def depin_lab_status(self, comm: Any) -> dict[str, Any]:
+        name, role = getattr(comm, "depin_identity", ("?", "?"))
+        if not self.lab.is_educator(name, role):
+            return {"error": f"{name!r} is not an educator of this lab (issue the token with --educator, "
+                             f"or list the name in depin.lab.educators on the coordinator)"}
+        return self.lab.status()
+
+    # --- virtual labs (`network.lab`): who submits, quotas, fair share ---
+    async def add_client(self, comm: Any, client: str, versions: dict[str, Any]) -> None:
+        ident = getattr(comm, "depin_identity", None)
+        if ident is not None:
+            self.lab.client_names[client] = ident[0]
+        return await super().add_client(comm, client, versions)
+
+    def remove_client(self, client: str, stimulus_id: str | None = None) -> None:
+        self.lab.release_held(client)
+        try:
+            return super().remove_client(client, stimulus_id=stimulus_id)
+        finally:
+            self.lab.client_names.pop(client, None)
+
+    async def update_graph(self, client: str, keys: Any = (), **kwargs: Any) -> None:
+        return await self.lab.admit(client, keys, lambda: super(DepinScheduler, self).update_graph(
+            client=client, keys=keys, **kwargs))
+
+    def client_releases_keys(self, keys: Any, client: str, stimulus_id: str | None = None) -> None:
+        self.lab.release_held(client, keys)
+        return super().client_releases_keys(keys=keys, client=client, stimulus_id=stimulus_id)
+
+    # --- persistence and revocation ---
+    def _save(self) -> None:
+        """Write what changed (reputations, credit, lab usage) to the state dir."""
+        for flag, what, save in (("reputation_dirty", "reputations", lambda: self.state.save_reputation(self.reputation)),
+                                 ("credits_dirty", "credits", lambda: self.state.save_credits(self.credits))):
+            if getattr(self, flag):
+                setattr(self, flag, False)
+                try:
+                    save()
+                except OSError:
+                    logger.exception("could not save %s", what)
+        if self.lab.dirty:
+            self.lab.dirty = False
+            try:
+                write_atomic(self.state.path / "lab-usage.json", json.dumps(self.lab.usage, indent=1))
+            except OSError:
+                logger.exception("could not save lab usage")
+
+    def _housekeeping(self) -> None:
+        self._save()
+        for client, name in list(self.lab.client_names.items()):  # a revoked student is disconnected
+            if client in self.client_comms and self.state.revoked(name):
+                logger.warning("closing client %s: the token of %r was revoked", client, name)
+                self.lab.client_names.pop(client, None)
+                self.client_comms[client].abort()
+        # Connections of identities revoked since they joined are closed too.
+        for address, name in list(self.worker_names.items()):
+            if address in self.workers and self.state.revoked(name):
+                logger.warning("closing worker %s: the token of %r was revoked", address, name)
+                self.worker_names.pop(address, None)
+                self._ongoing_background_tasks.call_soon(
+                    self.remove_worker, address, stimulus_id=f"depin-revoked-{time.time()}", close=True)
+
+    async def remove_worker(self, address: str, **kwargs: Any) -> Any:
+        try:
+            return await super().remove_worker(address, **kwargs)
+        finally:
+            self.worker_names.pop(address, None)
+            self.worker_pools.pop(address, None)
+
+    async def close(self, *args: Any, **kwargs: Any) -> Any:
+        self._save()
+        return await super().close(*args, **kwargs)
