@@ -13,7 +13,8 @@ from volunteer_net import Network, wait_for_workers
 
 from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
-from depin_jupyter.network.lab import fetch_lab_status, format_lab_status, parse_quota
+from depin_jupyter.network.lab import fetch_lab_status, parse_quota
+from depin_jupyter.reports import format_lab_status
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import run_ok
-from depin_jupyter.kernel.modules import bundle_local_modules, is_local
+from depin_jupyter.kernel.modules import bundle_local_modules
+from depin_jupyter.protocol.bundles import is_local
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from depin_jupyter.kernel import cluster, runner
+from depin_jupyter import reports
 from depin_jupyter.worker import energy
 from depin_jupyter.network.coordinator import StateDir
 from depin_jupyter.network.gate import grant_pool
@@ -85,7 +86,7 @@ def test_energy_is_measured_or_says_why_not(tmp_path):
     if domains:
         assert isinstance(e["energy_j"], float) and e["energy_j"] > 0 and e["source"] == "rapl"
     else:
-        assert e["energy_j"] == energy.NOT_MEASURED and why in e["reason"]
+        assert e["energy_j"] == reports.NOT_MEASURED and why in e["reason"]
     # RAPL arithmetic on a fake powercap tree: two packages, one counter wraps around
     for i, (start, top) in enumerate(((1_000_000, 10**9), (10**9 - 500_000, 10**9))):
         d = tmp_path / f"intel-rapl:{i}"
@@ -99,7 +100,7 @@ def test_energy_is_measured_or_says_why_not(tmp_path):
     (tmp_path / "intel-rapl:0" / "energy_uj").write_text(str(3_000_000))
     (tmp_path / "intel-rapl:1" / "energy_uj").write_text(str(1_500_000))
     assert energy._rapl_joules(doms, before, energy._rapl_read(doms)) == pytest.approx(2.0 + 2.0)
-    assert "not measured" in energy.summary({"energy_j": "not measured", "reason": "x", "cpu_seconds": 1})
+    assert "not measured" in reports.energy_summary({"energy_j": "not measured", "reason": "x", "cpu_seconds": 1})
 
 
 class _StandInNvml:
@@ -148,7 +149,7 @@ def test_gpu_energy_from_nvml_readings(monkeypatch, counter):
     # readings' span differs from the block's wall time by the sampler's start and stop, hence the margin)
     assert 0.7 * 150 * e["wall_seconds"] <= e["gpu_energy_j"] <= 1.3 * 150 * e["wall_seconds"]
     assert e["source"].startswith("nvml") and e["energy_j"] >= e["gpu_energy_j"]
-    assert "GPU mean 150 W, peak 150 W, util 40%" in energy.summary(e)
+    assert "GPU mean 150 W, peak 150 W, util 40%" in reports.energy_summary(e)
 
 
 def test_gpu_energy_says_why_without_nvml(monkeypatch):
@@ -158,7 +159,7 @@ def test_gpu_energy_says_why_without_nvml(monkeypatch):
     with energy.measure(gpu=True) as e:
         pass
     assert "gpu_energy_j" not in e
-    if e["energy_j"] == energy.NOT_MEASURED:
+    if e["energy_j"] == reports.NOT_MEASURED:
         assert "nvidia-ml-py" in e["reason"]
 
 
@@ -299,7 +300,7 @@ def test_energy_is_reported_per_run_in_the_result_and_status(net):
             assert c["energy_tasks"] >= 1 and c["energy_j"] > 0 and c["energy_source"] == "rapl", c
         else:
             assert "energy_j" not in c and c["energy_unmeasured_tasks"] >= 1 and "RAPL" in c["energy_reason"], c
-            assert energy.ledger_text(c) == "not measured"
+            assert reports.energy_ledger_text(c) == "not measured"
     header = status.splitlines()[1].split()
     assert header.index("energy") == header.index("GPU-s") + 1
     row = next(ln for ln in format_status(net.session).splitlines() if ln.startswith("home-pc"))
@@ -328,10 +329,10 @@ def test_energy_is_reported_per_run_in_the_result_and_status(net):
 
 
 def test_energy_text_in_the_ledger():
-    assert energy.ledger_text({}) == "-" and energy.ledger_text(None) == "-"
-    assert energy.ledger_text({"energy_unmeasured_tasks": 3, "energy_reason": "no RAPL"}) == "not measured"
-    assert energy.ledger_text({"energy_j": 12.34, "energy_tasks": 2}) == "12.3 J"
-    assert energy.ledger_text({"energy_j": 7200.0, "energy_tasks": 2, "energy_unmeasured_tasks": 1}) == \
+    assert reports.energy_ledger_text({}) == "-" and reports.energy_ledger_text(None) == "-"
+    assert reports.energy_ledger_text({"energy_unmeasured_tasks": 3, "energy_reason": "no RAPL"}) == "not measured"
+    assert reports.energy_ledger_text({"energy_j": 12.34, "energy_tasks": 2}) == "12.3 J"
+    assert reports.energy_ledger_text({"energy_j": 7200.0, "energy_tasks": 2, "energy_unmeasured_tasks": 1}) == \
         "2.00 Wh (1 of 3 tasks not measured)"
 
 

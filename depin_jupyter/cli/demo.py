@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from depin_jupyter.cli import main
+from depin_jupyter.cli.group import main
 
 # A notebook in miniature: local setup, then cells that run on the cluster.
 DEMO_CELLS = [

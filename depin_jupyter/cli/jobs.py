@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from depin_jupyter.cli import main
+from depin_jupyter.cli.group import main
 
 
 def _client(scheduler: str | None):  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from depin_jupyter.cli import main
+from depin_jupyter.cli.group import main
 
 _state_option = click.option("--state-dir", default=None, metavar="DIR",
                              help="the coordinator's directory (default: config depin.coordinator.state-dir)")
@@ -242,7 +242,8 @@ def _issue_class(role: str, roster: str, out_dir: str | None, days: float | None
     import pathlib
 
     from depin_jupyter.errors import DepinError
-    from depin_jupyter.network.lab import format_quota, parse_quota, read_roster
+    from depin_jupyter.network.lab import parse_quota, read_roster
+    from depin_jupyter.reports import format_quota
 
     if role != "client":
         raise click.UsageError("--class issues client tokens (students): use --role client")
@@ -310,7 +311,7 @@ def credits(as_json: bool, state_dir: str | None) -> None:
     import json
 
     from depin_jupyter.protocol.credit import CREDIT_FORMULA
-    from depin_jupyter.worker.energy import ledger_text
+    from depin_jupyter.reports import energy_ledger_text as ledger_text
 
     state = _state(state_dir)
     data = state.credits() if state.path.exists() else {}
@@ -367,7 +368,8 @@ def lab_status(token_text: str | None, as_json: bool, state_dir: str | None) -> 
     import json
 
     from depin_jupyter.errors import DepinError
-    from depin_jupyter.network.lab import fetch_lab_status, format_lab_status
+    from depin_jupyter.network.lab import fetch_lab_status
+    from depin_jupyter.reports import format_lab_status
 
     try:
         status = fetch_lab_status(token_text=token_text, state=None if token_text else _state(state_dir))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from depin_jupyter.cli import main
+from depin_jupyter.cli.group import main
 
 
 @main.command()

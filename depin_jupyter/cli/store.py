@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from depin_jupyter.cli import main
+from depin_jupyter.cli.group import main
 
 
 def _open(url: str | None) -> Any:
@@ -84,7 +84,7 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
         click.echo(yaml.safe_dump(doc, sort_keys=False, width=100))
         extra = doc.get("extra") or {}
         if extra.get("energy"):
-            from depin_jupyter.worker.energy import summary
+            from depin_jupyter.reports import energy_summary as summary
 
             click.echo(f"# energy: {summary(extra['energy'])}; pool: {extra.get('pool') or 'any'}")
 

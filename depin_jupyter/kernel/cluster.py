@@ -62,9 +62,9 @@ class Session:
         self._workers_at = 0.0
         self.session_file = _publish(self)
         if not untrusted:
-            from depin_jupyter.worker.plugins import CancelOnRelease
+            from depin_jupyter.worker.entry import cancel_on_release
 
-            client.register_plugin(CancelOnRelease())
+            client.register_plugin(cancel_on_release())
 
     @property
     def address(self) -> str:
@@ -217,9 +217,9 @@ def _start_local() -> Session:
             cluster = LocalCluster(n_workers=n, processes=config.get(lc + "processes"), **common)
             what = f"CPU LocalCluster with {n} worker process(es) (no GPU: {why}; cells use numpy)"
     client = Client(cluster, set_as_default=False)
-    from depin_jupyter.worker.plugins import IgnoreInterrupt
+    from depin_jupyter.worker.entry import ignore_interrupt
 
-    client.register_plugin(IgnoreInterrupt())
+    client.register_plugin(ignore_interrupt())
     return Session(client, cluster, what)
 
 

@@ -11,6 +11,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from depin_jupyter import config
 from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.protocol.rpc import Coordinator
 
 __all__ = ["DepinMagics"]
 
@@ -307,14 +308,14 @@ def format_status(session: Any) -> str:
                      f"{', '.join(str(p) for p in config.get('trusted-pools') or ()) or 'no trusted pool'})")
     last = getattr(session, "last_energy", None)
     if last:
-        from depin_jupyter.worker.energy import summary
+        from depin_jupyter.reports import energy_summary as summary
 
         lines.append(f"last run {last[0]}: energy {summary(last[1])}")
     if volunteers:  # an educator's token also sees the lab: every student's use and quota
         try:
-            from depin_jupyter.network.lab import format_lab_status
+            from depin_jupyter.reports import format_lab_status
 
-            lab = session.client.sync(session.client.scheduler.depin_lab_status)
+            lab = Coordinator.of_client(session.client).lab_status()
             if "students" in lab:
                 lines += ["", format_lab_status(lab)]
         except Exception:  # noqa: BLE001 - not an educator, or not a depin coordinator
@@ -325,15 +326,15 @@ def format_status(session: Any) -> str:
 def _trust(session: Any) -> dict[str, Any]:
     """Worker address -> (volunteer, trust, GPU-seconds, energy) from the coordinator's identities and ledgers."""
     from depin_jupyter import config
-    from depin_jupyter.worker.energy import ledger_text
+    from depin_jupyter.reports import energy_ledger_text as ledger_text
 
     try:
-        names = session.client.sync(session.client.scheduler.depin_identities)
-        reps = session.client.sync(session.client.scheduler.depin_reputation)
+        names = Coordinator.of_client(session.client).identities()
+        reps = Coordinator.of_client(session.client).reputation()
     except Exception:  # noqa: BLE001 - not a depin coordinator
         return {}
     try:
-        credits = session.client.sync(session.client.scheduler.depin_credits)
+        credits = Coordinator.of_client(session.client).credits()
     except Exception:  # noqa: BLE001 - an older coordinator: trust without the ledger
         credits = {}
     streak_needed = int(config.get("trust-streak"))

@@ -94,7 +94,9 @@ def identities(session: Any, addresses: list[str]) -> dict[str, str]:
     """Who is behind each worker: the certificate name on a volunteer network, else the worker's host."""
     if session.untrusted:
         try:
-            names = session.client.sync(session.client.scheduler.depin_identities)
+            from depin_jupyter.protocol.rpc import Coordinator
+
+            names = Coordinator.of_client(session.client).identities()
         except Exception:  # noqa: BLE001 - an older coordinator: fall back to worker names
             names = {}
         by_addr = {w.address: w.name for w in session.workers()}

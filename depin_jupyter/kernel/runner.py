@@ -25,10 +25,11 @@ from depin_jupyter.kernel.modules import bundle_local_modules
 from depin_jupyter.kernel.failures import Death, explain_death, explain_exception
 from depin_jupyter.kernel.envcheck import ALWAYS_CHECKED, compare, local_version
 from depin_jupyter.errors import DepinError, EnvironmentMismatchError, CellTimeoutError, NoSuitableWorkerError, RemoteExecutionError, WorkerLostError
-from depin_jupyter.worker.relayed import run_cell_relayed
-from depin_jupyter.worker.execute import run_cell as remote_run_cell
+from depin_jupyter.worker.entry import run_cell as remote_run_cell
+from depin_jupyter.worker.entry import run_cell_relayed
 from depin_jupyter.kernel.shipping import apply_results, fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
+from depin_jupyter.protocol.rpc import Coordinator
 
 __all__ = ["RunOptions", "CellOutcome", "RemoteCellError", "run_cell"]
 
@@ -591,7 +592,7 @@ def _execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep:
     reputations: dict[str, Any] = {}
     if adaptive:
         try:
-            reputations = session.client.sync(session.client.scheduler.depin_reputation)
+            reputations = Coordinator.of_client(session.client).reputation()
         except Exception:  # noqa: BLE001 - no reputation service: replicate every run
             adaptive = False
     distinct = len(set(names.values()))
@@ -651,7 +652,7 @@ def _report_verdicts(session: Session, record: dict[str, Any] | None, futures: l
     verdicts = [{"address": r["worker"], "key": keys.get(r["worker"]), "valid": r["verdict"] == "valid"}
                 for r in record["replicas"] if r["verdict"] is not None]
     try:
-        session.client.sync(session.client.scheduler.depin_verdicts, verdicts=verdicts)
+        Coordinator.of_client(session.client).report_verdicts(verdicts)
     except Exception as e:  # noqa: BLE001 - the run itself is fine; reputation is best effort
         print(f"depin: could not report replica verdicts to the coordinator ({e})", file=sys.stderr)
 
@@ -790,15 +791,16 @@ def _submit_and_wait(session: Session, spec: dict[str, Any], args: dict[str, Any
 
 def _relayed_result(client: Any, key: str) -> dict[str, Any]:
     """A volunteer cell's result, from the coordinator's relay, decoded without unpickling."""
-    from depin_jupyter.worker import relayed as relay
     from depin_jupyter.protocol import safe_codec
+    from depin_jupyter.protocol.payloads import from_payload
+    from depin_jupyter.protocol.rpc import Coordinator
 
-    payload = relay.fetch(client, key)
+    payload = Coordinator.of_client(client).relay_get(key)
     if payload is None:
         raise RemoteExecutionError("the cell finished on a volunteer but the coordinator holds no result for "
                                    "it (the coordinator may have restarted); run the cell again.")
     try:
-        return relay.from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))
+        return from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))
     except safe_codec.DecodeError as e:
         raise RemoteExecutionError(f"the volunteer's result was refused: {e}. Nothing from it was unpickled; "
                                    f"run the cell again (--worker to pick another volunteer).") from None

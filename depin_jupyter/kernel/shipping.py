@@ -20,7 +20,7 @@ from typing import Any
 
 from depin_jupyter import config
 from depin_jupyter.errors import CellInputError
-from depin_jupyter.kernel.modules import ModuleBundle
+from depin_jupyter.protocol.bundles import ModuleBundle
 from depin_jupyter.protocol.constants import MODULES_ARG
 from depin_jupyter.protocol.values import box, content_hash, rebind_globals, unbox
 
@@ -201,10 +201,11 @@ def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str,
     from distributed.protocol import serialize_bytes
 
     from depin_jupyter.protocol.payloads import InputRef
+    from depin_jupyter.protocol.rpc import Coordinator
 
     keys = {name: "depin-input-" + (hashes.get(name) or content_hash(value)) for name, value in values.items()}
     try:
-        held = set(client.sync(client.scheduler.depin_input_has, keys=sorted(set(keys.values()))))
+        held = Coordinator.of_client(client).input_has(sorted(set(keys.values())))
     except Exception:  # noqa: BLE001 - a coordinator without an input cache (older): inside the task
         for name, value in values.items():
             shipped.args[name] = box(value)
@@ -223,7 +224,7 @@ def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str,
                     f"input {name!r} of type {type(value).__module__}.{type(value).__qualname__} cannot be sent "
                     f"to a worker: {type(e).__name__}: {e}. Recreate it inside the %%depin cell, or leave it "
                     f"out with --inputs.") from None
-            if client.sync(client.scheduler.depin_input_put, key=key, data=data) != "OK":
+            if not Coordinator.of_client(client).input_put(key, data):
                 shipped.args[name] = box(value)  # larger than the coordinator's whole input cache: inline
                 shipped.sent_bytes += len(data)
                 continue

@@ -33,7 +33,7 @@ from typing import Any
 from depin_jupyter import config
 from depin_jupyter.errors import DepinUsageError
 
-__all__ = ["LabGate", "format_lab_status", "format_quota", "parse_quota", "read_roster"]
+__all__ = ["LabGate", "parse_quota", "read_roster"]
 
 logger = logging.getLogger("depin.lab")
 
@@ -76,12 +76,6 @@ def parse_quota(text: str | dict[str, Any] | None) -> dict[str, float]:
             raise DepinUsageError(f"quota {k}={v} must be {'at least 1' if k == 'concurrent' else '>= 0'}")
         out[k] = n
     return out
-
-
-def format_quota(quota: dict[str, float] | None) -> str:
-    if not quota:
-        return "-"
-    return ",".join(f"{k}={int(v) if float(v).is_integer() else v}" for k, v in quota.items())
 
 
 def read_roster(path: str) -> list[tuple[str, dict[str, float]]]:
@@ -335,28 +329,6 @@ class LabGate:
                 "students": students}
 
 
-def format_lab_status(status: dict[str, Any]) -> str:
-    """The educator's table: per student, connected, running/queued, seconds used today vs quota."""
-    rows = [("student", "connected", "running", "queued", "GPU-s today", "CPU-s today", "quota")]
-    for name, s in sorted(status.get("students", {}).items()):
-        q = s.get("quota") or {}
-        used = s.get("used") or {}
-
-        def of(field: str, qk: str, q: dict[str, float] = q, used: dict[str, float] = used) -> str:
-            v = f"{used.get(field, 0.0):.1f}"
-            return f"{v}/{q[qk]:g}" if qk in q else v
-
-        who = name + (" (educator)" if s.get("educator") else "") + (" (revoked)" if s.get("revoked") else "")
-        rows.append((who, "yes" if s.get("connected") else "no", str(s.get("running", 0)), str(s.get("queued", 0)),
-                     of("gpu_seconds", "gpu-seconds"), of("cpu_seconds", "cpu-seconds"), format_quota(q)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    head = (f"depin lab: {len(rows) - 1} student(s), day {status.get('day')} UTC ({status.get('reset')}); "
-            f"over quota: {status.get('over_quota')}")
-    lines = [head]
-    lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def make_plugin(gate: LabGate) -> Any:
     """The scheduler plugin feeding `LabGate`: fair-share priorities, in-flight counts, seconds used."""
     from distributed.diagnostics.plugin import SchedulerPlugin
@@ -387,6 +359,8 @@ def fetch_lab_status(token_text: str | None = None, state: Any = None, timeout: 
     state dir: on the coordinator machine)."""
     from distributed.core import rpc
 
+    from depin_jupyter.protocol.rpc import AsyncCoordinator
+
     if token_text is not None:
         from depin_jupyter.protocol.identity import Token
 
@@ -406,7 +380,7 @@ def fetch_lab_status(token_text: str | None = None, state: Any = None, timeout: 
 
     async def ask() -> dict[str, Any]:
         async with rpc(address, connection_args=args, timeout=timeout) as s:
-            return await s.depin_lab_status()
+            return await AsyncCoordinator(s).lab_status()
 
     status = asyncio.run(ask())
     if "error" in status:

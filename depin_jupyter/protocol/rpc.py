@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["OPS", "Coordinator"]
+__all__ = ["OPS", "AsyncCoordinator", "Coordinator"]
 
 # Op name on the coordinator -> what it does. `network.coordinator` registers exactly these handlers.
 OPS: dict[str, str] = {
@@ -97,3 +97,26 @@ class Coordinator:
 
     def lab_status(self) -> dict[str, Any]:
         return dict(self._call("depin_lab_status"))
+
+
+class AsyncCoordinator:
+    """The same calls from inside an event loop (the Jupyter server, the CLI): ``rpc`` as for `Coordinator`."""
+
+    def __init__(self, rpc: Any) -> None:
+        self._rpc = rpc
+
+    async def _call(self, op: str, **kwargs: Any) -> Any:
+        assert op in OPS, op
+        return await getattr(self._rpc, op)(**kwargs)
+
+    async def identities(self) -> dict[str, str]:
+        return dict(await self._call("depin_identities"))
+
+    async def reputation(self) -> dict[str, dict[str, Any]]:
+        return dict(await self._call("depin_reputation"))
+
+    async def credits(self) -> dict[str, dict[str, Any]]:
+        return dict(await self._call("depin_credits"))
+
+    async def lab_status(self) -> dict[str, Any]:
+        return dict(await self._call("depin_lab_status"))

@@ -135,7 +135,7 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False)
 
 
 def _crate(dest: pathlib.Path, nb_name: str, nb: Any, runs: list[tuple[int, str | None, str, Any]]) -> dict[str, Any]:
-    from depin_jupyter import __version__
+    from depin_jupyter.version import __version__
 
     graph: list[dict[str, Any]] = [
         {"@id": CRATE_FILE, "@type": "CreativeWork", "about": {"@id": "./"},

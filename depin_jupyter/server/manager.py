@@ -217,6 +217,8 @@ class DepinManager:
         from distributed.core import rpc
         from distributed.security import Security
 
+        from depin_jupyter.protocol.rpc import AsyncCoordinator
+
         args = (security or Security()).get_connection_args("client")
         async with rpc(address, timeout=self.status_timeout, connection_args=args) as scheduler:
             identity = await scheduler.identity(n_workers=-1)
@@ -224,14 +226,14 @@ class DepinManager:
             ledger: dict[str, Any] | None = None
             if credits:
                 try:
-                    answer = await scheduler.depin_credits()
+                    answer = await AsyncCoordinator(scheduler).credits()
                     ledger = answer if isinstance(answer, dict) else None
                 except Exception:  # noqa: BLE001 - no coordinator, or it refused: credit unknown
                     ledger = None
                 names = None
                 if address not in self._no_identities:
                     try:  # {worker address: certificate name}, where the coordinator tells it
-                        names = await scheduler.depin_identities()
+                        names = await AsyncCoordinator(scheduler).identities()
                     except Exception:  # noqa: BLE001 - an older coordinator: names from the workers' own
                         names = None
                     if not isinstance(names, dict):
@@ -239,7 +241,7 @@ class DepinManager:
                 reputation = None
                 if isinstance(names, dict):
                     try:  # {certificate name: streak, valid, invalid, checked, agreement} (replicated runs)
-                        reputation = await scheduler.depin_reputation()
+                        reputation = await AsyncCoordinator(scheduler).reputation()
                     except Exception:  # noqa: BLE001 - an older coordinator: trust unknown
                         reputation = None
                     for addr, name in names.items():
@@ -553,13 +555,13 @@ def energy_fields(extra: Mapping[str, Any]) -> dict[str, Any]:
     """A run's energy for the panel, from the manifest's ``extra["energy"]`` (`persist.record`).
 
     ``energy_j``: joules the worker measured, or None (not measured, or no figures); ``energy``: the one
-    line `energy.summary` gives (None when the manifest has none: a run stored before energy was measured,
+    line `reports.energy_summary` gives (None when the manifest has none: a run stored before energy was measured,
     or one that failed before the worker measured it); ``energy_reason``: why it was not measured.
     """
     e = extra.get("energy")
     if not isinstance(e, Mapping):
         return {"energy_j": None, "energy": None, "energy_reason": None, "gpu_power_mean_w": None}
-    from depin_jupyter.worker.energy import summary
+    from depin_jupyter.reports import energy_summary as summary
 
     e = dict(e)
     joules = _finite(e.get("energy_j"))

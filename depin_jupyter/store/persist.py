@@ -122,7 +122,7 @@ def _importable(value: Any) -> bool:
     module = getattr(value, "__module__", None)
     if not module or module == "__main__" or "<" in getattr(value, "__qualname__", "<"):
         return False
-    from depin_jupyter.kernel.modules import is_local
+    from depin_jupyter.protocol.bundles import is_local
 
     return not is_local(module.split(".")[0])
 

@@ -29,9 +29,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["measure", "NOT_MEASURED", "rapl_domains", "summary", "joules_text", "ledger_text"]
+from depin_jupyter.reports import NOT_MEASURED
 
-NOT_MEASURED = "not measured"
+__all__ = ["measure", "rapl_domains"]
 _RAPL_GLOB = "/sys/class/powercap/intel-rapl:*"
 
 
@@ -237,39 +237,3 @@ def measure(gpu: bool = False, whole_process: bool = False, interval: float | No
             out["reason"] = "; ".join(reasons) or "no power counter available"
 
 
-def summary(e: Any) -> str:
-    """One line for `%depin status` and `depin show`: energy, power and CPU time, or why not measured."""
-    if not isinstance(e, dict):
-        return "-"
-    cpu = f"CPU {float(e.get('cpu_seconds') or 0):.2f} s"
-    joules = e.get("energy_j")
-    if not isinstance(joules, (int, float)):
-        return f"not measured ({e.get('reason', 'no power counter')}); {cpu}"
-    parts = [f"{joules:.1f} J ({e.get('source')})"]
-    if "gpu_power_mean_w" in e:
-        parts.append(f"GPU mean {e['gpu_power_mean_w']:.0f} W, peak {e.get('gpu_power_peak_w', 0):.0f} W")
-        if "gpu_util_mean" in e:
-            parts.append(f"util {e['gpu_util_mean']:.0f}%")
-    if "cpu_package_energy_j" in e:
-        parts.append(f"CPU packages {e['cpu_package_energy_j']:.1f} J")
-    return ", ".join(parts) + f"; {cpu}"
-
-
-def joules_text(joules: float) -> str:
-    """``12.3 J`` below a watt-hour, ``1.25 Wh`` from there on."""
-    return f"{joules / 3600:.2f} Wh" if joules >= 3600 else f"{joules:.1f} J"
-
-
-def ledger_text(entry: Any) -> str:
-    """A volunteer's energy in the coordinator's ledger (`depin credits`, `%depin status`).
-
-    Measured joules, with how many tasks lacked a power counter if some did; "not measured" when none had
-    one; "-" before any task reported.
-    """
-    if not isinstance(entry, dict):
-        return "-"
-    measured, unmeasured = int(entry.get("energy_tasks") or 0), int(entry.get("energy_unmeasured_tasks") or 0)
-    if measured:
-        text = joules_text(float(entry.get("energy_j") or 0.0))
-        return text + (f" ({unmeasured} of {measured + unmeasured} tasks not measured)" if unmeasured else "")
-    return NOT_MEASURED if unmeasured else "-"

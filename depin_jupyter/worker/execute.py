@@ -24,8 +24,8 @@ from depin_jupyter.protocol.values import RichValue, box, rebind_globals, unbox
 from depin_jupyter.worker.cancel import CellCancelled, CellMaxRuntime, CellTimedOut, cancel_run
 from depin_jupyter.worker.modules import use_local_modules
 from depin_jupyter.worker.mutation import changed, fingerprint
-from depin_jupyter.worker.output import RunOutput, fallback_display, format_mime, install, set_current, show_figures
-from depin_jupyter.worker.runs import ActiveRun, active
+from depin_jupyter.worker.output import RunOutput, fallback_display, format_mime, install, show_figures
+from depin_jupyter.worker.runs import ActiveRun, active, set_current
 
 __all__ = ["cell_builtins", "hardware", "run_cell"]
 

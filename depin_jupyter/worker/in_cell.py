@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from depin_jupyter.worker.output import current
+from depin_jupyter.worker.runs import current
 
 __all__ = ['cluster_get']
 

@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 from depin_jupyter.protocol.constants import STREAM_TOPIC
-from depin_jupyter.worker.runs import active
+from depin_jupyter.worker.runs import active, current
 
-__all__ = ["ANNOUNCE_AFTER_S", "RunOutput", "current", "fallback_display", "figure_bundle", "format_mime", "install",
-           "set_current", "show_figures"]
+__all__ = ["ANNOUNCE_AFTER_S", "RunOutput", "fallback_display", "figure_bundle", "format_mime", "install",
+           "show_figures"]
 
 ANNOUNCE_AFTER_S = 0.1  # a run still going after this long tells the notebook where it runs
 
@@ -85,18 +85,7 @@ class RunOutput:
             self._publish({"kind": "display", "data": data, "metadata": metadata})
 
 
-_local = threading.local()
 _installed = False
-
-
-def current() -> RunOutput | None:
-    """The output of the cell running in this thread, if any."""
-    return getattr(_local, "run", None)
-
-
-def set_current(run: RunOutput | None) -> None:
-    """Route this thread's output to ``run`` (None: back to the process's own streams)."""
-    _local.run = run
 
 
 class _Router(io.TextIOBase):

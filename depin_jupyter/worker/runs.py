@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["ActiveRun", "Registry", "RunOutputLike", "active"]
+__all__ = ["ActiveRun", "Registry", "RunOutputLike", "active", "current", "set_current"]
 
 
 class RunOutputLike(Protocol):
@@ -60,3 +60,14 @@ class Registry:
 
 
 active = Registry()
+_local = threading.local()
+
+
+def current() -> Any:
+    """The output (`worker.output.RunOutput`) of the cell running in this thread, if any."""
+    return getattr(_local, "run", None)
+
+
+def set_current(run: Any) -> None:
+    """Route this thread's output to ``run`` (None: back to the process's own streams)."""
+    _local.run = run

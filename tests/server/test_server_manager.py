@@ -135,6 +135,7 @@ async def test_runs_carry_their_energy_or_why_it_was_not_measured(published: Any
     """A real %%depin run on the CPU LocalCluster, stored beside the notebook, and one with measured joules."""
     import json
 
+    from depin_jupyter import reports
     from depin_jupyter.worker import energy
     from depin_jupyter.kernel import runner
     from depin_jupyter.store import open_store
@@ -158,7 +159,7 @@ async def test_runs_carry_their_energy_or_why_it_was_not_measured(published: Any
     by_name = {r["name"]: r for r in listed["runs"]}
     real = by_name["squares"]
     assert real["run_id"] == out.run_id and real["pool"] is None
-    assert real["energy"] == energy.summary(rs.manifest(out.run_id).extra["energy"])
+    assert real["energy"] == reports.energy_summary(rs.manifest(out.run_id).extra["energy"])
     domains, why = energy.rapl_domains()
     if domains:  # a machine whose RAPL counters this user can read: CPU package joules
         assert isinstance(real["energy_j"], float) and real["energy_j"] >= 0 and real["energy_reason"] is None

@@ -68,9 +68,8 @@ def _home() -> str | None:
 
 def _python_paths() -> list[str]:
     """What the child needs to import depin_jupyter and the worker's packages."""
-    import depin_jupyter
-
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(depin_jupyter.__file__)))
+    # depin_jupyter/worker/sandbox/isolation.py -> the directory holding depin_jupyter
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     paths = [pkg_parent]
     for p in sys.path:
         if not p or "depin-modules" in p:  # '' is the worker's cwd; depin-modules: the worker's own bundles
