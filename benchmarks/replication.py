@@ -4,7 +4,7 @@
 
 On the embedded cluster (2 worker processes), for a trivial cell and for a cell returning a ``--mib`` MiB
 float64 array: median and p90 wall time of the cell with 1 and with 2 replicas, their ratio, and the time the
-comparison of the two results takes by itself (`replication.majority`): identical arrays (the fast path) and
+comparison of the two results takes by itself (`quorum.majority`): identical arrays (the fast path) and
 arrays that differ within tolerance (max abs/rel error computed over every element).
 Baseline in the same run: plain ``client.submit(f).result()``. Prints a table and writes JSON.
 """
@@ -34,7 +34,8 @@ def main() -> None:
     import dask
     import numpy as np
 
-    from depin_jupyter.kernel import cluster, replication, runner
+    from depin_jupyter.kernel import cluster, runner
+    from depin_jupyter.protocol import quorum
 
     dask.config.set({"depin.store.enabled": False})
     session = cluster.connect("local")
@@ -54,8 +55,8 @@ def main() -> None:
     a = {"status": "ok", "outputs": {"big": np.arange(n, dtype=np.float64) * 0.5}}
     b = {"status": "ok", "outputs": {"big": np.arange(n, dtype=np.float64) * 0.5 + 1e-12}}
     a2 = {"status": "ok", "outputs": {"big": a["outputs"]["big"].copy()}}
-    rows["compare_big_identical"] = _stats(timed(lambda: replication.majority([a, a2], 1e-7, 0.0), args.big_reps))
-    rows["compare_big_tolerant"] = _stats(timed(lambda: replication.majority([a, b], 1e-7, 0.0), args.big_reps))
+    rows["compare_big_identical"] = _stats(timed(lambda: quorum.majority([a, a2], 1e-7, 0.0), args.big_reps))
+    rows["compare_big_tolerant"] = _stats(timed(lambda: quorum.majority([a, b], 1e-7, 0.0), args.big_reps))
     cluster.close_session()
 
     ratios = {

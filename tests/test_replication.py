@@ -9,7 +9,7 @@ import pytest
 from IPython.utils.capture import capture_output
 
 from conftest import run, run_ok
-from depin_jupyter.kernel import replication
+from depin_jupyter.protocol import quorum
 from depin_jupyter.store import open_store
 
 
@@ -22,14 +22,14 @@ def test_majority_is_exact_for_ints_and_tolerant_for_floats():
     noise = _ok(n=3, x=np.array([1.0, 2.0 + 1e-12]))
     lie = _ok(n=3, x=np.array([1.0, 2.001]))
     other_int = _ok(n=4, x=np.array([1.0, 2.0]))
-    assert replication.majority([a, noise], 1e-9, 0)[0] == [0, 1]
-    assert replication.majority([a, lie], 1e-9, 0)[0] is None
-    winners, groups = replication.majority([a, lie, noise], 1e-9, 0)
+    assert quorum.majority([a, noise], 1e-9, 0)[0] == [0, 1]
+    assert quorum.majority([a, lie], 1e-9, 0)[0] is None
+    winners, groups = quorum.majority([a, lie, noise], 1e-9, 0)
     assert winners == [0, 2] and groups == [[0, 2], [1]]
-    assert replication.majority([a, other_int], 1.0, 1.0)[0] is None  # integers: no tolerance
+    assert quorum.majority([a, other_int], 1.0, 1.0)[0] is None  # integers: no tolerance
     err = {"status": "error", "error": {"type": "ZeroDivisionError"}}
-    assert replication.majority([err, dict(err)], 0, 0)[0] == [0, 1]  # the same error twice agrees
-    assert replication.majority([err, a], 0, 0)[0] is None
+    assert quorum.majority([err, dict(err)], 0, 0)[0] == [0, 1]  # the same error twice agrees
+    assert quorum.majority([err, a], 0, 0)[0] is None
 
 
 def test_run_adds_replicas_until_a_majority_and_names_the_liar():
@@ -40,11 +40,11 @@ def test_run_adds_replicas_until_a_majority_and_names_the_liar():
     def run_one(worker, primary):
         return _ok(x=truth + (1e-3 if worker == "w2" else 0.0))
 
-    plan = replication.Plan(workers=["w2", "w4"], adaptive=False, replicated=True)
-    with pytest.raises(replication.ReplicationError, match="needs 2 distinct volunteers"):
-        replication.run(run_one, replication.Plan(workers=["w1", "w4"], adaptive=False, replicated=True),
+    plan = quorum.Plan(workers=["w2", "w4"], adaptive=False, replicated=True)
+    with pytest.raises(quorum.ReplicationError, match="needs 2 distinct volunteers"):
+        quorum.run(run_one, quorum.Plan(workers=["w1", "w4"], adaptive=False, replicated=True),
                         ["w1", "w4"], names, 2, 5, 1e-9, 0)
-    result, record = replication.run(run_one, plan, ["w1", "w2", "w3", "w4"], names, 2, 5, 1e-9, 0)
+    result, record = quorum.run(run_one, plan, ["w1", "w2", "w3", "w4"], names, 2, 5, 1e-9, 0)
     assert np.array_equal(result["outputs"]["x"], truth)
     verdicts = {r["volunteer"]: r["verdict"] for r in record["replicas"]}
     assert verdicts == {"bob": "invalid", "alice": "valid"} or verdicts == {"bob": "invalid", "alice": "valid",
@@ -54,8 +54,8 @@ def test_run_adds_replicas_until_a_majority_and_names_the_liar():
     def all_differ(worker, primary):
         return _ok(x=truth + int(worker[1]))
 
-    with pytest.raises(replication.ReplicationError, match="(?s)no majority.*bob \\(w2\\): differs"):
-        replication.run(all_differ, replication.Plan(workers=["w1", "w2"], adaptive=False, replicated=True),
+    with pytest.raises(quorum.ReplicationError, match="(?s)no majority.*bob \\(w2\\): differs"):
+        quorum.run(all_differ, quorum.Plan(workers=["w1", "w2"], adaptive=False, replicated=True),
                         ["w1", "w2", "w3"], names, 2, 3, 1e-9, 0)
 
 
@@ -69,7 +69,7 @@ def _simulate(seed: int, liar_rate: float, n_workers: int = 5, trust: int = 10, 
     rep = {w: {"streak": 0} for w in workers}
     liar_runs, extra, counted = 0, 0, 0
     for step in range(steps or 10 ** 6):
-        p = replication.plan(workers, names, 2, True, rep, trust, rng)
+        p = quorum.plan(workers, names, 2, True, rep, trust, rng)
         outputs = []
         for w in p.workers:
             lies = w == "w0" and rng.random() < liar_rate
@@ -80,12 +80,12 @@ def _simulate(seed: int, liar_rate: float, n_workers: int = 5, trust: int = 10, 
             counted += 1
             extra += len(p.workers) - 1
         if p.replicated:
-            winners, _ = replication.majority(outputs, 1e-9, 0)
+            winners, _ = quorum.majority(outputs, 1e-9, 0)
             if winners is None:  # a third, honest volunteer decides
                 third = next(w for w in workers if w not in p.workers and w != "w0")
                 outputs.append(_ok(x=np.array([1.0])))
                 p.workers.append(third)
-                winners, _ = replication.majority(outputs, 1e-9, 0)
+                winners, _ = quorum.majority(outputs, 1e-9, 0)
             for i, w in enumerate(p.workers):
                 if i in winners:
                     rep[w]["streak"] += 1
@@ -105,9 +105,9 @@ def test_adaptive_replication_catches_a_10_percent_liar_and_costs_honest_workers
     overhead = np.mean([_simulate(seed, 0.0, steps=3000)[1] for seed in range(5)])
     assert overhead <= 0.15, overhead
     # and the policy is not vacuous: without replication nothing is caught
-    assert replication.needs_replication({"streak": 0}, 10, random.Random(0))
+    assert quorum.needs_replication({"streak": 0}, 10, random.Random(0))
     rng = random.Random(1)
-    spot = sum(replication.needs_replication({"streak": 50}, 10, rng) for _ in range(10000)) / 10000
+    spot = sum(quorum.needs_replication({"streak": 50}, 10, rng) for _ in range(10000)) / 10000
     assert 0.08 < spot < 0.12
 
 

@@ -20,7 +20,8 @@ from typing import Any
 from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.jobs import register as register_job
 from depin_jupyter.worker.entry import run_cell as remote_run_cell
-from depin_jupyter.kernel.runner import CellOutcome, Prepared, RunOptions, finish, make_spec, prepare
+from depin_jupyter.kernel.records import CellOutcome, Prepared, RunOptions
+from depin_jupyter.kernel.runner import finish, make_spec, prepare
 from depin_jupyter.store import persist
 from depin_jupyter.kernel.shipping import fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit

@@ -1,93 +1,25 @@
-"""Replicated runs: one cell on K distinct volunteers, a tolerant majority decides, reputation adapts.
+"""Replicated runs from the notebook: one cell on K distinct volunteers until a tolerant majority agrees.
 
-BOINC-style validation, per notebook cell and interactive:
-
-* The cell runs on K workers of distinct volunteers (two GPUs of one volunteer are one vote). Their
-  results are compared value by value with `compare.compare`: exact for integers, booleans, bytes and
-  strings; within ``rtol``/``atol`` for floats. A group that agrees and holds a strict majority wins.
-  Without one, more replicas run (one at a time, on volunteers not yet used) up to ``replicas-max``; then
-  `ReplicationError` lists every worker and how its results differed.
-* Reputation (kept by the coordinator): consecutive validated results (streak), valid and invalid
-  counts. **Adaptive replication**: a volunteer with a streak of at least N (``trust-streak``) runs a
-  cell alone, except for spot checks with probability 1/N. An invalid result resets the streak and the
-  coordinator withholds the credit of that work.
-
-`needs_replication` and `majority` are pure, so the policy is tested by simulation as well as for real.
+The policy (who runs, when results agree, when to stop) is `protocol.quorum`; here the kernel runs it: it
+asks the coordinator who is behind each worker and how trusted they are, submits the replicas, and reports
+the verdicts back so the coordinator can keep reputations and withhold the credit of invalid work.
 """
 
 from __future__ import annotations
 
 import random
 import sys
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from depin_jupyter.compare import Comparison, compare
-from depin_jupyter.errors import RemoteExecutionError
+from depin_jupyter import config
+from depin_jupyter.errors import DepinError
+from depin_jupyter.kernel.cluster import Session
+from depin_jupyter.kernel.records import InputsLost, Prepared, Progress, RunOptions
+from depin_jupyter.kernel.submit import cancel, submit_and_wait
+from depin_jupyter.protocol import quorum
+from depin_jupyter.protocol.rpc import Coordinator
 
-__all__ = ["ReplicationError", "Replica", "needs_replication", "majority", "comparable", "identities"]
-
-
-class ReplicationError(RemoteExecutionError):
-    """No majority of replicas agreed on the cell's results."""
-
-
-@dataclass
-class Replica:
-    """One execution of the cell: where, by whom, and what came back (or why nothing did)."""
-
-    worker: str
-    volunteer: str
-    result: dict[str, Any] | None = None
-    failure: str | None = None      # an infrastructure failure (worker lost...): no vote
-    verdict: str | None = None      # "valid", "invalid" or None (no vote)
-    detail: str = ""
-
-
-def needs_replication(reputation: dict[str, Any] | None, trust_streak: int, rng: random.Random) -> bool:
-    """Whether a run on this volunteer must be replicated (always until trusted, then a 1/N spot check)."""
-    streak = int((reputation or {}).get("streak", 0))
-    if streak < trust_streak:
-        return True
-    return rng.random() < 1.0 / trust_streak
-
-
-def comparable(result: dict[str, Any]) -> dict[str, Any]:
-    """What replicas must agree on: status, the error's type, and every output, changed input and value."""
-    from depin_jupyter.protocol.values import RichValue, unbox
-
-    if result.get("status") != "ok":
-        err = result.get("error") or {}
-        return {"status": result.get("status"), "error": err.get("type")}
-    values = {n: unbox(v) for n, v in (result.get("outputs") or {}).items()}
-    values.update({f"{n} (changed in place)": unbox(v) for n, v in (result.get("mutated") or {}).items()})
-    value = result.get("value")
-    if value is not None and not isinstance(value, RichValue):
-        values["(value)"] = value
-    elif isinstance(value, RichValue):
-        values["(value)"] = value.data.get("text/plain")
-    return {"status": "ok", "values": values, "deleted": sorted(result.get("deleted") or ())}
-
-
-def agree(a: dict[str, Any], b: dict[str, Any], rtol: float, atol: float) -> Comparison:
-    return compare(comparable(a), comparable(b), rtol, atol)
-
-
-def majority(results: list[dict[str, Any]], rtol: float, atol: float) -> tuple[list[int] | None, list[list[int]]]:
-    """(indices of the agreeing strict majority or None, all groups of mutually agreeing results)."""
-    groups: list[list[int]] = []
-    for i, r in enumerate(results):
-        for g in groups:
-            if agree(results[g[0]], r, rtol, atol).ok:
-                g.append(i)
-                break
-        else:
-            groups.append([i])
-    best = max(groups, key=len) if groups else None
-    if best is not None and 2 * len(best) > len(results):
-        return best, groups
-    return None, groups
+__all__ = ["execute", "identities"]
 
 
 def identities(session: Any, addresses: list[str]) -> dict[str, str]:
@@ -104,117 +36,92 @@ def identities(session: Any, addresses: list[str]) -> dict[str, str]:
     return {a: a for a in addresses}
 
 
-@dataclass
-class Plan:
-    """Which workers run the cell first, and whether the run is a spot check of a trusted volunteer."""
-
-    workers: list[str]
-    adaptive: bool
-    replicated: bool
-    reputations: dict[str, Any] = field(default_factory=dict)
-
-
-def plan(candidates: list[str], names: dict[str, str], k: int, adaptive: bool,
-         reputations: dict[str, Any], trust_streak: int, rng: random.Random) -> Plan:
-    """Choose the primary worker at random and, when replication is needed, partners of other volunteers."""
-    order = candidates[:]
-    rng.shuffle(order)
-    primary = order[0]
-    replicate = k > 1 and (not adaptive or needs_replication(reputations.get(names[primary]), trust_streak, rng))
-    chosen = [primary]
-    if replicate:
-        used = {names[primary]}
-        for w in order[1:]:
-            if len(chosen) == k:
-                break
-            if names[w] not in used:
-                chosen.append(w)
-                used.add(names[w])
-    return Plan(workers=chosen, adaptive=adaptive, replicated=replicate, reputations=reputations)
+def _replicas(session: Session, options: RunOptions) -> tuple[int, bool]:
+    """(replicas to run, whether adaptive replication applies): --replicas K is exact; the configured
+    default (1 on a trusted cluster, 2 on a volunteer network) adapts to each volunteer's reputation."""
+    if options.replicas is not None:
+        return options.replicas, False
+    k = config.get("replicas")
+    if k is None:
+        k = 2 if session.untrusted else 1
+    return int(k), session.untrusted
 
 
-def run(run_one: Callable[[str, bool], dict[str, Any]], plan_: Plan, candidates: list[str],
-        names: dict[str, str], k: int, k_max: int, rtol: float, atol: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the plan (``run_one(worker, primary) -> result``), add replicas until a majority agrees.
-
-    Returns the accepted result and the replication record (stored in the run's manifest).
-    """
-    replicas = [Replica(worker=w, volunteer=names[w]) for w in plan_.workers]
-    if plan_.replicated and len({r.volunteer for r in replicas}) < k:
-        raise ReplicationError(
-            f"--replicas {k} needs {k} distinct volunteers able to run this cell; only "
-            f"{len({names[w] for w in candidates})} are connected ({', '.join(sorted(set(names.values())))}). "
-            f"Lower --replicas or wait for more volunteers.")
-    _run_all(run_one, replicas)
-    while True:
-        voting = [r for r in replicas if r.result is not None]
-        if not plan_.replicated:
-            if not voting:
-                raise RemoteExecutionError(f"the cell could not run on {replicas[0].volunteer}: {replicas[0].failure}")
-            return voting[0].result, _record(replicas, plan_, rtol, atol, accepted=True)  # type: ignore[return-value]
-        winners, groups = majority([r.result for r in voting], rtol, atol) if len(voting) >= 2 else (None, [])  # type: ignore[misc]
-        if winners is not None and len(voting) >= min(k, 2):
-            ref = voting[winners[0]].result
-            for i, r in enumerate(voting):
-                r.verdict = "valid" if i in winners else "invalid"
-                if i not in winners:
-                    r.detail = agree(ref, r.result, rtol, atol).detail  # type: ignore[arg-type]
-            primary = next((r for r in voting if r.verdict == "valid" and r.worker == plan_.workers[0]),
-                           voting[winners[0]])
-            return primary.result, _record(replicas, plan_, rtol, atol, accepted=True)  # type: ignore[return-value]
-        # A volunteer that voted is not asked twice; one whose replica was lost may be, on another worker.
-        voted = {r.volunteer for r in voting}
-        tried = {r.worker for r in replicas}
-        spare = [w for w in candidates if names[w] not in voted and w not in tried]
-        if len(replicas) >= k_max or not spare:
-            raise ReplicationError(_disagreement(replicas, voting, rtol, atol, k_max, bool(spare)))
-        extra = Replica(worker=spare[0], volunteer=names[spare[0]])
-        lost = [r for r in replicas if r.result is None]
-        why = (f"a replica was lost ({lost[-1].volunteer}: {lost[-1].failure})" if len(voting) < 2 and lost
-               else "replicas disagree")
-        print(f"depin: {why}; running the cell on a further volunteer ({extra.volunteer}, "
-              f"replica {len(replicas) + 1} of at most {k_max}).", file=sys.stderr)
-        replicas.append(extra)
-        _run_all(run_one, [extra], primary_first=False)
+def _report_verdicts(session: Session, record: dict[str, Any] | None, futures: list[Any]) -> None:
+    """Tell the coordinator which replicas were valid: it keeps reputations and withholds invalid credit."""
+    if not record or not record.get("replicated") or not session.untrusted:
+        return
+    keys = {}
+    for f in futures:
+        w = getattr(f, "depin_worker", None)
+        if w is not None:
+            keys[w] = f.key
+    verdicts = [{"address": r["worker"], "key": keys.get(r["worker"]), "valid": r["verdict"] == "valid"}
+                for r in record["replicas"] if r["verdict"] is not None]
+    try:
+        Coordinator.of_client(session.client).report_verdicts(verdicts)
+    except Exception as e:  # noqa: BLE001 - the run itself is fine; reputation is best effort
+        print(f"depin: could not report replica verdicts to the coordinator ({e})", file=sys.stderr)
 
 
-def _run_all(run_one: Callable[[str, bool], dict[str, Any]], replicas: list[Replica],
-             primary_first: bool = True) -> None:
-    """Run replicas concurrently; the first (the primary) shows its output in the notebook."""
-    def go(r: Replica, primary: bool) -> None:
+def execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep: Prepared,
+             progress: Progress) -> dict[str, Any]:
+    """Run the cell once, or replicated on distinct volunteers until a tolerant majority agrees."""
+    __tracebackhide__ = True
+
+    k, adaptive = _replicas(session, prep.options)
+    if k <= 1:
+        return submit_and_wait(session, spec, args, prep.placement, progress)
+    rtol = float(config.get("rtol", prep.options.rtol))
+    atol = float(config.get("atol", prep.options.atol))
+    candidates = prep.candidates or [w.address for w in session.workers()]
+    names = identities(session, candidates)
+    reputations: dict[str, Any] = {}
+    if adaptive:
         try:
-            r.result = run_one(r.worker, primary)
-        except Exception as e:  # noqa: BLE001 - recorded; the majority logic decides (Ctrl-C propagates)
-            r.failure = f"{type(e).__name__}: {e}"
+            reputations = Coordinator.of_client(session.client).reputation()
+        except Exception:  # noqa: BLE001 - no reputation service: replicate every run
+            adaptive = False
+    distinct = len(set(names.values()))
+    if adaptive and distinct < k:  # the default on a volunteer network degrades; an explicit --replicas does not
+        if not getattr(session, "few_volunteers_said", False):
+            print(f"depin: only {distinct} volunteer(s) can run this cell: results are not replicated "
+                  f"(depin.replicas wants {k}).", file=sys.stderr)
+            session.few_volunteers_said = True
+        k = distinct
+    if k <= 1:
+        return submit_and_wait(session, spec, args, prep.placement, progress)
+    plan = quorum.plan(candidates, names, k, adaptive, reputations, int(config.get("trust-streak")),
+                            random.Random())
+    if not plan.replicated:  # a trusted volunteer, not spot-checked this time: Dask places and re-runs it
+        return submit_and_wait(session, spec, args, prep.placement, progress)
+    futures: list[Any] = []
+    base = {k2: v for k2, v in prep.placement.items() if k2 not in ("workers", "allow_other_workers")}
 
-    threads = [threading.Thread(target=go, args=(r, primary_first and i == 0), daemon=True)
-               for i, r in enumerate(replicas[1:], 1)]
-    for t in threads:
-        t.start()
-    go(replicas[0], primary_first)
-    for t in threads:
-        t.join()
+    inputs_lost: list[str] = []
 
+    def run_one(worker: str, primary: bool) -> dict[str, Any]:
+        rspec = spec if primary else {**spec, "run_id": f"{spec['run_id']}-{names[worker]}"}
+        try:
+            return submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
+                                    progress if primary else Progress(), echo=primary, on_submit=futures.append)
+        except InputsLost as e:
+            inputs_lost.append(str(e))
+            raise
 
-def _disagreement(replicas: list[Replica], voting: list[Replica], rtol: float, atol: float, k_max: int,
-                  spare: bool) -> str:
-    lines = [f"no majority of replicas agreed on the cell's results (rtol={rtol:g}, atol={atol:g}; "
-             f"{len(replicas)} replica(s), at most {k_max}{'' if spare else ', no further volunteer available'}):"]
-    ref = voting[0].result if voting else None
-    for r in replicas:
-        if r.result is None:
-            lines.append(f"  {r.volunteer} ({r.worker}): no result ({r.failure})")
-        elif r is voting[0]:
-            lines.append(f"  {r.volunteer} ({r.worker}): reference")
-        else:
-            c = agree(ref, r.result, rtol, atol)  # type: ignore[arg-type]
-            lines.append(f"  {r.volunteer} ({r.worker}): {c.verdict}{' - ' + c.detail if c.detail else ''}")
-    lines.append("Nothing was bound. Run the cell again, or with --worker to see one volunteer's result.")
-    return "\n".join(lines)
-
-
-def _record(replicas: list[Replica], plan_: Plan, rtol: float, atol: float, accepted: bool) -> dict[str, Any]:
-    return {"replicated": plan_.replicated, "adaptive": plan_.adaptive, "rtol": rtol, "atol": atol,
-            "accepted": accepted,
-            "replicas": [{"worker": r.worker, "volunteer": r.volunteer, "verdict": r.verdict,
-                          "detail": r.detail, "failure": r.failure} for r in replicas]}
+    record: dict[str, Any] | None = None
+    try:
+        result, record = quorum.run(run_one, plan, candidates, names, k, int(config.get("replicas-max")),
+                                         rtol, atol)
+    except DepinError:
+        if inputs_lost:  # not the volunteers' fault: run the whole replicated cell again, inputs inline
+            raise InputsLost(inputs_lost[0]) from None
+        raise
+    except KeyboardInterrupt:
+        for f in futures:
+            cancel(session.client, f, spec["run_id"], timed_out=False)
+        raise
+    finally:
+        _report_verdicts(session, record, futures)
+    result["replication"] = record
+    return result

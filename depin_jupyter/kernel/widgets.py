@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from depin_jupyter.kernel.runner import Progress
+from depin_jupyter.kernel.records import Progress
 
 __all__ = ["QUIET_S", "STAGES", "TextProgress", "WidgetProgress", "make_progress"]
 

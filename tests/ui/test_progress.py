@@ -9,7 +9,7 @@ import pytest
 from conftest import kernel_execute
 
 from depin_jupyter.kernel import widgets
-from depin_jupyter.kernel.runner import Progress
+from depin_jupyter.kernel.records import Progress
 
 
 def test_auto_outside_a_kernel_is_text_and_modes_are_checked() -> None:

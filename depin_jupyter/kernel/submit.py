@@ -1,0 +1,272 @@
+"""Submit one run and wait for it: live output, time limits, a pinned worker that left, why a worker died.
+
+On a volunteer network the result comes from the coordinator's relay, decoded without unpickling; a cell's
+exception is rebuilt in the notebook (its own class where it travelled, a built-in by name, else
+`RemoteCellError`) with the remote traceback attached."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import time
+import uuid
+import warnings
+from typing import Any
+
+from depin_jupyter import config
+from depin_jupyter.errors import CellTimeoutError, RemoteExecutionError, WorkerLostError
+from depin_jupyter.kernel.cluster import Session
+from depin_jupyter.kernel.failures import Death, explain_death, explain_exception
+from depin_jupyter.kernel.jobs import register as register_job
+from depin_jupyter.kernel.records import InputsLost, Progress, RemoteCellError, WorkerDied
+from depin_jupyter.kernel.stream import emit
+from depin_jupyter.protocol.constants import run_key
+from depin_jupyter.protocol.records import RunResult, RunSpec
+from depin_jupyter.worker.entry import run_cell as remote_run_cell
+from depin_jupyter.worker.entry import run_cell_relayed
+
+__all__ = ["cancel", "raise_remote", "submit_and_wait"]
+
+
+_DONE: Any = object()  # queue sentinel: the run's future finished
+_REGISTER_AFTER_S = 0.2  # runs still going after this long are listed on the scheduler
+# Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
+_CANCEL_GRACE_S = 5.0
+
+
+class _Submission:
+    """One submitted run seen from the notebook: its future, its stream queue, what it showed so far."""
+
+    def __init__(self, session: Session, spec: RunSpec, placement: dict[str, Any], progress: Progress,
+                 echo: bool, pinned: str | None) -> None:
+        self.session, self.client, self.spec = session, session.client, spec
+        self.run_id = spec["run_id"]
+        self.progress, self.echo, self.pinned = progress, echo, pinned
+        self.queue = session.streams.open(self.run_id)
+        self.key = run_key(self.run_id, uuid.uuid4().hex[:6])
+        self.relayed = session.untrusted and not config.get("volunteer.allow-pickle")
+        self.future: Any = None
+        limits = [x for x in (spec.get("timeout"), spec.get("max_runtime")) if x]
+        self.timeout = min(limits) if limits else None
+        self.seen = 0
+        self.started: dict[str, Any] = {}
+        self.shown: list[dict[str, Any]] = []  # what the cell printed and displayed, for a cache hit's replay
+        self._gone_since: float | None = None
+
+    def submit(self, args: dict[str, Any], placement: dict[str, Any]) -> Any:
+        func = run_cell_relayed if self.relayed else remote_run_cell
+        with warnings.catch_warnings():  # inputs ride inside the task on volunteer networks, by design
+            warnings.filterwarnings("ignore", message=".*Large object.*")
+            warnings.filterwarnings("ignore", message=".*Sending large graph.*")
+            self.future = self.client.submit(func, self.spec, args, key=self.key, pure=False, **placement)
+        self.future.add_done_callback(lambda _: self.queue.put(_DONE))  # wakes `wait` the moment it finishes
+        return self.future
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        self.seen += 1
+        if msg.get("kind") == "start":
+            self.started = msg
+            self.progress.update("running", f"on {msg.get('name') or msg.get('worker')} ({msg.get('worker')})")
+            return
+        if self.echo:
+            emit(msg)
+        self.shown.append(msg)
+
+    def _check_pinned(self) -> None:
+        """Dask would wait forever for a pinned worker that left: this replica has no vote. (Asked twice,
+        2 s apart and uncached: a busy scheduler's answer can lag.)"""
+        if not self.pinned or self.pinned in {w.address for w in self.session.workers(max_age=1.0)}:
+            self._gone_since = None
+            return
+        self._gone_since = self._gone_since or time.monotonic()
+        if time.monotonic() - self._gone_since >= 2.0 and \
+                self.pinned not in {w.address for w in self.session.workers(max_age=0)}:
+            cancel(self.client, self.future, self.run_id, timed_out=False)
+            raise WorkerLostError(f"worker {self.pinned} left before its replica finished")
+
+    def wait(self) -> None:
+        """Echo the run's output until its future is done; enforce the pinned worker and the time limit."""
+        # The worker stops the cell at the limit, or restarts itself cancel-grace later if the cell is stuck:
+        # the notebook waits for either, and gives up on its own only well after that.
+        grace = (config.seconds("cancel-grace") or 0.0) + _CANCEL_GRACE_S
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout + grace
+        submitted, registered = time.monotonic(), False  # listed on the scheduler (`depin jobs`) once it lasts
+        while True:
+            # Short waits keep Ctrl-C responsive; the done-callback ends the wait without delay.
+            wait = 0.5 if registered else _REGISTER_AFTER_S
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            try:
+                msg = self.queue.get(timeout=wait)
+            except queue.Empty:
+                msg = None
+            if not registered and time.monotonic() - submitted >= _REGISTER_AFTER_S:
+                register_job(self.client, self.run_id, self.key, self.spec.get("name", "cell"))
+                registered = True
+            if msg is _DONE:
+                return
+            if msg is not None:
+                self._on_message(msg)
+                continue
+            self._check_pinned()
+            if deadline is not None and time.monotonic() >= deadline:
+                cancel(self.client, self.future, self.run_id, timed_out=True)
+                raise CellTimeoutError(
+                    f"the cell ran past its time limit ({self.timeout:g}s) and was cancelled, but its worker did "
+                    f"not confirm that it stopped (a worker without a nanny cannot be restarted, and a C call "
+                    f"there may finish in the background). Raise --timeout or split the work.") from None
+
+    def result(self) -> RunResult:
+        """The finished run's result, or the error that says why there is none."""
+        from distributed import KilledWorker
+        from distributed.client import FutureCancelledError
+
+        try:
+            if self.relayed and self.future.status == "finished":
+                result = _relayed_result(self.client, self.key)
+                err = result.get("error") or {}
+                if result.get("status") == "error" and err.get("type") == "InputMissingError":
+                    raise InputsLost(err.get("message"))  # the run loop sends the inputs again, inline
+                return result
+            return self.future.result()  # type: ignore[no-any-return]
+        except KilledWorker as e:
+            last = getattr(e, "last_worker", None)  # the scheduler's record: address and pid
+            where = getattr(last, "address", None) or self.started.get("worker")
+            pid = getattr(last, "pid", None) or self.started.get("pid")
+            death = _why_worker_died(self.client, where, pid, logs=not self.session.untrusted)
+            if death.cause == "stuck" and self.timeout is not None:
+                raise CellTimeoutError(f"the cell ran past its time limit ({self.timeout:g}s): {death.message}") \
+                    from None
+            raise WorkerDied(death) from None
+        except FutureCancelledError as e:
+            if "lost dependencies" in str(e):
+                raise InputsLost() from None
+            raise RemoteExecutionError(f"the cell was cancelled on the cluster ({e}).") from None
+        except InputsLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - transport failures surface with their cause
+            raise RemoteExecutionError(
+                f"the cell could not complete on the cluster: {type(e).__name__}: {e}") from None
+
+    def drain(self, expected: int) -> None:
+        """Output events travel apart from the result: wait for every one the worker sent."""
+        drain_until = time.monotonic() + (config.seconds("stream.drain-timeout") or 0.0)
+        while self.seen < expected and time.monotonic() < drain_until:
+            try:
+                msg = self.queue.get(timeout=max(0.0, drain_until - time.monotonic()))
+            except queue.Empty:
+                break
+            if msg is not _DONE:
+                self._on_message(msg)
+        if self.seen < expected:
+            print(f"depin: {expected - self.seen} output message(s) of the cell did not arrive.", file=sys.stderr)
+
+
+def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], placement: dict[str, Any],
+                    progress: Progress, echo: bool = True, on_submit: Any = None) -> RunResult:
+    """Submit the run, echo its live output, and return its result dict (or raise a DepinError).
+
+    ``echo=False`` (extra replicas) drains the run's output without showing it; ``on_submit(future)``
+    sees the task's future (to cancel replicas together).
+    """
+    __tracebackhide__ = True
+    workers = placement.get("workers") or []
+    pinned = workers[0] if on_submit is not None and len(workers) == 1 and \
+        not placement.get("allow_other_workers", True) else None
+    run = _Submission(session, spec, placement, progress, echo, pinned)
+    future = run.submit(args, placement)
+    if on_submit is not None:
+        future.depin_worker = workers[0] if workers else None
+        on_submit(future)
+    try:
+        run.wait()
+        result = run.result()
+        run.drain(result.get("stream_count", 0))
+        result["shown"] = run.shown
+        return result
+    except KeyboardInterrupt:
+        cancel(session.client, future, run.run_id, timed_out=False)
+        raise
+    finally:
+        session.streams.close(run.run_id)
+        future.release()
+
+
+def _relayed_result(client: Any, key: str) -> dict[str, Any]:
+    """A volunteer cell's result, from the coordinator's relay, decoded without unpickling."""
+    from depin_jupyter.protocol import safe_codec
+    from depin_jupyter.protocol.payloads import from_payload
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    payload = Coordinator.of_client(client).relay_get(key)
+    if payload is None:
+        raise RemoteExecutionError("the cell finished on a volunteer but the coordinator holds no result for "
+                                   "it (the coordinator may have restarted); run the cell again.")
+    try:
+        return from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))
+    except safe_codec.DecodeError as e:
+        raise RemoteExecutionError(f"the volunteer's result was refused: {e}. Nothing from it was unpickled; "
+                                   f"run the cell again (--worker to pick another volunteer).") from None
+
+
+def _why_worker_died(client: Any, worker: str | None, pid: int | None, logs: bool = True) -> Death:
+    """Ask the cluster why a worker died: memory events on the scheduler, the nanny's exit log line.
+
+    ``logs=False`` on volunteer networks: asking nannies for their logs would dial the volunteers.
+    """
+    deadline = time.monotonic() + 5.0  # the nanny logs the exit once it notices it; its new worker re-registers
+    death = explain_death(worker, pid, [], [])
+    while True:
+        try:
+            events = [e for _, e in client.get_events("worker-restart-memory")]
+            got = client.get_worker_logs(nanny=True) if logs else {}
+            lines = [msg for entries in got.values() for _, msg in entries]
+        except Exception:  # noqa: BLE001 - evidence is best effort
+            events, lines = [], []
+        death = explain_death(worker, pid, lines, events)
+        if death.cause != "lost" or pid is None or time.monotonic() > deadline:
+            return death
+        time.sleep(0.2)
+
+
+def cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
+    """Cancel the run's task; the worker's CancelOnRelease plugin then stops the cell's thread."""
+    try:
+        future.cancel(reason="timed out" if timed_out else "interrupted")
+    except Exception:  # noqa: BLE001 - the scheduler may be gone too; nothing more to do here
+        pass
+
+
+def _builtin_exception(err: dict[str, Any]) -> BaseException | None:
+    """A built-in exception rebuilt from its name and message (no unpickling), so `except` clauses work."""
+    import builtins
+
+    cls = getattr(builtins, str(err.get("type")), None) if err.get("module") == "builtins" else None
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(err.get("message", ""))
+        except Exception:  # noqa: BLE001 - some take other arguments: fall back to the text error
+            return None
+    return None
+
+
+def raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
+    __tracebackhide__ = True
+    err = result["error"]
+    where = result.get("worker") or "the worker"
+    if result["status"] == "cancelled":
+        if err.get("timed_out"):
+            flag = err.get("limit", "timeout")
+            limit = spec["max_runtime"] if flag == "max-runtime" else spec["timeout"]
+            raise CellTimeoutError(f"the cell ran past --{flag} {limit:g}s on {where} and was "
+                                   f"cancelled there. Raise --{flag} or make the cell faster.")
+        raise RemoteExecutionError(f"the cell was cancelled on {where}.")
+    exc = err.get("exception")
+    if not isinstance(exc, BaseException):  # it came as text (a volunteer, or it would not pickle)
+        exc = _builtin_exception(err) or RemoteCellError(err["type"], err["message"])
+    exc.add_note(f"--- remote traceback (%%depin, worker {where}) ---\n{err['traceback'].rstrip()}")
+    gpu = (result.get("hardware") or {}).get("gpu")
+    hint = explain_exception(err["type"], err["module"], err["message"], result.get("worker"), gpu)
+    if hint:
+        exc.add_note(hint)
+    raise exc
