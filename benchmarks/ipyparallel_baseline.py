@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
-
 import random
+import sys
 
 from _results import save, stats, timed
 

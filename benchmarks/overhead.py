@@ -14,10 +14,11 @@ import os
 import platform
 import sys
 
-from _results import save, stats as _stats, timed  # a script run from this folder: its siblings are importable
+from _results import save, timed  # a script run from this folder: its siblings are importable
+from _results import stats as _stats
 
 
-def _inc(v):  # noqa: ANN001, ANN202 - the baseline task
+def _inc(v):
     return v + 1
 
 
@@ -28,12 +29,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
     args = ap.parse_args()
 
-    import numpy as np
-    from IPython.core.interactiveshell import InteractiveShell
-
     import tempfile
 
     import dask
+    import numpy as np
+    from IPython.core.interactiveshell import InteractiveShell
 
     from depin_jupyter.kernel import cluster
 
@@ -45,7 +45,7 @@ def main() -> None:
     client.wait_for_workers(1)
     shell.user_ns.update(x=1)
 
-    def depin(code, flags="--no-store"):  # noqa: ANN001, ANN202
+    def depin(code, flags="--no-store"):
         res = shell.run_cell(f"%%depin {flags}\n" + code, store_history=False)
         if not res.success:
             raise SystemExit(f"benchmark cell failed: {res.error_in_exec!r}")
@@ -66,7 +66,7 @@ def main() -> None:
 
     a, b, c, c2, c3 = [], [], [], [], []
     candidates = [
-        (a, lambda: exec(compiled, local_ns)),
+        (a, lambda: exec(compiled, local_ns)),  # noqa: S102 - runs the benchmark cell
         (b, lambda: client.submit(_inc, 1, pure=False).result()),
         (c, lambda: depin(code)),
         (c2, lambda: depin(code, "--no-cache")),

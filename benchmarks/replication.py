@@ -16,10 +16,11 @@ import os
 import platform
 import sys
 
-from _results import save, timed, stats as _stats
+from _results import save, timed
+from _results import stats as _stats
 
 
-def _inc(v):  # noqa: ANN001, ANN202 - the baseline task
+def _inc(v):
     return v + 1
 
 
@@ -47,11 +48,11 @@ def main() -> None:
     rows["submit"] = _stats(timed(lambda: client.submit(_inc, 1, pure=False).result(), args.reps))
     for k in (1, 2):
         opts = runner.RunOptions(replicas=k)
-        rows[f"trivial_r{k}"] = _stats(timed(lambda: runner.run_cell(session, "y = 1", {}, opts), args.reps))
+        rows[f"trivial_r{k}"] = _stats(timed(lambda opts=opts: runner.run_cell(session, "y = 1", {}, opts), args.reps))
     for k in (1, 2):
         opts = runner.RunOptions(replicas=k)
         code = f"import numpy as np\nbig = np.arange({n}, dtype=np.float64) * 0.5"
-        rows[f"big_r{k}"] = _stats(timed(lambda: runner.run_cell(session, code, {}, opts), args.big_reps))
+        rows[f"big_r{k}"] = _stats(timed(lambda code=code, opts=opts: runner.run_cell(session, code, {}, opts), args.big_reps))
     a = {"status": "ok", "outputs": {"big": np.arange(n, dtype=np.float64) * 0.5}}
     b = {"status": "ok", "outputs": {"big": np.arange(n, dtype=np.float64) * 0.5 + 1e-12}}
     a2 = {"status": "ok", "outputs": {"big": a["outputs"]["big"].copy()}}

@@ -175,7 +175,7 @@ def bench_cache(nbytes: int, workdir: str, repeats: int = 20) -> dict[str, float
     w.write_output("x", np.ones(nbytes // 4, dtype=np.float32))
     w.finish()
     samples = []
-    for i in range(repeats + 1):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
         run_id = rs.lookup_cache(key)
         assert run_id is not None

@@ -70,13 +70,13 @@ def main() -> None:
         log = root / "scheduler.log"
         procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                        "--state-dir", str(root / "state")],
-                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))  # noqa: SIM115
+                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))
         _wait_for(log, "listening at", procs[-1])
         state = StateDir(root / "state")
         wlog = root / "worker.log"
         procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "bench-vol").encode(),
                                        "--gpus", "none"],
-                                      stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))  # noqa: SIM115
+                                      stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))
         _wait_for(wlog, "depin worker: joined", procs[-1])
         vol = cluster._connect_token(state.issue_token("client", "bench-sci").encode())
         vol.client.wait_for_workers(1, timeout=60)

@@ -37,7 +37,7 @@ def array_module() -> ModuleType:
 
         if cupy.cuda.is_available() and cupy.cuda.runtime.getDeviceCount() > 0:
             return cupy
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001, S110
         pass
     import numpy
 

@@ -37,7 +37,7 @@ def has_gpu() -> bool:
     return detect()[0] > 0
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+def pytest_collection_modifyitems(config, items):
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU with cupy and dask-cuda (run on the GPU device)")

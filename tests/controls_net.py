@@ -12,7 +12,8 @@ from typing import Any
 
 
 def dask_setup(worker: Any) -> None:
-    from depin_jupyter.worker import execute as remote, sandbox
+    from depin_jupyter.worker import execute as remote
+    from depin_jupyter.worker import sandbox
 
     real_run, real_sandboxed = remote.run_cell, sandbox.run_sandboxed
     pause = float(os.environ.get("DEPIN_TEST_SLEEP", "1"))

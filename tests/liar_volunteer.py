@@ -5,7 +5,8 @@ def dask_setup(worker):
     import numpy as np
 
     from depin_jupyter.protocol.payloads import from_payload
-    from depin_jupyter.worker import relayed as relay, sandbox
+    from depin_jupyter.worker import relayed as relay
+    from depin_jupyter.worker import sandbox
 
     honest, honest_sandboxed = relay.to_payload, sandbox.run_sandboxed
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from IPython.utils.capture import capture_output
-
 from conftest import run, run_ok
+from IPython.utils.capture import capture_output
 
 
 def test_background_returns_at_once_and_wait_binds(shell):

@@ -15,10 +15,10 @@ from conftest import free_port
 from controls_net import cli, wait_status, worker_info
 from volunteer_net import Network, wait_for_text, wait_for_workers
 
+from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.protocol import credit
 from depin_jupyter.worker import controls
-from depin_jupyter.errors import DepinUsageError
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 

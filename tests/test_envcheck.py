@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import free_port, run, run_ok
-from depin_jupyter.kernel.envcheck import Mismatch, compare, local_version
+
 from depin_jupyter.errors import EnvironmentMismatchError
+from depin_jupyter.kernel.envcheck import Mismatch, compare, local_version
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

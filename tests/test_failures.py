@@ -6,12 +6,11 @@ import os
 
 import dask
 import pytest
+from conftest import run, run_ok
 from distributed import LocalCluster
 
-from conftest import run, run_ok
 from depin_jupyter.errors import WorkerLostError
 from depin_jupyter.kernel.failures import explain_death, explain_exception
-
 
 # ---------------------------------------------------------------- pure explanations
 

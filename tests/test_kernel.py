@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from jupyter_client.manager import start_new_kernel
-
 from conftest import kernel_execute
+from jupyter_client.manager import start_new_kernel
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import free_port
 from volunteer_net import Network, wait_for_workers
 
-from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
+from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.network.lab import fetch_lab_status, parse_quota
 from depin_jupyter.reports import format_lab_status
 

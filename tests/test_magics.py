@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from IPython.utils.capture import capture_output
-
 from conftest import run, run_ok
+from IPython.utils.capture import capture_output
 
 
 def test_help_lists_every_option(ip):
@@ -241,8 +240,8 @@ def test_unserializable_output_is_reported_and_others_still_bound(shell, capfd):
 
 
 def test_unreachable_scheduler_names_the_address(shell, depin_session):
-    from conftest import free_port
     import dask
+    from conftest import free_port
 
     port = free_port()
     with dask.config.set({"depin.connect-timeout": "1s"}):
@@ -471,7 +470,7 @@ def test_cluster_scheduler_outside_a_cell_does_what_dask_would():
         try:
             with dask.config.set(scheduler=cluster_get), dask.config.set({"distributed.client": None}):
                 out["v"] = float(da.arange(100, chunks=10).sum().compute())
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:
             out["e"] = e
         finally:
             _current_client.reset(token)

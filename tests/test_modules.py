@@ -6,8 +6,8 @@ import os
 import sys
 
 import pytest
-
 from conftest import run_ok
+
 from depin_jupyter.kernel.modules import bundle_local_modules
 from depin_jupyter.protocol.bundles import is_local
 

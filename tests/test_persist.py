@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import run, run_ok
 from IPython.utils.capture import capture_output
 
-from conftest import run, run_ok
 from depin_jupyter.store import open_store
 
 
@@ -143,7 +143,8 @@ def test_dask_array_output_is_written_by_workers_and_bound_as_a_stored_view(shel
 def test_functions_imported_from_packages_do_not_spoil_the_cache(shell, store_url, tmp_path):
     marker = tmp_path / "ran"
     shell.user_ns["marker"] = str(marker)
-    cell = f"%%depin --store {store_url}\nopen(marker, 'a').write('x')\nfrom json import dumps\nfrom depin_jupyter import xp\ns = dumps([1])"
+    cell = (f"%%depin --store {store_url}\nopen(marker, 'a').write('x')\nfrom json import dumps\n"
+            "from depin_jupyter import xp\ns = dumps([1])")
     run_ok(shell, cell)
     shell.user_ns.pop("dumps")
     with capture_output() as cap:

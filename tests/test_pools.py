@@ -12,18 +12,17 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_port
+from volunteer_net import Network, wait_for_text, wait_for_workers
 
-from depin_jupyter.kernel import cluster, runner
 from depin_jupyter import reports
-from depin_jupyter.worker import energy
+from depin_jupyter.errors import DepinUsageError, NoSuitableWorkerError
+from depin_jupyter.kernel import cluster, runner
 from depin_jupyter.network.coordinator import StateDir
 from depin_jupyter.network.gate import grant_pool
 from depin_jupyter.protocol.constants import POOL_CAPACITY
-from depin_jupyter.errors import DepinUsageError, NoSuitableWorkerError
 from depin_jupyter.protocol.identity import Token, cert_pool
-
-from conftest import free_port
-from volunteer_net import Network, wait_for_text, wait_for_workers
+from depin_jupyter.worker import energy
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 HERE = os.path.dirname(__file__)

@@ -6,9 +6,9 @@ import random
 
 import numpy as np
 import pytest
+from conftest import run, run_ok
 from IPython.utils.capture import capture_output
 
-from conftest import run, run_ok
 from depin_jupyter.protocol import quorum
 from depin_jupyter.store import open_store
 

@@ -15,14 +15,13 @@ import time
 
 import numpy as np
 import pytest
-
-from depin_jupyter.kernel import cluster, runner
-from depin_jupyter.network.coordinator import StateDir
-from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
-from depin_jupyter.protocol.identity import Token
-
 from conftest import free_port
 from volunteer_net import Network, wait_for_text, wait_for_workers
+
+from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
+from depin_jupyter.kernel import cluster, runner
+from depin_jupyter.network.coordinator import StateDir
+from depin_jupyter.protocol.identity import Token
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_store")]
 HERE = pathlib.Path(__file__).parent
@@ -53,7 +52,7 @@ def test_tokens_issued_at_once_are_all_registered(tmp_path):
         try:
             for i in range(5):
                 StateDir(tmp_path / "s").issue_token("worker", f"w{k}-{i}")
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=issue, args=(k,)) for k in range(8)]
@@ -390,9 +389,8 @@ def test_sigterm_hands_work_back_without_killed_worker(tmp_path):
         assert "left gracefully" in log.read_text()
 
         # The same cluster does fail tasks when a worker is lost abruptly: the check above can fail.
-        from distributed import KilledWorker
-
         import psutil
+        from distributed import KilledWorker
 
         f = s.client.submit(long_task, 99, pure=False)
         while not s.client.processing().get(next(iter(s.client.scheduler_info()["workers"]))):

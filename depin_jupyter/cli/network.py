@@ -137,8 +137,8 @@ def pause(duration: str | None) -> None:
     """
     import time
 
-    from depin_jupyter.worker.controls import control_dir, parse_duration, write_control
     from depin_jupyter.errors import DepinError
+    from depin_jupyter.worker.controls import control_dir, parse_duration, write_control
 
     try:
         until = time.time() + parse_duration(duration) if duration else None
@@ -168,8 +168,8 @@ def resume() -> None:
     """Resume the depin workers on this machine paused with `depin pause`."""
     import time
 
-    from depin_jupyter.worker.controls import control_dir, write_control
     from depin_jupyter.errors import DepinError
+    from depin_jupyter.worker.controls import control_dir, write_control
 
     try:
         d = control_dir()

@@ -12,19 +12,19 @@ import queue
 import sys
 import time
 import uuid
-
-from distributed import fire_and_forget
 from dataclasses import dataclass, field
 from typing import Any
 
+from distributed import fire_and_forget
+
 from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.jobs import register as register_job
-from depin_jupyter.worker.entry import run_cell as remote_run_cell
 from depin_jupyter.kernel.records import CellOutcome, Prepared, RunOptions
 from depin_jupyter.kernel.runner import finish, make_spec, prepare
-from depin_jupyter.store import persist
 from depin_jupyter.kernel.shipping import fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
+from depin_jupyter.store import persist
+from depin_jupyter.worker.entry import run_cell as remote_run_cell
 
 __all__ = ["BackgroundRun", "submit", "bind_finished", "wait"]
 

@@ -49,7 +49,7 @@ def register(client: Any, run_id: str, key: str, name: str) -> None:
     async def send() -> None:
         try:
             await client.scheduler.set_metadata(keys=[*_PREFIX, run_id], value=info)
-        except Exception:  # noqa: BLE001 - listing is best effort; the run itself is unaffected
+        except Exception:  # noqa: BLE001, S110 - listing is best effort; the run itself is unaffected
             pass
 
     client.loop.add_callback(send)

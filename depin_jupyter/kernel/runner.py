@@ -23,19 +23,28 @@ from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.modules import bundle_local_modules
 from depin_jupyter.kernel.placement import check_environment, module_candidates, route
 from depin_jupyter.kernel.privacy import check_private, effective_pool
-from depin_jupyter.kernel.records import (CellOutcome, InputsLost, Prepared, Progress, RemoteCellError, RunOptions,
-                                          WorkerDied)
+from depin_jupyter.kernel.records import (
+    CellOutcome,
+    InputsLost,
+    Prepared,
+    Progress,
+    RemoteCellError,
+    RunOptions,
+    WorkerDied,
+)
 from depin_jupyter.kernel.shipping import apply_results, fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.kernel.submit import raise_remote
 from depin_jupyter.protocol.records import RunSpec, new_run_id
 from depin_jupyter.store import persist
 
+_DEFAULTS = RunOptions()
+
 __all__ = ["CellOutcome", "RemoteCellError", "RunOptions", "check_private", "finish", "make_spec", "prepare",
            "run_cell"]
 
 
-def prepare(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
+def prepare(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = _DEFAULTS,
             hidden: dict[str, Any] | None = None) -> Prepared:
     """Analyze the cell, find its inputs (NameError before anything is sent), route it, check environments.
 
@@ -88,7 +97,7 @@ def make_spec(prep: Prepared, shipped: Any) -> RunSpec:
     }
 
 
-def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = RunOptions(),
+def run_cell(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = _DEFAULTS,
              hidden: dict[str, Any] | None = None, progress: Progress | None = None) -> CellOutcome:
     """Run ``code`` on the session's cluster with inputs from ``namespace``; bind its results there.
 
@@ -181,7 +190,7 @@ def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None,
     if lazy and result.get("status") == "ok":
         try:
             result["outputs"].update(store.load(prep.run_id, lazy))
-        except Exception:  # noqa: BLE001 - not stored (reported above): keep the graph
+        except Exception:  # noqa: BLE001, S110 - not stored (reported above): keep the graph
             pass
 
 

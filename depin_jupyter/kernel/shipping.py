@@ -180,7 +180,7 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
             to_send[key] = (name, value, _serialized_size(name, value))
     if to_send:
         futures = client.scatter({key: box(value) for key, (_, value, _) in to_send.items()}, hash=False)
-        for key, (name, _, size) in to_send.items():
+        for key, (_, _, size) in to_send.items():
             cache.put(key, futures[key], size)
             shipped.sent_bytes += size
         cache.total_sent += shipped.sent_bytes

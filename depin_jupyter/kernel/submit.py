@@ -233,7 +233,7 @@ def cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
     """Cancel the run's task; the worker's CancelOnRelease plugin then stops the cell's thread."""
     try:
         future.cancel(reason="timed out" if timed_out else "interrupted")
-    except Exception:  # noqa: BLE001 - the scheduler may be gone too; nothing more to do here
+    except Exception:  # noqa: BLE001, S110 - the scheduler may be gone too; nothing more to do here
         pass
 
 

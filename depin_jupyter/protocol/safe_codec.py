@@ -130,7 +130,7 @@ def _encode(p: msgpack.Packer, obj: Any, depth: int, active: set[int]) -> None:
                 p.pack_ext_type(_MARK_TUPLE if t is tuple else _MARK_SET if t is set else _MARK_FROZENSET, b"")
             i = -1
             try:
-                for i, item in enumerate(obj):
+                for i, item in enumerate(obj):  # noqa: B007 - i names the element in a refusal
                     _encode(p, item, depth + 1, active)
             except _Refusal as r:
                 r.segments.append(f"[{i}]" if t is list or t is tuple else f"{{element #{i}}}")
@@ -143,7 +143,7 @@ def _encode(p: msgpack.Packer, obj: Any, depth: int, active: set[int]) -> None:
             p.pack_map_header(len(obj))
             i, key, in_key = -1, None, True
             try:
-                for i, (key, value) in enumerate(obj.items()):
+                for i, (key, value) in enumerate(obj.items()):  # noqa: B007 - i names the key in a refusal
                     in_key = True
                     _encode(p, key, depth + 1, active)
                     in_key = False

@@ -9,7 +9,7 @@ import sys
 import types
 from typing import Any
 
-__all__ = ['Boxed', 'RichValue', 'box', 'content_hash', 'rebind_globals', 'unbox']
+__all__ = ["Boxed", "RichValue", "box", "content_hash", "rebind_globals", "unbox"]
 
 
 class Boxed:
@@ -74,8 +74,9 @@ def _hash_buffer(h: Any, buf: memoryview) -> None:
     if buf.nbytes < _PARALLEL_HASH_BYTES or workers == 1:
         h.update(buf)
         return
-    import xxhash
     from concurrent.futures import ThreadPoolExecutor
+
+    import xxhash
 
     if _hash_pool is None:
         _hash_pool = ThreadPoolExecutor(workers, thread_name_prefix="depin-hash")

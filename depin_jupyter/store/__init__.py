@@ -7,7 +7,13 @@ are documented in `_store.py` and `_digest.py`.
 
 from __future__ import annotations
 
-from depin_jupyter.store._errors import RunIncompleteError, RunNotFoundError, StoreAccessError, StoreIntegrityError, UnsupportedOutputError
+from depin_jupyter.store._errors import (
+    RunIncompleteError,
+    RunNotFoundError,
+    StoreAccessError,
+    StoreIntegrityError,
+    UnsupportedOutputError,
+)
 from depin_jupyter.store._outputs import classify as output_kind
 from depin_jupyter.store._store import ResultStore, RunWriter, new_run_id, open_store
 from depin_jupyter.store.ledger import LedgerEntry

@@ -368,7 +368,7 @@ def restore_type(arr: np.ndarray, record: OutputRecord) -> Any:
             import cupy
 
             return cupy.asarray(arr)
-        except Exception:  # no GPU here: the numpy array is the honest answer
+        except Exception:  # no GPU here: the numpy array is the honest answer  # noqa: BLE001 - any failure is reported, not raised
             return arr
     return arr
 
@@ -422,7 +422,7 @@ def read(store: Store, record: OutputRecord, *, lazy: bool, allow_pickle: bool) 
             raise UnsupportedOutputError(
                 f"output at {record.path} ({record.pytype}) is a pickle (portable: false); load it "
                 "with allow_pickle=True only if you trust the worker that produced it")
-        return pickle.loads(np.asarray(z[...]).tobytes())
+        return pickle.loads(np.asarray(z[...]).tobytes())  # noqa: S301 - opt-in non-portable pickles the user stored (depin.store.allow-pickle)
     if lazy and z.ndim and record.kind == "array":
         import dask.array as da
 

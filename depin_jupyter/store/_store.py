@@ -35,8 +35,21 @@ from depin_jupyter import config
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.store import _io, _outputs, ledger
 from depin_jupyter.store._digest import group_document, sha256_hex
-from depin_jupyter.store._errors import RunIncompleteError, RunNotFoundError, StoreAccessError, StoreIntegrityError, UnsupportedOutputError
-from depin_jupyter.store.manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary, local_environment, local_worker
+from depin_jupyter.store._errors import (
+    RunIncompleteError,
+    RunNotFoundError,
+    StoreAccessError,
+    StoreIntegrityError,
+    UnsupportedOutputError,
+)
+from depin_jupyter.store.manifest import (
+    MANIFEST_ATTR,
+    OutputRecord,
+    RunManifest,
+    RunSummary,
+    local_environment,
+    local_worker,
+)
 
 DEFAULT_URL = "depin-results.zarr"
 STORE_ATTR = "depin_store"

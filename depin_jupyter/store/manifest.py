@@ -194,7 +194,7 @@ def _gpus() -> list[dict[str, Any]]:
         import pynvml
 
         pynvml.nvmlInit()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure is reported, not raised
         return []
     try:
         driver = pynvml.nvmlSystemGetDriverVersion()
@@ -209,12 +209,12 @@ def _gpus() -> list[dict[str, Any]]:
                 "driver": driver.decode() if isinstance(driver, bytes) else driver,
             })
         return gpus
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure is reported, not raised
         return []
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:
+        except Exception:  # noqa: S110, BLE001 - best effort
             pass
 
 

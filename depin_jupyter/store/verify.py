@@ -130,7 +130,7 @@ def verify_store(rs: ResultStore) -> VerifyReport:
                 if attrs[RUN_ATTR]["run_id"] != run_id or attrs[MANIFEST_ATTR]["run_id"] != run_id:
                     raise ValueError("it names another run id (moved or copied)")
                 to_check[run_id] = RunManifest.from_json(attrs[MANIFEST_ATTR])
-            except Exception as exc:  # sealed, yet not a manifest depin can read
+            except Exception as exc:  # sealed, yet not a manifest depin can read  # noqa: BLE001 - any failure is reported, not raised
                 problems.append(Problem(f"manifest unreadable: {type(exc).__name__}: {exc}", run_id))
     for run_id, entry in sealed.items():
         if run_id not in ids:

@@ -11,7 +11,7 @@ import time
 from depin_jupyter.protocol.constants import STUCK_EXIT_STATUS
 from depin_jupyter.worker.runs import active
 
-__all__ = ['CellCancelled', 'CellMaxRuntime', 'CellTimedOut', 'cancel_run']
+__all__ = ["CellCancelled", "CellMaxRuntime", "CellTimedOut", "cancel_run"]
 
 
 class CellCancelled(BaseException):

@@ -44,8 +44,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from depin_jupyter.protocol.credit import REFERENCE_SECONDS, speed_factor
 from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.protocol.credit import REFERENCE_SECONDS, speed_factor
 
 __all__ = [
     "Controls",

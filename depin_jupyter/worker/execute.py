@@ -280,7 +280,7 @@ def _auditing_open(opened: list[str]) -> Any:
     """`open` for the cell: records the files it reads, so the notebook can say which to declare."""
     real_open = builtins.open
 
-    def open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:  # noqa: A001 - stands in for it
+    def open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if isinstance(file, (str, os.PathLike)) and not any(c in mode for c in "wax+"):
             path = os.path.abspath(os.fspath(file))
             if path not in opened:

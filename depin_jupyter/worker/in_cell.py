@@ -9,7 +9,7 @@ from typing import Any
 
 from depin_jupyter.worker.runs import current
 
-__all__ = ['cluster_get']
+__all__ = ["cluster_get"]
 
 
 def cluster_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:

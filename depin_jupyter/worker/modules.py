@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-__all__ = ['use_local_modules']
+__all__ = ["use_local_modules"]
 
 
 _modules_lock = threading.Lock()

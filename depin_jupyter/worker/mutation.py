@@ -8,7 +8,7 @@ from typing import Any
 
 from depin_jupyter.protocol.values import content_hash
 
-__all__ = ['changed', 'fingerprint']
+__all__ = ["changed", "fingerprint"]
 
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset, range, types.ModuleType,
@@ -26,7 +26,7 @@ def fingerprint(obj: Any) -> Any:
         if mod.startswith("numpy"):
             return content_hash(obj)
         return pickle.dumps(obj, protocol=5)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure is reported, not raised
         return ("unknown", object())  # never equal: treat as changed
 
 

@@ -207,7 +207,7 @@ def _flusher() -> None:
             try:
                 ctx.announce()
                 ctx.flush(stale_only=True)
-            except Exception:
+            except Exception:  # noqa: S110, BLE001 - best effort
                 pass
 
 

@@ -136,8 +136,8 @@ def _gpu_list(gpus: str) -> list[str] | None:
 
 async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
                  contact_address: str | None, say: Callable[[str], None]) -> list[Nanny]:
-    from depin_jupyter.worker import controls
     from depin_jupyter.gpu import detect
+    from depin_jupyter.worker import controls
 
     security = token.security("worker")
     common: dict[str, Any] = dict(security=security, nthreads=nthreads, memory_limit=memory_limit,
@@ -198,7 +198,7 @@ async def _leave(token: Token, nannies: list[Nanny], say: Callable[[str], None])
                 try:
                     await asyncio.wait_for(sched.unregister(address=a, expected=True, close=False,
                                                             stimulus_id=f"depin-leave-{time.time()}"), 5)
-                except Exception:  # noqa: BLE001 - the scheduler notices the closed connection itself
+                except Exception:  # noqa: BLE001, S110 - the scheduler notices the closed connection itself
                     pass
     await asyncio.gather(*(n.close(timeout=5, reason="volunteer-left") for n in nannies), return_exceptions=True)
     say("depin worker: left gracefully.")

@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from depin_jupyter.server.manager import NOT_CONNECTED, BadRequest, Conflict, DepinManager, NotFound, _duration, energy_fields, worker_record
+from depin_jupyter.server.manager import (
+    NOT_CONNECTED,
+    BadRequest,
+    Conflict,
+    DepinManager,
+    NotFound,
+    _duration,
+    energy_fields,
+    worker_record,
+)
 
 
 async def test_status_not_connected(jp_environ: Any, jp_root_dir: pathlib.Path) -> None:
@@ -136,9 +145,9 @@ async def test_runs_carry_their_energy_or_why_it_was_not_measured(published: Any
     import json
 
     from depin_jupyter import reports
-    from depin_jupyter.worker import energy
     from depin_jupyter.kernel import runner
     from depin_jupyter.store import open_store
+    from depin_jupyter.worker import energy
 
     store = str(jp_root_dir / "depin-results.zarr")
     ns: dict[str, Any] = {"n": 200_000}

@@ -20,7 +20,7 @@ from depin_jupyter.worker.sandbox.frames import ENERGY, EVENT, HEADER, PAYLOAD, 
 from depin_jupyter.worker.sandbox.isolation import listdir
 from depin_jupyter.worker.sandbox.limits import SandboxError, human_bytes
 
-__all__ = ['main']
+__all__ = ["main"]
 
 
 class _Relay:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ['ENERGY', 'EVENT', 'HEADER', 'MAX_ENERGY_BYTES', 'MAX_EVENT_BYTES', 'PAYLOAD', 'READY', 'STREAM_KINDS']
+__all__ = ["ENERGY", "EVENT", "HEADER", "MAX_ENERGY_BYTES", "MAX_EVENT_BYTES", "PAYLOAD", "READY", "STREAM_KINDS"]
 
 
 # Frames child -> parent: 4-byte big-endian length, 1 kind byte, then the data.

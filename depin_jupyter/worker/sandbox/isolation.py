@@ -14,7 +14,8 @@ from typing import Any
 
 from depin_jupyter.worker.sandbox.limits import Limits, SandboxError, gpu_host, human_bytes
 
-__all__ = ['MARKER', 'bwrap_argv', 'bwrap_works', 'child_env', 'describe', 'kill_marked', 'listdir', 'make_scratch', 'remove_tree', 'target_ids', 'tasks_of', 'unreadable_by_others', 'use_bwrap']
+__all__ = ["MARKER", "bwrap_argv", "bwrap_works", "child_env", "describe", "kill_marked", "listdir", "make_scratch",
+           "remove_tree", "target_ids", "tasks_of", "unreadable_by_others", "use_bwrap"]
 
 
 MARKER = "DEPIN_SANDBOX_RUN"

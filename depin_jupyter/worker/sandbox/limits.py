@@ -6,7 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
-__all__ = ['GiB', 'Limits', 'SandboxError', 'gpu_host', 'human_bytes']
+__all__ = ["GiB", "Limits", "SandboxError", "gpu_host", "human_bytes"]
 
 
 _DEFAULT_WALL = 3600.0

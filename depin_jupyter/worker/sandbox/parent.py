@@ -19,12 +19,31 @@ from depin_jupyter.protocol.payloads import to_payload
 from depin_jupyter.protocol.records import RunSpec, error_result
 from depin_jupyter.worker.cancel import CellCancelled, CellMaxRuntime, CellTimedOut
 from depin_jupyter.worker.runs import ActiveRun, active
-from depin_jupyter.worker.sandbox.frames import ENERGY, EVENT, HEADER, MAX_ENERGY_BYTES, MAX_EVENT_BYTES, PAYLOAD, READY, STREAM_KINDS
-from depin_jupyter.worker.sandbox.isolation import (MARKER, bwrap_argv, child_env, kill_marked, make_scratch, remove_tree, target_ids,
-    tasks_of, unreadable_by_others, use_bwrap)
+from depin_jupyter.worker.sandbox.frames import (
+    ENERGY,
+    EVENT,
+    HEADER,
+    MAX_ENERGY_BYTES,
+    MAX_EVENT_BYTES,
+    PAYLOAD,
+    READY,
+    STREAM_KINDS,
+)
+from depin_jupyter.worker.sandbox.isolation import (
+    MARKER,
+    bwrap_argv,
+    child_env,
+    kill_marked,
+    make_scratch,
+    remove_tree,
+    target_ids,
+    tasks_of,
+    unreadable_by_others,
+    use_bwrap,
+)
 from depin_jupyter.worker.sandbox.limits import GiB, Limits, human_bytes
 
-__all__ = ['run_sandboxed']
+__all__ = ["run_sandboxed"]
 
 
 _LOG_FORWARD_BYTES = 64 * 1024  # the child's raw fd 1/2 output copied to the worker's stderr, per cell
