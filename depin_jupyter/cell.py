@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import builtins
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["CellPlan", "analyze", "imported_packages", "last_expression_shown"]
 
@@ -183,7 +184,7 @@ class _Names(ast.NodeVisitor):
                 self.visit(default)
         params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
         params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
-        body = node.body if isinstance(node.body, list) else [node.body]
+        body: list[Any] = node.body if isinstance(node.body, list) else [node.body]
         inner = _Names()
         for stmt in body:
             inner.visit(stmt)
@@ -288,7 +289,7 @@ class _TopLevel:
         unsure_deferred = [n for n in names.deferred if n not in self._sure]
         self._add(self.reads, unsure_loads + unsure_deferred)
         if isinstance(stmt, ast.Try) or isinstance(stmt, getattr(ast, "TryStar", ast.Try)):
-            self._add(self.guarded, _loads_in(stmt.body))
+            self._add(self.guarded, _loads_in(stmt.body))  # type: ignore[attr-defined]  # Try or TryStar
         self._add(self.immediate, unsure_loads)
         self._add(self.binds, names.stores)
         self._add(self.deletes, names.deletes)

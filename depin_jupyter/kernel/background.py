@@ -23,6 +23,7 @@ from depin_jupyter.kernel.records import CellOutcome, Prepared, RunOptions
 from depin_jupyter.kernel.runner import finish, make_spec, prepare
 from depin_jupyter.kernel.shipping import fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
+from depin_jupyter.protocol.records import RunSpec
 from depin_jupyter.store import persist
 from depin_jupyter.worker.entry import run_cell as remote_run_cell
 
@@ -37,7 +38,7 @@ class BackgroundRun:
 
     prep: Prepared
     shipped: Any
-    spec: dict[str, Any]
+    spec: RunSpec
     future: Any
     stream: queue.Queue[dict[str, Any]]
     snapshot: dict[str, Any]                 # name -> object bound when submitted (identity check)

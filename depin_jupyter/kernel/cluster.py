@@ -55,6 +55,9 @@ class Session:
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)
         self.cpu_fallback_said = False
+        self.few_volunteers_said = False
+        self.deps_said: set[str] = set()  # files the notebook was told to declare with --deps
+        self.last_energy: tuple[str, Any] | None = None  # (run id, energy) of the last run, for %depin status
         self.env = EnvironmentCache()
         self._gpus: dict[str, Any] = {}
         self.background: dict[str, Any] = {}   # name -> background.BackgroundRun

@@ -78,7 +78,7 @@ def cancel_jobs(client: Any, jobs: list[Job]) -> list[Job]:
     from distributed import Future
 
     if jobs:
-        futures = [Future(j.key, client) for j in jobs]
+        futures: list[Any] = [Future(j.key, client) for j in jobs]
         client.cancel(futures, force=True, reason="cancelled with depin cancel")
     return jobs
 

@@ -46,6 +46,12 @@ def _positive(kind: type, what: str):  # type: ignore[no-untyped-def]
 class DepinMagics(Magics):
     """Run cells on a Dask(-CUDA) cluster as if they ran locally."""
 
+    @property
+    def _shell(self) -> Any:
+        """The shell these magics are registered with (always set once `%load_ext` ran)."""
+        assert self.shell is not None
+        return self.shell
+
     @magic_arguments()
     @argument("--gpu", nargs="?", const=1, default=None, type=_positive(int, "--gpu"), metavar="N",
               help="GPUs the cell needs (default 1 when given without N; config depin.gpus otherwise)")
@@ -114,12 +120,12 @@ class DepinMagics(Magics):
         if args.background:
             from depin_jupyter.kernel import background
 
-            return _usage(background.submit, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden)
+            return _usage(background.submit, session, cell, self._shell.user_ns, options, self._shell.user_ns_hidden)
         from depin_jupyter.kernel.widgets import make_progress
 
         progress = make_progress(options.name or "cell")
         try:
-            outcome = _usage(run_cell, session, cell, self.shell.user_ns, options, self.shell.user_ns_hidden,
+            outcome = _usage(run_cell, session, cell, self._shell.user_ns, options, self._shell.user_ns_hidden,
                              progress)
         finally:
             progress.close()
@@ -137,7 +143,7 @@ class DepinMagics(Magics):
     @argument("--all", action="store_true", help="for cancel: every run in flight on the cluster")
     @argument("--mine", action="store_true", help="for cancel: every run this user started")
     @argument("--clear", action="store_true", help="for private: unmark every private variable")
-    @line_magic("depin")
+    @line_magic("depin")  # type: ignore[arg-type]  # magic_arguments' decorators are untyped
     def depin_line(self, line: str) -> Any:
         """%depin connect [TARGET] | status | config | close | jobs | cancel RUN|--mine|--all | wait [NAME]
         | runs [STORE] | load RUN [NAME...] [--store URL] | reproduce NOTEBOOK --store STORE
@@ -160,7 +166,7 @@ class DepinMagics(Magics):
             session = cluster.current_session()
             if session is None:
                 raise UsageError("not connected: there is nothing to wait for")
-            _usage(background.wait, session, self.shell.user_ns, args.target)
+            _usage(background.wait, session, self._shell.user_ns, args.target)
             return None
         if args.command == "runs":
             from depin_jupyter.store import open_store
@@ -169,7 +175,7 @@ class DepinMagics(Magics):
             print(f"depin: runs in {store.url}\n{format_runs(store.runs())}")
             return None
         if args.command == "load":
-            return _load(self.shell.user_ns, args)
+            return _load(self._shell.user_ns, args)
         if args.command == "private":
             return _private(args)
         if args.command == "reproduce":
@@ -282,7 +288,7 @@ def _usage(func: Any, *args: Any, **kwargs: Any) -> Any:
 
 def format_status(session: Any) -> str:
     """`%depin status`: one line per worker with GPU model and memory."""
-    rows = [("worker", "address", "threads", "memory", "GPU", "GPU memory", "executing")]
+    rows: list[tuple[Any, ...]] = [("worker", "address", "threads", "memory", "GPU", "GPU memory", "executing")]
     volunteers = bool(getattr(session, "untrusted", False))
     trust = _trust(session) if volunteers else {}  # a volunteer network: who is behind each worker, how trusted
     if volunteers:
@@ -292,7 +298,7 @@ def format_status(session: Any) -> str:
     if pools:
         rows[0] += ("pool",)
     for w in workers:
-        row = (w.name, w.address, str(w.nthreads), _gib(w.memory_limit),
+        row: tuple[Any, ...] = (w.name, w.address, str(w.nthreads), _gib(w.memory_limit),
                f"{w.gpus}x {w.gpu_model}" if w.gpus else "-",
                _gib(w.gpu_memory) if w.gpu_memory else "-", str(w.executing))
         if volunteers:
@@ -306,7 +312,7 @@ def format_status(session: Any) -> str:
     if _PRIVATE:
         lines.append(f"private variables: {', '.join(sorted(_PRIVATE))} (sent only with --pool in "
                      f"{', '.join(str(p) for p in config.get('trusted-pools') or ()) or 'no trusted pool'})")
-    last = getattr(session, "last_energy", None)
+    last = session.last_energy
     if last:
         from depin_jupyter.reports import energy_summary as summary
 

@@ -17,6 +17,7 @@ from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.records import InputsLost, Prepared, Progress, RunOptions
 from depin_jupyter.kernel.submit import cancel, submit_and_wait
 from depin_jupyter.protocol import quorum
+from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.rpc import Coordinator
 
 __all__ = ["execute", "identities"]
@@ -47,15 +48,11 @@ def _replicas(session: Session, options: RunOptions) -> tuple[int, bool]:
     return int(k), session.untrusted
 
 
-def _report_verdicts(session: Session, record: dict[str, Any] | None, futures: list[Any]) -> None:
+def _report_verdicts(session: Session, record: dict[str, Any] | None, futures: list[tuple[str, Any]]) -> None:
     """Tell the coordinator which replicas were valid: it keeps reputations and withholds invalid credit."""
     if not record or not record.get("replicated") or not session.untrusted:
         return
-    keys = {}
-    for f in futures:
-        w = getattr(f, "depin_worker", None)
-        if w is not None:
-            keys[w] = f.key
+    keys = {worker: f.key for worker, f in futures}
     verdicts = [{"address": r["worker"], "key": keys.get(r["worker"]), "valid": r["verdict"] == "valid"}
                 for r in record["replicas"] if r["verdict"] is not None]
     try:
@@ -64,8 +61,8 @@ def _report_verdicts(session: Session, record: dict[str, Any] | None, futures: l
         print(f"depin: could not report replica verdicts to the coordinator ({e})", file=sys.stderr)
 
 
-def execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep: Prepared,
-             progress: Progress) -> dict[str, Any]:
+def execute(session: Session, spec: RunSpec, args: dict[str, Any], prep: Prepared,
+            progress: Progress) -> RunResult:
     """Run the cell once, or replicated on distinct volunteers until a tolerant majority agrees."""
     __tracebackhide__ = True
 
@@ -84,7 +81,7 @@ def execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep: 
             adaptive = False
     distinct = len(set(names.values()))
     if adaptive and distinct < k:  # the default on a volunteer network degrades; an explicit --replicas does not
-        if not getattr(session, "few_volunteers_said", False):
+        if not session.few_volunteers_said:
             print(f"depin: only {distinct} volunteer(s) can run this cell: results are not replicated "
                   f"(depin.replicas wants {k}).", file=sys.stderr)
             session.few_volunteers_said = True
@@ -95,16 +92,17 @@ def execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep: 
                             random.Random())
     if not plan.replicated:  # a trusted volunteer, not spot-checked this time: Dask places and re-runs it
         return submit_and_wait(session, spec, args, prep.placement, progress)
-    futures: list[Any] = []
+    futures: list[tuple[str, Any]] = []  # (worker, future) of each replica
     base = {k2: v for k2, v in prep.placement.items() if k2 not in ("workers", "allow_other_workers")}
 
     inputs_lost: list[str] = []
 
     def run_one(worker: str, primary: bool) -> dict[str, Any]:
-        rspec = spec if primary else {**spec, "run_id": f"{spec['run_id']}-{names[worker]}"}
+        rspec: RunSpec = spec if primary else {**spec, "run_id": f"{spec['run_id']}-{names[worker]}"}
         try:
-            return submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
-                                    progress if primary else Progress(), echo=primary, on_submit=futures.append)
+            return dict(submit_and_wait(session, rspec, args, {**base, "workers": [worker], "allow_other_workers": False},
+                                        progress if primary else Progress(), echo=primary,
+                                        on_submit=lambda f: futures.append((worker, f))))
         except InputsLost as e:
             inputs_lost.append(str(e))
             raise
@@ -118,10 +116,10 @@ def execute(session: Session, spec: dict[str, Any], args: dict[str, Any], prep: 
             raise InputsLost(inputs_lost[0]) from None
         raise
     except KeyboardInterrupt:
-        for f in futures:
+        for _, f in futures:
             cancel(session.client, f, spec["run_id"], timed_out=False)
         raise
     finally:
         _report_verdicts(session, record, futures)
     result["replication"] = record
-    return result
+    return result  # type: ignore[return-value]

@@ -35,7 +35,7 @@ from depin_jupyter.kernel.records import (
 from depin_jupyter.kernel.shipping import apply_results, fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.kernel.submit import raise_remote
-from depin_jupyter.protocol.records import RunSpec, new_run_id
+from depin_jupyter.protocol.records import RunResult, RunSpec, new_run_id
 from depin_jupyter.store import persist
 
 _DEFAULTS = RunOptions()
@@ -171,7 +171,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     return outcome
 
 
-def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None, result: dict[str, Any],
+def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None, result: RunResult,
             session: Session, timings: dict[str, float]) -> None:
     """Store the run; a failure to store is reported, never allowed to lose the results just computed."""
     try:
@@ -200,7 +200,7 @@ def _ask_for_deps(session: Session, opened: list[str], deps: tuple[str, ...] | N
     import os
 
     declared = {os.path.abspath(p) for pattern in deps or () for p in glob.glob(pattern, recursive=True)}
-    said = session.__dict__.setdefault("deps_said", set())
+    said = session.deps_said
     for path in opened:
         inside = any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in declared)
         if inside or path in said or not os.path.isfile(path):
@@ -227,8 +227,8 @@ def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tu
     return outcome
 
 
-def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped: Any, spec: dict[str, Any],
-           result: dict[str, Any], progress: Progress | None = None,
+def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped: Any, spec: RunSpec,
+           result: RunResult, progress: Progress | None = None,
            keep: Any = None) -> CellOutcome:
     """Bind a run's results into ``namespace`` and raise the cell's exception if it had one.
 

@@ -15,6 +15,7 @@ import importlib
 import sys
 import threading
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,7 +235,7 @@ def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str,
         shipped.args[name] = InputRef(key, sizes.get(key, int(value.nbytes)))
 
 
-def apply_results(namespace: dict[str, Any], result: dict[str, Any], keep: Any = None) -> list[str]:
+def apply_results(namespace: dict[str, Any], result: Mapping[str, Any], keep: Any = None) -> list[str]:
     """Bind a run's results into ``namespace``; returns warnings to show the user.
 
     ``keep(name) -> bool`` may veto binding a name (it was rebound meanwhile); vetoed names are reported.

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from depin_jupyter import config
@@ -176,7 +177,6 @@ def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], place
     run = _Submission(session, spec, placement, progress, echo, pinned)
     future = run.submit(args, placement)
     if on_submit is not None:
-        future.depin_worker = workers[0] if workers else None
         on_submit(future)
     try:
         run.wait()
@@ -192,7 +192,7 @@ def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], place
         future.release()
 
 
-def _relayed_result(client: Any, key: str) -> dict[str, Any]:
+def _relayed_result(client: Any, key: str) -> RunResult:
     """A volunteer cell's result, from the coordinator's relay, decoded without unpickling."""
     from depin_jupyter.protocol import safe_codec
     from depin_jupyter.protocol.payloads import from_payload
@@ -237,7 +237,7 @@ def cancel(client: Any, future: Any, run_id: str, timed_out: bool) -> None:
         pass
 
 
-def _builtin_exception(err: dict[str, Any]) -> BaseException | None:
+def _builtin_exception(err: Mapping[str, Any]) -> BaseException | None:
     """A built-in exception rebuilt from its name and message (no unpickling), so `except` clauses work."""
     import builtins
 
@@ -250,7 +250,7 @@ def _builtin_exception(err: dict[str, Any]) -> BaseException | None:
     return None
 
 
-def raise_remote(result: dict[str, Any], spec: dict[str, Any]) -> None:
+def raise_remote(result: RunResult, spec: RunSpec) -> None:
     __tracebackhide__ = True
     err = result["error"]
     where = result.get("worker") or "the worker"

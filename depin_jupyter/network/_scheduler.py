@@ -160,6 +160,10 @@ class DepinScheduler(Scheduler):
             return False, None
         return bool(ws.resources.get("GPU")), ((ws.extra or {}).get("depin") or {}).get("benchmark")
 
+    def in_background(self, func: Any, *args: Any, **kwargs: Any) -> None:
+        """Run coroutine function ``func`` as a task the scheduler waits for when it closes."""
+        self._ongoing_background_tasks.call_soon(func, *args, **kwargs)
+
     def note_worker(self, address: str, name: str) -> None:
         self.worker_names[normalized_address(address)] = name
 
@@ -247,7 +251,7 @@ class DepinScheduler(Scheduler):
         finally:
             self.lab.client_names.pop(client, None)
 
-    async def update_graph(self, client: str, keys: Any = (), **kwargs: Any) -> None:
+    async def update_graph(self, client: str, keys: Any = (), **kwargs: Any) -> None:  # type: ignore[override]
         return await self.lab.admit(client, keys, lambda: super(DepinScheduler, self).update_graph(
             client=client, keys=keys, **kwargs))
 
@@ -285,8 +289,7 @@ class DepinScheduler(Scheduler):
             if address in self.workers and self.state.revoked(name):
                 logger.warning("closing worker %s: the token of %r was revoked", address, name)
                 self.worker_names.pop(address, None)
-                self._ongoing_background_tasks.call_soon(
-                    self.remove_worker, address, stimulus_id=f"depin-revoked-{time.time()}", close=True)
+                self.in_background(self.remove_worker, address, stimulus_id=f"depin-revoked-{time.time()}", close=True)
 
     async def remove_worker(self, address: str, **kwargs: Any) -> Any:
         try:

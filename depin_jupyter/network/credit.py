@@ -68,7 +68,7 @@ class Ledger(SchedulerPlugin):
     def log_event(self, topic: str, msg: Any) -> None:
         if topic != CREDIT_TOPIC or not isinstance(msg, dict):
             return
-        key, address = msg.get("key"), msg.get("worker")  # "worker": set by the scheduler from the stream
+        key, address = msg.get("key"), str(msg.get("worker"))  # "worker": set by the scheduler from the stream
         try:
             cpu = float(msg.get("cpu_seconds"))  # type: ignore[arg-type]
         except (TypeError, ValueError):

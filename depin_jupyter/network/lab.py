@@ -63,13 +63,13 @@ def parse_quota(text: str | dict[str, Any] | None) -> dict[str, float]:
             raise DepinUsageError(f"unknown quota {k!r}; known: {', '.join(QUOTA_KEYS)}")
         try:
             if k == "concurrent":
-                n = float(v)
+                n = float(v)  # type: ignore[arg-type]  # a wrong type is the error below
                 if not n.is_integer():
                     raise ValueError(v)
             else:
                 from dask.utils import parse_timedelta
 
-                n = float(parse_timedelta(v, default="s"))
+                n = float(parse_timedelta(v, default="s"))  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise DepinUsageError(f"quota {k}={v!r} is not a number") from None
         if n < (1 if k == "concurrent" else 0):
@@ -130,7 +130,7 @@ class LabGate:
         self.key_owner: dict[str, str] = {}              # task key -> name of the submitting student
         self.held: dict[str, deque[dict[str, Any]]] = defaultdict(deque)  # name -> update-graph calls held
         self.wakeup = asyncio.Event()
-        usage = sched.state._read("lab-usage.json", {})
+        usage = sched.state.read_json("lab-usage.json", {})
         self.usage: dict[str, dict[str, dict[str, float]]] = usage if isinstance(usage, dict) else {}
         self.dirty = False
 
@@ -206,7 +206,7 @@ class LabGate:
         """
         name = self.client_names.get(client)
         quota = self.quota(name) if name else {}
-        if not quota:
+        if not quota or name is None:
             return await submit()
         why = self.over_seconds(name, quota)
         if why is not None:
@@ -222,7 +222,7 @@ class LabGate:
                     f"(depin.lab.over-quota: refuse). Run it again when one has finished."))
             ticket = {"client": client, "keys": set(keys), "raw": raw}
             self.held[name].append(ticket)
-            self.sched._ongoing_background_tasks.call_soon(self._hold, name, quota, ticket, submit)
+            self.sched.in_background(self._hold, name, quota, ticket, submit)
             return None
         return await self._submit(name, keys, submit, raw)
 

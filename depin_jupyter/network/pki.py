@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from typing import Any
 
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.protocol.identity import POOL_URI, ROLE_URI, ROLES, check_pool_name
@@ -64,7 +65,7 @@ def issue(ca_cert: str, ca_key: str, name: str, role: str, *, days: float = 365,
     if not name or any(c in name for c in "/,=+\n"):
         raise DepinUsageError(f"invalid name {name!r}: use letters, digits, '-', '_' or '.'")
     ca = x509.load_pem_x509_certificate(ca_cert.encode())
-    ca_private = serialization.load_pem_private_key(ca_key.encode(), password=None)
+    ca_private: Any = serialization.load_pem_private_key(ca_key.encode(), password=None)  # the EC key create_ca made
     key = ec.generate_private_key(ec.SECP256R1())
     now = _utcnow()
     end = not_after or now + dt.timedelta(days=days)

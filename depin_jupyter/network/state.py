@@ -49,7 +49,8 @@ class StateDir:
     def exists(self) -> bool:
         return (self.path / "ca.pem").exists()
 
-    def _read(self, name: str, default: Any) -> Any:
+    def read_json(self, name: str, default: Any) -> Any:
+        """A JSON file of the state dir, or ``default`` when it does not exist."""
         p = self.path / name
         if not p.exists():
             return default
@@ -65,7 +66,7 @@ class StateDir:
             write_atomic(self.path / "ca.key", ca_key)
             write_atomic(self.path / "ca.pem", ca, 0o644)
             write_atomic(self.path / "tokens.json", json.dumps({"certificates": []}))
-        meta = self._read("coordinator.json", {})
+        meta = self.read_json("coordinator.json", {})
         if meta.get("address") != address or new:
             write_atomic(self.path / "coordinator.json", json.dumps({"address": address}))
         cert, key, serial = issue(self.ca, self.ca_key, "scheduler", "scheduler", days=3650, hosts=hosts)
@@ -84,7 +85,7 @@ class StateDir:
 
     @property
     def address(self) -> str:
-        meta = self._read("coordinator.json", {})
+        meta = self.read_json("coordinator.json", {})
         if "address" not in meta:
             raise DepinUsageError(f"{self.path} holds no coordinator; start one with "
                                   f"`depin scheduler --state-dir {self.path}`.")
@@ -109,7 +110,7 @@ class StateDir:
         except FileNotFoundError:
             stamp = None
         if self._registry_cache is None or self._registry_cache[0] != stamp:
-            self._registry_cache = (stamp, self._read("tokens.json", {"certificates": []}))
+            self._registry_cache = (stamp, self.read_json("tokens.json", {"certificates": []}))
         return self._registry_cache[1]
 
     @contextlib.contextmanager
@@ -132,7 +133,7 @@ class StateDir:
             entry["pool"] = pool
         entry.update({k: v for k, v in lab.items() if v})  # quota, educator (virtual labs, `lab.py`)
         with self._registry_lock():
-            reg = self._read("tokens.json", {"certificates": []})
+            reg = self.read_json("tokens.json", {"certificates": []})
             reg["certificates"].append(entry)
             write_atomic(self.path / "tokens.json", json.dumps(reg, indent=1))
 
@@ -167,7 +168,7 @@ class StateDir:
     def revoke(self, name: str) -> int:
         """Revoke every certificate issued to ``name``; returns how many were live."""
         with self._registry_lock():
-            reg = self._read("tokens.json", {"certificates": []})
+            reg = self.read_json("tokens.json", {"certificates": []})
             n = 0
             for c in reg["certificates"]:
                 if c["name"] == name and c["role"] != "scheduler" and not c["revoked"]:
@@ -198,14 +199,14 @@ class StateDir:
 
     # --- credit ---
     def credits(self) -> dict[str, dict[str, float]]:
-        return self._read("credits.json", {})
+        return self.read_json("credits.json", {})
 
     def save_credits(self, credits: dict[str, dict[str, float]]) -> None:
         write_atomic(self.path / "credits.json", json.dumps(credits, indent=1, sort_keys=True))
 
     # --- reputation (replicated runs) ---
     def reputation(self) -> dict[str, dict[str, int]]:
-        return self._read("reputation.json", {})
+        return self.read_json("reputation.json", {})
 
     def save_reputation(self, reputation: dict[str, dict[str, int]]) -> None:
         write_atomic(self.path / "reputation.json", json.dumps(reputation, indent=1, sort_keys=True))

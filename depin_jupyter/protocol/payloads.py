@@ -80,7 +80,7 @@ def from_payload(payload: bytes, max_bytes: int | None = None) -> RunResult:
     if isinstance(value, dict) and set(value) == {_RICH}:
         data, md = value[_RICH]
         result["value"] = RichValue(dict(data), dict(md))
-    return result
+    return result  # type: ignore[return-value]  # checked above: a dict with a status
 
 
 def energy_fields(energy: Any) -> dict[str, Any]:

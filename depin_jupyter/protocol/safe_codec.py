@@ -189,7 +189,7 @@ def _encode_array(p: msgpack.Packer, arr: np.ndarray, mark: int) -> None:
     p.pack(dt.str)
     p.pack(list(arr.shape))
     p.pack(fortran)
-    p.pack(memoryview(flat))
+    p.pack(memoryview(flat))  # type: ignore[arg-type]  # numpy stubs: an ndarray is a buffer
 
 
 def _encode_scalar(p: msgpack.Packer, obj: np.generic) -> None:
@@ -394,7 +394,7 @@ def _decode_array(items: list[Any], *, device: bool) -> Any:
     if device and dt.kind not in _DEVICE_KINDS:
         raise DecodeError(f"device array of dtype {dt.str} is not allowed")
     order = "F" if fortran else "C"
-    arr = np.frombuffer(data, dtype=dt).reshape(shape, order=order).copy(order=order)  # writeable, owns data
+    arr = np.frombuffer(data, dtype=dt).reshape(tuple(shape), order=order).copy(order=order)  # type: ignore[call-overload]  # owns data
     return _to_device(arr) if device else arr
 
 
@@ -407,7 +407,7 @@ def _decode_scalar(items: list[Any]) -> np.generic:
         raise DecodeError(f"numpy scalar of dtype {dt.str} needs {dt.itemsize} bytes, got {len(data)}")
     if dt.itemsize == 0:  # np.str_("") and np.bytes_(b"")
         return dt.type()
-    return np.frombuffer(data, dtype=dt).reshape(())[()]
+    return np.frombuffer(data, dtype=dt).reshape(())[()]  # type: ignore[return-value]
 
 
 _cupy_module: Any = None  # False once cupy was found unusable here

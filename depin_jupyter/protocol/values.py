@@ -52,7 +52,7 @@ def content_hash(obj: Any) -> str:
         if arr.dtype.hasobject:
             h.update(pickle.dumps(arr, protocol=5))
         else:
-            _hash_buffer(h, memoryview(arr.reshape(-1).view(np.uint8)))
+            _hash_buffer(h, memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]  # numpy stubs
         return "xxh3-" + h.hexdigest()
     from dask.base import tokenize
 

@@ -470,9 +470,9 @@ def worker_record(address: str, w: Mapping[str, Any], processing: Any = (), *,
     """
     metrics = w.get("metrics") or {}
     gpu = w.get("gpu") or {}               # distributed's NVML startup info: name, memory-total
-    advertised = w.get("depin") if isinstance(w.get("depin"), Mapping) else {}
-    adv_gpu = advertised.get("gpu") if isinstance(advertised.get("gpu"), Mapping) else {}
-    adv_cpu = advertised.get("cpu") if isinstance(advertised.get("cpu"), Mapping) else {}
+    advertised: Mapping[str, Any] = w["depin"] if isinstance(w.get("depin"), Mapping) else {}
+    adv_gpu: Mapping[str, Any] = advertised["gpu"] if isinstance(advertised.get("gpu"), Mapping) else {}
+    adv_cpu: Mapping[str, Any] = advertised["cpu"] if isinstance(advertised.get("cpu"), Mapping) else {}
     if not gpu.get("name") and adv_gpu.get("name"):  # what the volunteer said it has (self-reported)
         gpu = {"name": adv_gpu.get("name"), "memory-total": adv_gpu.get("memory")}
     gpu_now = metrics.get("gpu") or {}     # NVML real-time metrics: utilization, memory-used

@@ -16,6 +16,7 @@ import types
 from typing import Any
 
 from depin_jupyter import config
+from depin_jupyter.protocol.records import RunResult
 from depin_jupyter.protocol.values import unbox
 
 __all__ = ["open_for", "cache_key", "serve_cached", "record", "VALUE_NAME"]
@@ -139,7 +140,7 @@ def _concrete(value: Any) -> Any:
 
 
 def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, str], key: str,
-           options: Any, result: dict[str, Any], client: Any = None,
+           options: Any, result: RunResult, client: Any = None,
            timings: dict[str, float] | None = None, pool: str | None = None,
            private: Any = ()) -> str | None:
     """Write a finished run into ``store``; returns a warning to show, or None.

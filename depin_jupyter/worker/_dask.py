@@ -56,7 +56,7 @@ class VolunteerWorker(Worker):
 
         from depin_jupyter.worker.plugins import CancelOnRelease
 
-        super().__init__(*args, plugins=[*(plugins or ()), CancelOnRelease()], **kwargs)
+        super().__init__(*args, plugins=(*(plugins or ()), CancelOnRelease()), **kwargs)
         self.depin_pool = _own_pool(self.security)
         if self.depin_pool:  # the coordinator grants it (from the certificate) only if asked for
             self.state.total_resources[pool_resource(self.depin_pool)] = POOL_CAPACITY

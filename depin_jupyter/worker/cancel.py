@@ -52,9 +52,9 @@ def _escalate(run_id: str) -> None:
         return  # no nanny to start a fresh worker (a sandboxed cell's process: its worker kills it at the limit)
     from depin_jupyter import config
 
-    grace = config.seconds("cancel-grace")
+    grace = config.seconds("cancel-grace") or 0.0
     time.sleep(grace)
     if active.get(run_id) is entry:
-        sys.__stderr__.write(f"depin: run {run_id} did not stop within {grace:g}s of being cancelled (a long C "
-                             f"call); restarting this worker process to free it\n")
+        print(f"depin: run {run_id} did not stop within {grace:g}s of being cancelled (a long C "
+                             f"call); restarting this worker process to free it", file=sys.__stderr__, flush=True)
         os._exit(STUCK_EXIT_STATUS)  # the nanny notices and starts a new worker process

@@ -349,5 +349,5 @@ def _collect(result: RunResult, cell: _Namespace, spec: RunSpec, sandboxed: bool
                 group[name] = box(group[name])
     known = set(cell.seeded) | set(spec["modules"])
     result["deleted"] = [n for n in known if n not in cell.ns and (wanted is None or n in wanted)]
-    result.update(outputs=into["outputs"], aliases=into["aliases"], modules=into["modules"],  # type: ignore[typeddict-item]
-                  mutated=into["mutated"], skipped=skipped)
+    result["outputs"], result["aliases"], result["modules"] = into["outputs"], into["aliases"], into["modules"]
+    result["mutated"], result["skipped"] = into["mutated"], skipped

@@ -43,7 +43,7 @@ class RunOutput:
 
     def start(self, address: str | None, name: Any) -> None:
         """Note where the cell runs; the notebook hears of it only if the run lasts (see `announce`)."""
-        self._start = {"kind": "start", "worker": address, "name": None if name is None else str(name),
+        self._start: dict[str, Any] | None = {"kind": "start", "worker": address, "name": None if name is None else str(name),
                        "pid": os.getpid()}
         self._started_at = time.monotonic()
 
@@ -51,7 +51,7 @@ class RunOutput:
         """Tell the notebook the cell is running, and where, once it has run ``after`` seconds: quick
         cells send no event at all (every message costs the scheduler and the kernel some time)."""
         with self._lock:
-            start = getattr(self, "_start", None)
+            start: dict[str, Any] | None = getattr(self, "_start", None)
             if start is not None and time.monotonic() - self._started_at >= after:
                 self._start = None
                 self._publish(start)

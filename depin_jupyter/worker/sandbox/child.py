@@ -184,12 +184,12 @@ def main(argv: list[str]) -> None:
         inputs = pickle.loads(blob)  # noqa: S301 - the scientist's inputs, in the scientist's cell's sandbox
         del blob
     except MemoryError as e:
-        result = {"status": "error", "worker": control["where"][0], "worker_name": control["where"][1],
+        result: dict[str, Any] = {"status": "error", "worker": control["where"][0], "worker_name": control["where"][1],
                   "run_id": spec.get("run_id"), "stream_count": 0,
                   "error": {"type": "MemoryError", "module": "builtins", "message": f"the cell's inputs: {e}",
                             "traceback": ""}}
     else:
-        result = execute.run_cell(spec, inputs, worker=relay_, sandboxed=True)
+        result = dict(execute.run_cell(spec, inputs, worker=relay_, sandboxed=True))
     _annotate(result, control)
     try:
         payload = to_payload(result)

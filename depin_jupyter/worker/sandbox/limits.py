@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["GiB", "Limits", "SandboxError", "gpu_host", "human_bytes"]
@@ -61,7 +62,7 @@ class Limits:
     wall_source: str = "depin.sandbox.wall-time"  # what set wall_time (for the message when it stops a cell)
 
     @classmethod
-    def from_config(cls, spec: dict[str, Any] | None = None) -> Limits:
+    def from_config(cls, spec: Mapping[str, Any] | None = None) -> Limits:
         """The limits from ``depin.sandbox.*`` (defaults where unset), narrowed by ``spec``'s timeouts."""
         import dask
         import dask.config
@@ -90,7 +91,7 @@ class Limits:
         )
         return limits.for_spec(spec) if spec else limits
 
-    def for_spec(self, spec: dict[str, Any]) -> Limits:
+    def for_spec(self, spec: Mapping[str, Any]) -> Limits:
         """These limits with the wall time capped by the cell's own --timeout/--max-runtime plus the
         cancel grace (the cell's own timer stops it first; the sandbox kills it if a C call holds on)."""
         import dask
