@@ -67,7 +67,7 @@ class Coordinator:
     # --- inputs held by content key ---
     def input_put(self, key: str, data: bytes) -> bool:
         """Hold ``data`` under ``key``; False if it cannot fit in the coordinator's input cache at all."""
-        return self._call("depin_input_put", key=key, data=data) == "OK"
+        return bool(self._call("depin_input_put", key=key, data=data) == "OK")
 
     def input_has(self, keys: list[str]) -> set[str]:
         return set(self._call("depin_input_has", keys=keys))

@@ -92,7 +92,7 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False)
     """
     import nbformat
 
-    from depin_jupyter.reproduce.rerun import _depin_cells, _latest
+    from depin_jupyter.reproduce.rerun import depin_cells, latest_run
     from depin_jupyter.store import open_store
 
     src_nb = pathlib.Path(notebook)
@@ -111,8 +111,8 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False)
     nb = nbformat.read(src_nb, as_version=4)
     summaries = store.runs()
     runs = []
-    for index, name, code in _depin_cells(nb):
-        manifest = _latest(store, summaries, code)
+    for index, name, code in depin_cells(nb):
+        manifest = latest_run(store, summaries, code)
         runs.append((index, name, code, manifest))
     missing = [i for i, _, _, m in runs if m is None]
 

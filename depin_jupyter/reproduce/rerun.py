@@ -93,7 +93,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _depin_cells(nb: Any) -> list[tuple[int, str | None, str]]:
+def depin_cells(nb: Any) -> list[tuple[int, str | None, str]]:
     """(cell index, --name, code) of each `%%depin` cell."""
     out = []
     for i, cell in enumerate(nb.cells):
@@ -110,7 +110,7 @@ def _norm(code: str) -> str:
     return code.rstrip()
 
 
-def _latest(store: Any, summaries: list[Any], code: str) -> Any | None:
+def latest_run(store: Any, summaries: list[Any], code: str) -> Any | None:
     """The newest complete run of ``code`` in ``store`` (with its manifest), or None."""
     for s in reversed(summaries):
         if not s.complete:
@@ -157,7 +157,7 @@ def reproduce(notebook: str, store_url: str, *, rtol: float = 1e-7, atol: float 
 
     fresh = open_store(scratch, create=True)
     pub_runs, new_runs = published.runs(), fresh.runs()
-    for index, name, code in _depin_cells(nb):
+    for index, name, code in depin_cells(nb):
         report.cells.append(_judge(index, name, code, nb.cells[index], published, pub_runs, fresh, new_runs,
                                    rtol, atol))
     return report
@@ -166,7 +166,7 @@ def reproduce(notebook: str, store_url: str, *, rtol: float = 1e-7, atol: float 
 def _judge(index: int, name: str | None, code: str, cell: Any, published: Any, pub_runs: list[Any],
            fresh: Any, new_runs: list[Any], rtol: float, atol: float) -> CellVerdict:
     errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-    old = _latest(published, pub_runs, code)
+    old = latest_run(published, pub_runs, code)
     if old is None:
         same_name = name is not None and any(s.name == name and s.complete for s in pub_runs)
         return CellVerdict(index, name, "code changed" if same_name else "missing in store",
@@ -175,7 +175,7 @@ def _judge(index: int, name: str | None, code: str, cell: Any, published: Any, p
     if errors:
         e = errors[0]
         return CellVerdict(index, name, "failed", f"{e.get('ename')}: {e.get('evalue')}", old.run_id)
-    new = _latest(fresh, new_runs, code)
+    new = latest_run(fresh, new_runs, code)
     if new is None:
         return CellVerdict(index, name, "failed", "the re-execution stored no run for this cell", old.run_id)
     verdict = CellVerdict(index, name, "reproduced", "", old.run_id, new.run_id,

@@ -42,6 +42,7 @@ from depin_jupyter.store._errors import (
     StoreIntegrityError,
     UnsupportedOutputError,
 )
+from depin_jupyter.store._layout import RUN_ATTR, STORE_ATTR, group_attrs, summarize
 from depin_jupyter.store.manifest import (
     MANIFEST_ATTR,
     OutputRecord,
@@ -52,8 +53,6 @@ from depin_jupyter.store.manifest import (
 )
 
 DEFAULT_URL = "depin-results.zarr"
-STORE_ATTR = "depin_store"
-RUN_ATTR = "depin_run"
 STORE_FORMAT = 1
 RUN_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-z]{4,32}$")
 _NAME = re.compile(r"^[^/\x00]+$")
@@ -75,14 +74,6 @@ def _ensure_group(store: Store, path: str, attributes: Mapping[str, Any] | None 
     key = f"{path}/zarr.json" if path else "zarr.json"
     if not _io.exists(store, key):
         _io.create(store, key, group_document(attributes or {}))
-
-
-def _attrs(raw: bytes) -> dict[str, Any]:
-    """The attributes of a group zarr.json (ValueError if it is not one)."""
-    doc = json.loads(raw)
-    if not isinstance(doc, dict) or doc.get("node_type") != "group":
-        raise ValueError("not a Zarr group document")
-    return dict(doc.get("attributes") or {})
 
 
 def _rehash_before_seal(record: OutputRecord) -> bool:
@@ -119,7 +110,7 @@ class RunWriter:
         raw = _io.get(self._store, f"runs/{self.run_id}/zarr.json")
         if raw is None:
             raise RunNotFoundError(f"run {self.run_id} does not exist in {self.url}")
-        return _attrs(raw)
+        return group_attrs(raw)
 
     def _open_run(self) -> _outputs.Settings:
         """The run's write settings; refuses a run that is already finished or aborted."""
@@ -192,7 +183,7 @@ class RunWriter:
             raw = raws[f"{prefix}/{n}/zarr.json"]
             if raw is None:
                 continue
-            body = _attrs(raw)["depin_output"]
+            body = group_attrs(raw)["depin_output"]
             records[n] = OutputRecord.from_json(body["record"])
             seconds += float(body["store_s"])
         return records, seconds
@@ -305,7 +296,7 @@ class ResultStore:
                 "--store / depin.store.url.") from exc
         if raw is not None:
             try:
-                if STORE_ATTR in _attrs(raw):
+                if STORE_ATTR in group_attrs(raw):
                     return
             except ValueError:
                 pass
@@ -375,7 +366,7 @@ class ResultStore:
                                          f"before it began; it is not servable (see `depin runs {self.url}`)")
             raise RunNotFoundError(f"no run {run_id} in {self.url} (see `depin runs {self.url}`)")
         try:
-            attrs = _attrs(raw)
+            attrs = group_attrs(raw)
         except ValueError as exc:
             raise StoreIntegrityError(
                 f"run {run_id}: its zarr.json is unreadable ({exc}); run `depin verify`") from exc
@@ -388,7 +379,7 @@ class ResultStore:
         idx = _io.get(store, f"depin/index/{run_id}/zarr.json")
         if idx is not None:
             try:
-                seq = _attrs(idx)["depin_index"]["seq"]
+                seq = group_attrs(idx)["depin_index"]["seq"]
                 entry = ledger.parse_entry(_io.get(store, ledger.entry_key(seq)) or b"", seq)
             except (ValueError, KeyError, TypeError):
                 entry = None
@@ -450,32 +441,6 @@ class ResultStore:
         from depin_jupyter.store.verify import verify_store
 
         return verify_store(self)
-
-
-def summarize(run_id: str, raw: bytes | None, entry: ledger.LedgerEntry | None) -> RunSummary:
-    """A RunSummary from a run group's zarr.json bytes and its ledger entry (if any)."""
-    if raw is None:
-        return RunSummary(run_id, None, "incomplete", False, "", (), None, "no run metadata (writer killed)")
-    try:
-        attrs = _attrs(raw)
-        begin = attrs.get(RUN_ATTR, {})
-        manifest = attrs.get(MANIFEST_ATTR)
-    except ValueError:
-        return RunSummary(run_id, None, "unreadable", False, "", (), None, "zarr.json is not valid JSON")
-    name, created, key = begin.get("name"), begin.get("created", ""), begin.get("cache_key")
-    if manifest is None:
-        status = "aborted" if begin.get("status") == "aborted" else "incomplete"
-        detail = begin.get("reason", "") if status == "aborted" else "no manifest (running, or its writer died)"
-        return RunSummary(run_id, name, status, False, created, (), key, detail)
-    outputs = tuple(manifest.get("outputs", {}))
-    if entry is None:
-        return RunSummary(run_id, name, "unsealed", False, created, outputs, key,
-                          "manifest written but no ledger entry (stopped while sealing)")
-    if entry.manifest_sha256 != sha256_hex(raw):
-        return RunSummary(run_id, name, "modified", False, created, outputs, key,
-                          f"manifest does not match ledger entry {entry.seq}")
-    return RunSummary(run_id, name, str(manifest.get("status")), True, created, outputs, key,
-                      f"ledger entry {entry.seq}")
 
 
 def open_store(url: str | None = None, *, storage_options: dict[str, Any] | None = None,

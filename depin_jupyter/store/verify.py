@@ -105,7 +105,7 @@ def _check_outputs(run_id: str, manifest: RunManifest, hashes: dict[str, str | N
 
 def verify_store(rs: ResultStore) -> VerifyReport:
     """Check the ledger chain, every sealed manifest and every chunk of every complete run."""
-    from depin_jupyter.store._store import RUN_ATTR, summarize
+    from depin_jupyter.store._layout import RUN_ATTR, summarize
 
     store = rs.zarr_store
     entries, chain = ledger.read_chain(store)

@@ -16,10 +16,8 @@ from depin_jupyter.server.manager import (
     Conflict,
     DepinManager,
     NotFound,
-    _duration,
-    energy_fields,
-    worker_record,
 )
+from depin_jupyter.server.records import duration, energy_fields, worker_record
 
 
 async def test_status_not_connected(jp_environ: Any, jp_root_dir: pathlib.Path) -> None:
@@ -88,9 +86,9 @@ async def test_an_in_process_cluster_is_explained(jp_root_dir: pathlib.Path) -> 
 
 
 def test_duration_is_the_wall_time_the_notebook_saw() -> None:
-    assert _duration({"total_s": 2.0, "remote_s": 9}) == 2.0
-    assert _duration({"ship_s": 0.25, "remote_s": 1.0, "run_s": 0.5}) == 1.25  # what the runner records
-    assert _duration({"run_s": 0.5}) == 0.5 and _duration({}) is None
+    assert duration({"total_s": 2.0, "remote_s": 9}) == 2.0
+    assert duration({"ship_s": 0.25, "remote_s": 1.0, "run_s": 0.5}) == 1.25  # what the runner records
+    assert duration({"run_s": 0.5}) == 0.5 and duration({}) is None
 
 
 def test_energy_fields_stay_plain_json() -> None:

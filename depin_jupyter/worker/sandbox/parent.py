@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -444,10 +445,14 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
     return proc.returncode
 
 
-def _reap(proc: subprocess.Popen, block: bool = True) -> Any:
+# The resource usage wait4 reported for each reaped child (the Popen itself has no place for it).
+_usage: weakref.WeakKeyDictionary[subprocess.Popen[bytes], Any] = weakref.WeakKeyDictionary()
+
+
+def _reap(proc: subprocess.Popen[bytes], block: bool = True) -> Any:
     """Wait for the child (os.wait4, for its resource usage); sets ``proc.returncode``."""
     if proc.returncode is not None:
-        return getattr(proc, "_depin_usage", None)
+        return _usage.get(proc)
     try:
         pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
     except ChildProcessError:  # reaped elsewhere already
@@ -456,7 +461,7 @@ def _reap(proc: subprocess.Popen, block: bool = True) -> Any:
     if pid == 0:
         return None
     proc.returncode = os.waitstatus_to_exitcode(status)
-    proc._depin_usage = usage  # type: ignore[attr-defined]
+    _usage[proc] = usage
     return usage
 
 

@@ -1,0 +1,172 @@
+"""Every Dask (and zarr/fsspec) internal depin relies on, named in one place and checked against what is installed.
+
+The code that uses them lives in `network/_scheduler.py` (the coordinator's scheduler), `worker/_dask.py`
+(the volunteer's worker) and `store/_io.py` (zarr's wrapped store, fsspec's exclusive create). A Dask upgrade
+that renames or drops one of these fails here, with the name, instead of breaking a volunteer network at
+run time. When this fails: adapt the module named in the failing case, then the line here.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+
+def _attr_path(root: object, dotted: str) -> object:
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+SCHEDULER_METHODS = {  # DepinScheduler overrides or calls these (network/_scheduler.py)
+    "handle_comm": ("comm",),
+    "add_client": ("comm", "client", "versions"),
+    "remove_client": ("client", "stimulus_id"),
+    "update_graph": ("client", "keys"),
+    "client_releases_keys": ("keys", "client", "stimulus_id"),
+    "remove_worker": ("address", "stimulus_id", "close"),
+    "add_plugin": ("plugin",),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULER_METHODS))
+def test_scheduler_methods_depin_overrides_keep_their_parameters(name):
+    from distributed import Scheduler
+
+    params = inspect.signature(getattr(Scheduler, name)).parameters
+    missing = [p for p in SCHEDULER_METHODS[name] if p not in params]
+    assert not missing, f"Scheduler.{name} lost parameter(s) {missing}: adapt network/_scheduler.py"
+
+
+WORKER_ATTRIBUTES = [  # VolunteerWorker (worker/_dask.py)
+    "Worker.status", "Worker.handle_comm", "Worker.handle_stimulus", "Worker.batched_send", "Worker.close",
+    "Worker.get_current_task", "Worker.log_event",
+]
+
+
+@pytest.mark.parametrize("dotted", WORKER_ATTRIBUTES)
+def test_worker_attributes_exist(dotted):
+    import distributed as d
+
+    _attr_path(d, dotted)
+
+
+def test_worker_status_is_a_property_with_a_setter():
+    """VolunteerWorker keeps itself paused by overriding the property (fget/fset of Dask's own)."""
+    from distributed import Worker
+
+    prop = inspect.getattr_static(Worker, "status")
+    assert isinstance(prop, property) and prop.fget is not None and prop.fset is not None
+
+
+def test_pause_event_and_worker_state_fields():
+    from distributed.worker_state_machine import PauseEvent, TaskState, WorkerState
+
+    assert "stimulus_id" in inspect.signature(PauseEvent).parameters
+    for field in ("total_resources", "available_resources", "running", "executing_count", "tasks"):
+        assert field in WorkerState.__dict__ or field in getattr(WorkerState, "__annotations__", {}) or \
+            hasattr(WorkerState, field), f"WorkerState.{field}"
+    for field in ("state", "run_spec", "key"):
+        assert field in getattr(TaskState, "__annotations__", {}) or hasattr(TaskState, field), f"TaskState.{field}"
+
+
+def test_scheduler_side_task_and_worker_state_fields():
+    from distributed.scheduler import TaskState, WorkerState
+
+    for cls, fields in ((TaskState, ("state", "processing_on")), (WorkerState, ("resources", "extra", "address"))):
+        slots = set(getattr(cls, "__slots__", ())) | set(getattr(cls, "__annotations__", {}))
+        missing = [f for f in fields if f not in slots and not hasattr(cls, f)]
+        assert not missing, f"{cls.__module__}.{cls.__name__} lost {missing}"
+
+
+def test_a_real_scheduler_has_the_ops_and_state_depin_uses():
+    """Ops the role gate lets worker identities send, the refusal ops, and the scheduler state read."""
+    import asyncio
+
+    asyncio.run(_check_a_real_scheduler())
+
+
+async def _check_a_real_scheduler() -> None:
+    from distributed import Scheduler
+
+    from depin_jupyter.network.gate import WORKER_RPC_OPS, WORKER_STREAM_OPS
+
+    async with Scheduler(dashboard_address=":0", host="127.0.0.1") as s:
+        rpc_ops = set(s.handlers)
+        stream_ops = set(s.stream_handlers)
+        # "close" and "close-stream" are answered by distributed.core's comm loop itself
+        import distributed.core
+
+        comm_level = {op for op in ("close", "close-stream") if f'"{op}"' in inspect.getsource(distributed.core)}
+        assert comm_level == {"close", "close-stream"}
+        dask_rpc = WORKER_RPC_OPS - comm_level - {op for op in WORKER_RPC_OPS if op.startswith("depin_")}
+        assert dask_rpc - rpc_ops == set(), f"worker RPC ops Dask no longer has: {dask_rpc - rpc_ops}"
+        known_stream = stream_ops | rpc_ops | {"close-stream", "keep-alive"}
+        assert WORKER_STREAM_OPS - known_stream == set(), \
+            f"worker stream ops Dask no longer has: {WORKER_STREAM_OPS - known_stream}"
+        assert "reschedule" in stream_ops  # VolunteerWorker hands queued tasks back with it
+        for attr in ("periodic_callbacks", "workers", "tasks", "client_comms"):
+            assert hasattr(s, attr), f"Scheduler.{attr}"
+        assert hasattr(s._ongoing_background_tasks, "call_soon")  # DepinScheduler.in_background
+
+
+def test_protocol_internals_the_unpickle_guard_and_stripper_rely_on():
+    """The guard replaces `distributed.protocol.pickle.loads`; decoding must look it up at call time."""
+    import importlib
+
+    from distributed.protocol import pickle as dpickle
+
+    core = importlib.import_module("distributed.protocol.core")
+    serialize = importlib.import_module("distributed.protocol.serialize")
+    from distributed.protocol.serialize import Pickled, Serialized, ToPickle  # noqa: F401 - stripped from messages
+
+    assert callable(dpickle.loads)
+    assert "pickle.loads(" in inspect.getsource(core) and "pickle.loads(" in inspect.getsource(serialize)
+    assert core.pickle is dpickle and serialize.pickle is dpickle
+
+
+def test_client_reads_the_refusal_the_gate_sends():
+    """A refused client registration answers [{"op": "stream-start", "error": ...}]; the client raises it."""
+    from distributed import client
+
+    src = inspect.getsource(client.Client._ensure_connected)
+    assert '"stream-start"' in src and 'msg[0].get("error")' in src
+
+
+def test_tls_comms_carry_the_peer_certificate():
+    from distributed.comm import tcp
+
+    assert "peercert=" in inspect.getsource(tcp), "TLS comms no longer expose extra_info['peercert']"
+
+
+def test_core_helpers():
+    from distributed.core import Status
+    from distributed.utils import NoOpAwaitable  # noqa: F401 - handle_comm's answer to a refused comm
+
+    assert Status.dont_reply.value == "dont_reply"
+
+
+def test_kernel_reads_killed_worker_and_lost_dependency_reasons():
+    """submit.py reads `KilledWorker.last_worker` and matches the "lost dependencies" cancel reason."""
+    from distributed.scheduler import KilledWorker
+
+    assert isinstance(inspect.getattr_static(KilledWorker, "last_worker"), property)
+    import distributed.scheduler as sched
+
+    assert '"lost dependencies"' in inspect.getsource(sched)
+
+
+def test_zarr_and_fsspec_internals_the_store_uses():
+    """store/_io.py unwraps zarr's WrapperStore (``._store``) and uses fsspec's exclusive create."""
+    from zarr.storage import WrapperStore
+
+    assert "_store" in inspect.getsource(WrapperStore.__init__)
+    fsspec = pytest.importorskip("fsspec")
+    from fsspec.asyn import AsyncFileSystem
+
+    assert hasattr(AsyncFileSystem, "_pipe_file")
+    assert fsspec is not None
