@@ -19,8 +19,7 @@ FACTOR_RANGE = (0.1, 10.0)
 CREDIT_FORMULA = (
     "credit = CPU seconds the cell's thread used (time.thread_time) x speed factor, where speed factor = "
     "reference benchmark time / this volunteer's benchmark time, clipped to 0.1-10; sleeping or waiting "
-    "earns nothing. CPU time is reported by the volunteers' workers and capped by the coordinator at the time "
-    "it saw the task run; replication checks results, not credit.")
+    "earns nothing. Self-reported by the volunteers' workers; replication checks results, not credit.")
 
 
 def speed_factor(bench: Any) -> float:
