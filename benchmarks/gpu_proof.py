@@ -301,6 +301,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or os.environ.get("OUT") or "gpu-proof-out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="depin-gpu-proof-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # mkdtemp makes it 0700: the volunteer sandbox's user must reach the venv inside
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     venv = Path(args.venv).resolve() if args.venv else work / "venv"
@@ -413,6 +415,17 @@ class Checks:
     def figure(self, key: str, value: Any) -> None:
         self.figures[key] = value
         self._write()
+
+
+def _readable_by_others(path: Path) -> bool:
+    """Whether another user can read ``path``: it is o+r and every folder above it o+x."""
+    path = path.resolve()
+    try:
+        if not path.stat().st_mode & 0o004:
+            return False
+        return all(p.stat().st_mode & 0o001 for p in path.parents)
+    except OSError:
+        return False
 
 
 def _free_port() -> int:
@@ -608,6 +621,15 @@ def step_volunteer(c: Checks, work: Path) -> None:
     env = dict(os.environ, DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS="127.0.0.1:0",
                DASK_DEPIN__VOLUNTEER__LEAVE_TIMEOUT="10s", DASK_DEPIN__STORE__URL=str(store))
     os.environ.update({"DASK_DEPIN__STORE__URL": str(store)})
+    # A root worker runs cells as `nobody`; without bubblewrap that user must be able to read the checkout
+    # and the venv. Where it cannot (a checkout under /root, say), the cell would fail for the file layout,
+    # not for the GPU: run it as root then, still in its own sandboxed child, and say so in the summary.
+    switch = not (os.geteuid() == 0 and not shutil.which("bwrap")
+                  and not (_readable_by_others(REPO) and _readable_by_others(Path(sys.prefix))))
+    if not switch:
+        env["DASK_DEPIN__SANDBOX__USER"] = "None"
+    c.figure("sandbox_user", "depin.sandbox.user (nobody)" if switch else
+             "root: no bwrap and the checkout or venv is unreadable by other users")
     exe = shutil.which("depin") or str(Path(sys.executable).parent / "depin")
     port = _free_port()
     s_out, s_err, w_log = root / "scheduler.out", root / "scheduler.log", root / "worker.log"
@@ -692,7 +714,7 @@ def step_volunteer(c: Checks, work: Path) -> None:
         c.figure("cell", {"sandboxed": ns.get("sandboxed"), "uid": ns.get("uid"), "field_type_on_worker":
                           ns.get("field_type"), "field_type_in_client": type(ns.get("field")).__module__})
         c.check("it ran in the sandbox (a child process with DEPIN_SANDBOX_RUN)", ns.get("sandboxed") is True)
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and switch:
             c.check("a root worker ran it as another user", ns.get("uid") not in (None, 0), ns.get("uid"))
         if gpu:
             c.check("the sandboxed cell computed cupy on the GPU", str(ns.get("field_type")).startswith(m))
@@ -776,7 +798,9 @@ def step_gpu_env(c: Checks, work: Path) -> None:
             versions[d] = None
     c.figure("versions", versions)
     c.figure("python", sys.version.split()[0])
-    c.figure("repo_readable_by_others", bool(os.stat(REPO).st_mode & 0o005))
+    c.figure("sandbox", {"bwrap": shutil.which("bwrap"), "uid": os.geteuid(),
+                         "repo_readable_by_others": _readable_by_others(REPO),
+                         "venv_readable_by_others": _readable_by_others(Path(sys.prefix))})
     rc, text = _stream(["depin", "--version"], 30)
     c.check("the depin command answers", rc == 0, text)
     smi = shutil.which("nvidia-smi")

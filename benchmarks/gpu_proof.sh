@@ -27,10 +27,12 @@
 #
 # THE GPU MACHINE HAS NO NETWORK. Its image has python3 3.12 with cupy-cuda13x, numba-cuda, nvidia-ml-py
 # and CUDA 13 libraries, but not dask, distributed, dask-cuda, zarr, IPython, ipykernel or nbclient. The
-# full [test,gpu] wheelhouse is about 2 GB (cupy-cuda12x[ctk] with the CUDA 12 libraries; 523 MB without
-# them): far over the 64 MiB the device tool carries, so that install needs a GPU machine with its own
-# package access. What fits (about 35 MiB) is the `image` install: a venv over the image's python3 (its
-# cupy-cuda13x and CUDA stack), with only the missing wheels carried:
+# full [test,gpu] wheelhouse for Python 3.12 is 207 wheels, 2017 MiB (cupy-cuda12x[ctk] with the CUDA 12
+# libraries; 523 MB without them): far over the 64 MiB the device tool carries, so that install needs a GPU
+# machine with its own package access (prepare-wheelhouse --for full says so and exits 3). What fits (80
+# wheels, 46 MiB) is the `image` install: a venv over the image's python3 (its cupy-cuda13x and CUDA
+# stack) with only the missing wheels carried; it proves the GPU path with cupy-cuda13x, not the extra's
+# cupy-cuda12x:
 #   here:   bash benchmarks/gpu_proof.sh prepare-wheelhouse --for image   # -> .gpu-proof-wheels/ (git-ignored)
 #   device: run(command="bash benchmarks/gpu_proof.sh --install image --wheelhouse .gpu-proof-wheels",
 #               carry=[".gpu-proof-wheels"], timeout_s=600)
@@ -115,6 +117,6 @@ install() {
 case "${1:-}" in
     _install) shift; install "$@";;
     prepare-wheelhouse) shift; exec "$PY" "$HERE/gpu_proof.py" prepare-wheelhouse "$@";;
-    -h|--help) sed -n '2,40p' "$0";;
+    -h|--help) awk 'NR > 1 && /^set -uo/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0";;
     *) exec "$PY" "$HERE/gpu_proof.py" run "$@";;
 esac

@@ -109,6 +109,15 @@ def test_the_gpu_run_fits_one_device_command():
     assert {s.name for s in gp.STEPS} == {"install", *gp.DRIVERS}
 
 
+def test_other_users_can_read_only_what_is_open_to_them(tmp_path):
+    shut = tmp_path / "shut"
+    (shut / "inner").mkdir(parents=True)
+    (shut / "inner").chmod(0o755)
+    shut.chmod(0o700)
+    assert not gp._readable_by_others(shut / "inner")  # a folder above it is closed
+    assert gp._readable_by_others(Path("/usr/bin/env"))
+
+
 def test_the_script_header_states_the_limits_it_runs_with():
     head = SCRIPT.read_text()
     for step in gp.STEPS:
@@ -133,17 +142,18 @@ def _has_gpu() -> bool:
     return detect()[0] > 0
 
 
-def _proof(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
+def _proof(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str]:
     out = tmp_path / "out"
     p = subprocess.run(["bash", str(SCRIPT), "--install", "none", "--venv", sys.prefix, "--out", str(out),
                         "--work", str(tmp_path / "work"), *args], check=False, capture_output=True, text=True,
-                       timeout=240, env={**os.environ, "DEPIN_GPU_PROOF_PYTHON": sys.executable})
+                       timeout=240, env={**os.environ, "DEPIN_GPU_PROOF_PYTHON": sys.executable, **(env or {})})
     return p.returncode, json.loads((out / "summary.json").read_text()), p.stdout + p.stderr
 
 
 @pytest.mark.skipif(_has_gpu(), reason="the dry run is for a machine without a GPU")
 def test_a_dry_run_of_the_cheap_steps_through_the_script(tmp_path):
-    rc, doc, text = _proof(tmp_path, "--dry-run", "--steps", "install,gpu-env,pytest-gpu,benchmark")
+    rc, doc, text = _proof(tmp_path, "--steps", "install,gpu-env,pytest-gpu,benchmark",
+                           env={"DEPIN_GPU_PROOF_DRY": "1"})  # the same as --dry-run
     assert rc == 0, text
     assert doc["ok"] and doc["mode"].startswith("dry-run")
     status = {s["name"]: s["status"] for s in doc["steps"]}
