@@ -56,13 +56,22 @@ def ip():
     yield shell
 
 
+def _embedded_workers(session) -> int:
+    """How many workers the embedded default started: 2 CPU workers here, one per GPU with LocalCUDACluster.
+
+    Waiting for 2 on a one-GPU machine (LocalCUDACluster starts one worker there) made every `gpu` test
+    time out in its fixture (issue #23).
+    """
+    return len(session.cluster.worker_spec) if session.cluster is not None else 2
+
+
 @pytest.fixture(scope="session")
 def depin_session(ip):
-    """The embedded default cluster (2 CPU worker processes here), shared by the suite."""
+    """The embedded default cluster (2 CPU worker processes here, one per GPU on a GPU machine), shared."""
     from depin_jupyter.kernel import cluster
 
     session = cluster.connect("local")
-    session.client.wait_for_workers(2, timeout=60)
+    session.client.wait_for_workers(_embedded_workers(session), timeout=60)
     yield session
     cluster.close_session()
 
@@ -74,7 +83,7 @@ def shell(ip, depin_session):
 
     if cluster.current_session() is not depin_session:  # a test connected elsewhere: come back
         cluster._session = depin_session
-    depin_session.client.wait_for_workers(2, timeout=60)
+    depin_session.client.wait_for_workers(_embedded_workers(depin_session), timeout=60)
     before = set(ip.user_ns)
     yield ip
     for name in set(ip.user_ns) - before:
