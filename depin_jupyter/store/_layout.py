@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from typing import Any
 
 from depin_jupyter.store import ledger
-from depin_jupyter.store._digest import sha256_hex
+from depin_jupyter.store._digest import group_document, sha256_hex
 from depin_jupyter.store.manifest import MANIFEST_ATTR, RunSummary
 
-__all__ = ["RUN_ATTR", "STORE_ATTR", "group_attrs", "summarize"]
+__all__ = ["GROUPS", "RUN_ATTR", "RUN_ID", "STORE_ATTR", "cache_marker_document", "cache_prefix", "group_attrs",
+           "index_document", "summarize"]
 
 
 STORE_ATTR = "depin_store"
 
 
 RUN_ATTR = "depin_run"
+
+
+RUN_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-z]{4,32}$")
+
+
+GROUPS = ("runs", "ledger", "depin", "depin/index", "depin/cache", "depin/pending")
+"""The store's fixed groups (each an attribute-less Zarr group), created with the store."""
+
+
+def cache_prefix(cache_key: str) -> str:
+    """Where the cache markers of ``cache_key`` live."""
+    return f"depin/cache/{hashlib.sha256(cache_key.encode()).hexdigest()}"
+
+
+def index_document(entry: ledger.LedgerEntry) -> bytes:
+    """The exact bytes of ``depin/index/<run>/zarr.json`` for the run ``entry`` seals (derived from the ledger)."""
+    return group_document({"depin_index": {"seq": entry.seq, "manifest_sha256": entry.manifest_sha256}})
+
+
+def cache_marker_document(entry: ledger.LedgerEntry) -> bytes:
+    """The exact bytes of the cache marker ``depin/cache/<key hash>/<run>/zarr.json`` (derived from the ledger)."""
+    return group_document({"depin_cache": {"seq": entry.seq, "run_id": entry.run_id}})
 
 
 def group_attrs(raw: bytes) -> dict[str, Any]:

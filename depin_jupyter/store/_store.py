@@ -42,7 +42,17 @@ from depin_jupyter.store._errors import (
     StoreIntegrityError,
     UnsupportedOutputError,
 )
-from depin_jupyter.store._layout import RUN_ATTR, STORE_ATTR, group_attrs, summarize
+from depin_jupyter.store._layout import (
+    GROUPS,
+    RUN_ATTR,
+    RUN_ID,
+    STORE_ATTR,
+    cache_marker_document,
+    cache_prefix,
+    group_attrs,
+    index_document,
+    summarize,
+)
 from depin_jupyter.store.manifest import (
     MANIFEST_ATTR,
     OutputRecord,
@@ -54,19 +64,13 @@ from depin_jupyter.store.manifest import (
 
 DEFAULT_URL = "depin-results.zarr"
 STORE_FORMAT = 1
-RUN_ID = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-z]{4,32}$")
 _NAME = re.compile(r"^[^/\x00]+$")
-_GROUPS = ("runs", "ledger", "depin", "depin/index", "depin/cache", "depin/pending")
 
 
 def new_run_id() -> str:
     """A time-sortable unique id: ``YYYYmmddTHHMMSS.ffffffZ-<8 hex>`` (UTC)."""
     t = _dt.datetime.now(_dt.UTC)
     return f"{t:%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(4)}"
-
-
-def _cache_prefix(cache_key: str) -> str:
-    return f"depin/cache/{hashlib.sha256(cache_key.encode()).hexdigest()}"
 
 
 def _ensure_group(store: Store, path: str, attributes: Mapping[str, Any] | None = None) -> None:
@@ -246,13 +250,11 @@ class RunWriter:
         raw = group_document({RUN_ATTR: {**kept, "status": status}, MANIFEST_ATTR: manifest.to_json()})
         _io.put(store, f"runs/{self.run_id}/zarr.json", raw)  # the manifest: written last
         entry = ledger.append(store, self.run_id, sha256_hex(raw), manifest.cache_key)
-        _io.put(store, f"depin/index/{self.run_id}/zarr.json",
-                group_document({"depin_index": {"seq": entry.seq, "manifest_sha256": entry.manifest_sha256}}))
+        _io.put(store, f"depin/index/{self.run_id}/zarr.json", index_document(entry))
         if manifest.cache_key is not None and status == "ok":
-            prefix = _cache_prefix(manifest.cache_key)
+            prefix = cache_prefix(manifest.cache_key)
             _ensure_group(store, prefix)
-            _io.put(store, f"{prefix}/{self.run_id}/zarr.json",
-                    group_document({"depin_cache": {"seq": entry.seq, "run_id": self.run_id}}))
+            _io.put(store, f"{prefix}/{self.run_id}/zarr.json", cache_marker_document(entry))
         _io.delete_prefix(store, f"depin/pending/{self.run_id}")
         return manifest
 
@@ -306,7 +308,7 @@ class ResultStore:
             raise StoreAccessError(f"no depin store at {self.url}; pass an existing store.")
         try:
             _ensure_group(self.zarr_store, "", {STORE_ATTR: {"format": STORE_FORMAT, "created": ledger.now()}})
-            for g in _GROUPS:
+            for g in GROUPS:
                 _ensure_group(self.zarr_store, g)
         except Exception as exc:
             raise StoreAccessError(
@@ -413,7 +415,7 @@ class ResultStore:
         """The newest complete ``ok`` run stored under ``cache_key`` whose manifest and array metadata
         match the ledger, or None; reads no chunks, so its cost does not grow with output size."""
         store = self.zarr_store
-        candidates = [n for n in _io.list_dir(store, _cache_prefix(cache_key)) if RUN_ID.match(n)]
+        candidates = [n for n in _io.list_dir(store, cache_prefix(cache_key)) if RUN_ID.match(n)]
         for run_id in sorted(candidates, reverse=True):
             try:
                 manifest, _ = self._sealed(run_id)

@@ -3,7 +3,9 @@
 Entry ``n`` is the Zarr group ``ledger/<n, 12 digits>`` whose ``zarr.json`` attribute
 ``depin_ledger_entry`` holds {seq, run_id, manifest_sha256, prev_entry_sha256, cache_key, time,
 entry_sha256}; ``prev_entry_sha256`` is the SHA-256 of entry ``n-1``'s raw ``zarr.json`` bytes
-(64 zeros for the first) and ``entry_sha256`` the SHA-256 of the canonical JSON of the other fields.
+(for the first entry: of the store's root ``zarr.json``, so the root document is pinned too; stores
+written before that hold 64 zeros there) and ``entry_sha256`` the SHA-256 of the canonical JSON of the
+other fields.
 Concurrent writers claim a sequence number by an exclusive create of its key and move on when
 another writer got there first. Like any hash chain without an outside anchor, it cannot show that
 its newest entries were cut off: publish the head digest (`head_digest`) to pin it.
@@ -95,6 +97,12 @@ def _head(store: Store) -> tuple[int, bytes | None]:
     return 0, None
 
 
+def root_link(store: Store) -> str:
+    """What entry 1 links to: the SHA-256 of the store's root ``zarr.json`` (GENESIS if there is none)."""
+    raw = _io.get(store, "zarr.json")
+    return GENESIS if raw is None else sha256_hex(raw)
+
+
 def append(store: Store, run_id: str, manifest_sha256: str, cache_key: str | None,
            *, max_attempts: int = 1000) -> LedgerEntry:
     """Chain a sealed run; safe against other writers appending at the same time."""
@@ -104,7 +112,7 @@ def append(store: Store, run_id: str, manifest_sha256: str, cache_key: str | Non
             "seq": seq + 1,
             "run_id": run_id,
             "manifest_sha256": manifest_sha256,
-            "prev_entry_sha256": GENESIS if prev_raw is None else sha256_hex(prev_raw),
+            "prev_entry_sha256": root_link(store) if prev_raw is None else sha256_hex(prev_raw),
             "cache_key": cache_key,
             "time": now(),
         }
@@ -143,7 +151,7 @@ def read_chain(store: Store) -> tuple[list[LedgerEntry], list[tuple[int, str]]]:
     last = max(present, default=0)
     entries: list[LedgerEntry] = []
     problems: list[tuple[int, str]] = []
-    prev_sha: str | None = GENESIS
+    prev_sha: str | None = None  # entry 1 links to the root document: `audit.check_root` checks that link
     seen: dict[str, int] = {}
     for seq in range(1, last + 1):
         raw = present.get(seq)

@@ -1,5 +1,7 @@
 """`depin verify`: re-hash every chunk, manifest and ledger entry and name each place that differs.
 
+The files the digests do not cover (groups, indexes, unsealed runs, links) are accounted for in `audit.py`.
+
 Incomplete runs (no manifest, aborted, or unsealed by a writer killed mid-finish) are listed, not
 counted as errors: they were never served. A sealed run whose bytes changed is an error.
 """
@@ -10,41 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from depin_jupyter.store import _io, ledger
+from depin_jupyter.store import _io, audit, ledger
 from depin_jupyter.store._digest import output_digest, sha256_hex
+from depin_jupyter.store.findings import Problem
 from depin_jupyter.store.manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary
+
+__all__ = ["Problem", "VerifyReport", "verify_store"]
 
 if TYPE_CHECKING:
     from depin_jupyter.store._store import ResultStore
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One mismatch, located as precisely as the store allows."""
-
-    message: str
-    run_id: str | None = None
-    output: str | None = None
-    array: str | None = None
-    chunk: str | None = None
-    ledger_seq: int | None = None
-
-    @property
-    def where(self) -> str:
-        """``run R / output O / array A / chunk C`` or ``ledger entry N``."""
-        if self.ledger_seq is not None:
-            return f"ledger entry {self.ledger_seq}"
-        parts = [f"run {self.run_id}"]
-        if self.output:
-            parts.append(f"output {self.output}")
-        if self.array and self.array != self.output:
-            parts.append(f"array {self.array}")
-        if self.chunk:
-            parts.append(f"chunk {self.chunk}")
-        return " / ".join(parts)
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +34,8 @@ class VerifyReport:
     chunks_checked: int
     ledger_entries: int
     head_digest: str
+    notes: tuple[str, ...] = ()
+    files_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -67,9 +45,11 @@ class VerifyReport:
     def format(self) -> str:
         """The human report printed by `depin verify`."""
         lines = [(f"store {self.url}: {self.runs_checked} complete runs, {self.chunks_checked} chunks, "
-                  f"{self.ledger_entries} ledger entries checked; ledger head {self.head_digest}")]
+                  f"{self.ledger_entries} ledger entries, {self.files_checked} files checked; "
+                  f"ledger head {self.head_digest}")]
         lines += [f"MISMATCH {p}" for p in self.problems]
         lines += [f"incomplete {s.run_id} ({s.status}): {s.detail}" for s in self.incomplete]
+        lines += [f"note {n}" for n in self.notes]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
         return "\n".join(lines)
 
@@ -154,8 +134,9 @@ def verify_store(rs: ResultStore) -> VerifyReport:
         stored = {n for n in _io.list_dir(store, f"runs/{run_id}") if n != "zarr.json"}
         for extra in sorted(stored - {r.path.rsplit("/", 1)[-1] for r in manifest.outputs.values() if r.path}):
             problems.append(Problem(f"node {extra!r} is not in the manifest (added after sealing)", run_id))
+    found = audit.audit_store(store, rs.url, entries, to_check, ids)
     return VerifyReport(
-        url=rs.url, problems=tuple(problems), incomplete=tuple(incomplete),
+        url=rs.url, problems=tuple(problems + found.problems), incomplete=tuple(incomplete),
         runs_checked=len(to_check), chunks_checked=len(chunk_keys), ledger_entries=len(entries),
-        head_digest=ledger.head_digest(store),
+        head_digest=ledger.head_digest(store), notes=tuple(found.notes), files_checked=found.keys,
     )
