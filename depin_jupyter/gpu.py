@@ -45,7 +45,8 @@ def array_module() -> ModuleType:
 
 
 def describe() -> dict[str, object] | None:
-    """This process's first visible GPU (name, memory in bytes, compute capability, driver), or None.
+    """This process's first visible GPU (name, memory in bytes, compute capability, CUDA driver API and runtime
+    versions, NVIDIA driver version), or None.
 
     Run on a worker through `Client.run`: dask-cuda orders CUDA_VISIBLE_DEVICES so that device 0 is the
     worker's own GPU.
@@ -62,6 +63,23 @@ def describe() -> dict[str, object] | None:
             "memory": int(props["totalGlobalMem"]),
             "arch": float(f"{props['major']}.{props['minor']}"),
             "driver": int(cupy.cuda.runtime.driverGetVersion()),
+            "runtime": int(cupy.cuda.runtime.runtimeGetVersion()),
+            "nvidia_driver": _nvidia_driver(),
         }
     except Exception:  # noqa: BLE001 - no cupy, no driver: no GPU to describe
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version string (e.g. 550.54.15) through NVML, or None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML: the CUDA driver API version above still names the driver
         return None

@@ -25,6 +25,31 @@ def _results_store(tmp_path_factory):
         yield url
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _keys_dir(tmp_path_factory):
+    """Signing keys of the suite live in a temporary depin.keys.dir, never in ~/.config/depin."""
+    import dask
+
+    path = str(tmp_path_factory.mktemp("keys"))
+    os.environ["DASK_DEPIN__KEYS__DIR"] = path
+    with dask.config.set({"depin.keys.dir": path}):
+        yield path
+
+
+@pytest.fixture
+def author(tmp_path, monkeypatch):
+    """An author with a signing key (its own depin.keys.dir) and a license set, in this process and the CLI's."""
+    import dask
+
+    from depin_jupyter.reproduce.signing import create_key
+
+    keys = tmp_path / "author-keys"
+    monkeypatch.setenv("DASK_DEPIN__KEYS__DIR", str(keys))
+    monkeypatch.setenv("DASK_DEPIN__PUBLISH__LICENSE", "CC-BY-4.0")
+    with dask.config.set({"depin.keys.dir": str(keys), "depin.publish.license": "CC-BY-4.0"}):
+        yield create_key(keys, name="Ada Lovelace")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

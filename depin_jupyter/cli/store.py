@@ -92,21 +92,27 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--quiet", "-q", is_flag=True, help="print only mismatches and the verdict")
-def verify(store: str, quiet: bool) -> None:
-    """Re-hash every chunk, manifest and ledger entry of STORE; exit 1 naming any mismatch."""
-    from depin_jupyter.reproduce.publish import open_bundle, verify_files
+@click.option("--key", "keys", multiple=True, metavar="FINGERPRINT",
+              help="a bundle must be signed by this key (the author's, as published with their work); repeatable")
+def verify(store: str, quiet: bool, keys: tuple[str, ...]) -> None:
+    """Re-hash every chunk, manifest and ledger entry of STORE and account for every file; for a `depin publish`
+    BUNDLE also check its signature, its files and that its ledger ends at the signed head. Exit 1 naming any
+    mismatch."""
+    from depin_jupyter.reproduce.publish import check
 
-    bundle = open_bundle(store)
-    if bundle is not None:  # a `depin publish` bundle: its files against the crate, then its store
-        bad = verify_files(bundle)
-        for name in bad:
-            click.echo(f"MISMATCH {name}: differs from the SHA-256 in the bundle's RO-Crate metadata", err=True)
-        if bad:
-            sys.exit(1)
-        store = str(bundle.store)
+    result = check(store, keys=keys)
+    if result is not None:
+        for line in result.format().splitlines():
+            if quiet and line.startswith(("incomplete ", "note ")):
+                continue
+            click.echo(line, err=line.startswith("MISMATCH"))
+        sys.exit(0 if result.ok else 1)
+    if keys:
+        click.echo(f"error: {store} is not a bundle (no ro-crate-metadata.json): only bundles are signed", err=True)
+        sys.exit(2)
     report = _open(store).verify()
     for line in report.format().splitlines():
-        if quiet and line.startswith("incomplete "):
+        if quiet and line.startswith(("incomplete ", "note ")):
             continue
         click.echo(line, err=line.startswith("MISMATCH"))
     sys.exit(0 if report.ok else 1)

@@ -6,15 +6,16 @@ The bundle is a directory ready to upload to a repository such as Zenodo:
 * ``results.zarr``: a byte-for-byte copy of the result store (ledger included), so `depin verify` re-hashes
   it and `depin reproduce` re-executes against it;
 * ``environment.lock.txt``: the exact Python and package versions of the publishing environment;
-* ``ro-crate-metadata.json``: RO-Crate 1.1 metadata in the Process Run Crate style: one ``CreateAction``
-  per `%%depin` cell's run, with the cell as instrument, its stored outputs as results, and the hardware
-  it ran on; every file carries its SHA-256.
+* the files the `%%depin` cells declare (``--deps``) and any given with ``--include``;
+* ``ro-crate-metadata.json``: RO-Crate 1.1 metadata conforming to Process Run Crate 0.5 (`crate.py`): one
+  ``CreateAction`` per `%%depin` cell's run, with its code, inputs, stored outputs and hardware; every file
+  carries its SHA-256; the author's public key and the store's ledger head and run-digest Merkle root;
+* ``depin-signature.json``: the author's Ed25519 signature over all of that (`proof.py`), unless unsigned.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import pathlib
@@ -25,14 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from depin_jupyter.errors import DepinUsageError, StoreIntegrityError
+from depin_jupyter.reproduce import signing
+from depin_jupyter.reproduce.crate import Authorship, CrateRun, build_crate
+from depin_jupyter.reproduce.proof import (
+    SIGNATURE_FILE,
+    BundleCheck,
+    check_bundle,
+    crate_file_mismatches,
+    sha256_file,
+    sign_bundle,
+)
 
-__all__ = ["publish", "Bundle", "open_bundle", "STORE_DIR", "CRATE_FILE", "LOCK_FILE"]
+__all__ = ["publish", "Bundle", "check", "open_bundle", "shipped_files", "verify_files", "STORE_DIR", "CRATE_FILE", "LOCK_FILE",
+           "SIGNATURE_FILE"]
 
 STORE_DIR = "results.zarr"
 CRATE_FILE = "ro-crate-metadata.json"
 LOCK_FILE = "environment.lock.txt"
-PROCESS_CRATE = "https://w3id.org/ro/wfrun/process/0.5"
-RO_CRATE = "https://w3id.org/ro/crate/1.1"
 
 
 @dataclass(frozen=True)
@@ -43,14 +53,6 @@ class Bundle:
     notebook: pathlib.Path
     store: pathlib.Path
     runs: list[str]
-
-
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _copy_store(src: Any, dest: pathlib.Path) -> int:
@@ -85,19 +87,58 @@ def _lock_text() -> str:
     return "\n".join(head + [f"{name}=={version}" for name, version in dists]) + "\n"
 
 
-def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False) -> Bundle:
+def _authorship(key: Any, options: dict[str, str | None]) -> Authorship:
+    """Who publishes, from the flags, else the settings depin.publish.*, else the key's name."""
+    from depin_jupyter import config
+
+    def pick(name: str) -> str | None:
+        value = options.get(name.replace("-", "_"))
+        return value if value is not None else config.get(f"publish.{name}")
+
+    license = pick("license")
+    if not license:
+        raise DepinUsageError("RO-Crate requires a license for the bundle: pass --license (an SPDX id such as "
+                              "CC-BY-4.0, or a license URL) or set depin.publish.license")
+    return Authorship(license=license, author=pick("author") or (key.name if key else None),
+                      author_id=pick("author-id"), affiliation=pick("affiliation"),
+                      affiliation_url=pick("affiliation-url"), publisher=pick("publisher"),
+                      publisher_url=pick("publisher-url"),
+                      key_b64=key.public_b64 if key else None, key_fingerprint=key.fingerprint if key else None)
+
+
+def _copy_files(src_dir: pathlib.Path, dest: pathlib.Path, names: list[str]) -> dict[str, str]:
+    """Copy the notebook's declared files into the bundle; name -> SHA-256."""
+    out = {}
+    for name in names:
+        if name == STORE_DIR or name.startswith(STORE_DIR + "/") or name in (CRATE_FILE, SIGNATURE_FILE, LOCK_FILE):
+            raise DepinUsageError(f"the declared file {name} would overwrite a part of the bundle; rename it")
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src_dir / name, target)
+        out[name] = sha256_file(target)
+    return out
+
+
+def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False, unsigned: bool = False,
+            key_dir: str | None = None, include: tuple[str, ...] = (), **who: str | None) -> Bundle:
     """Write the bundle of ``notebook`` and the result store at ``store_url`` to the directory ``out``.
 
-    The store is verified first: a store that does not verify is not published.
+    The store is verified first: a store that does not verify is not published. The bundle is signed with the
+    author's key (`depin key create`) unless ``unsigned``; ``who`` are license, author, author_id, affiliation,
+    affiliation_url, publisher, publisher_url (defaults: depin.publish.*). ``include``: more files beside the
+    notebook to ship (the files its `%%depin` cells declare with --deps always are).
     """
     import nbformat
 
-    from depin_jupyter.reproduce.rerun import depin_cells, latest_run
+    from depin_jupyter.reproduce.cells import declared_paths, depin_cells
     from depin_jupyter.store import open_store
+    from depin_jupyter.store.anchor import anchor_of
 
     src_nb = pathlib.Path(notebook)
     if not src_nb.is_file():
         raise DepinUsageError(f"no notebook at {notebook}")
+    key = None if unsigned else signing.load_key(key_dir)
+    authorship = _authorship(key, who)
     dest = pathlib.Path(out)
     if dest.exists() and any(dest.iterdir()):
         if not overwrite:
@@ -109,12 +150,11 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False)
         raise StoreIntegrityError(f"the store {store.url} does not verify; nothing was published:\n"
                                   f"{check.format()}")
     nb = nbformat.read(src_nb, as_version=4)
-    summaries = store.runs()
-    runs = []
-    for index, name, code in depin_cells(nb):
-        manifest = latest_run(store, summaries, code)
-        runs.append((index, name, code, manifest))
-    missing = [i for i, _, _, m in runs if m is None]
+    try:
+        declared = sorted(set(declared_paths(nb, src_nb.parent)) | set(include))
+    except ValueError as exc:
+        raise DepinUsageError(str(exc)) from None
+    runs = _runs(store, depin_cells(nb))
 
     dest.mkdir(parents=True, exist_ok=True)
     tmp_store = dest / (STORE_DIR + ".partial")
@@ -122,77 +162,48 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False)
     os.replace(tmp_store, dest / STORE_DIR)  # a bundle never holds a half-copied store under its real name
     shutil.copy2(src_nb, dest / src_nb.name)
     (dest / LOCK_FILE).write_text(_lock_text())
-    crate = _crate(dest, src_nb.name, nb, runs)
+    files = {src_nb.name: sha256_file(dest / src_nb.name), LOCK_FILE: sha256_file(dest / LOCK_FILE),
+             **_copy_files(src_nb.parent, dest, declared)}
+    copied = open_store(str(dest / STORE_DIR), create=False, writable=False)
+    report = copied.verify()
+    if not report.ok:
+        raise StoreIntegrityError(f"the copied store in {dest} does not verify:\n{report.format()}")
+    anchor = anchor_of(copied).to_json()
+    crate = build_crate(src_nb.name, runs, authorship, store_dir=STORE_DIR, lock_file=LOCK_FILE,
+                        signature_file=None if key is None else SIGNATURE_FILE, files=files, anchor=anchor)
     (dest / CRATE_FILE).write_text(json.dumps(crate, indent=1, sort_keys=False))
-    copied = open_store(str(dest / STORE_DIR), create=False, writable=False).verify()
-    if not copied.ok:
-        raise StoreIntegrityError(f"the copied store in {dest} does not verify:\n{copied.format()}")
+    if key is not None:
+        sign_bundle(dest, key, crate_file=CRATE_FILE, store_dir=STORE_DIR, files=files, anchor=anchor)
+    _tell(authorship, key, [r.index for r in runs if r.manifest is None])
+    return Bundle(path=dest, notebook=dest / src_nb.name, store=dest / STORE_DIR,
+                  runs=[r.manifest.run_id for r in runs if r.manifest is not None])
+
+
+def _runs(store: Any, cells: list[tuple[int, str | None, str]]) -> list[CrateRun]:
+    """Each `%%depin` cell with its newest complete run and the time the ledger sealed it."""
+    from depin_jupyter.reproduce.cells import latest_run
+    from depin_jupyter.store import ledger
+
+    sealed = {e.run_id: e.time for e in ledger.read_chain(store.zarr_store)[0]}
+    summaries = store.runs()
+    out = []
+    for index, name, code in cells:
+        manifest = latest_run(store, summaries, code)
+        out.append(CrateRun(index, name, code, manifest, sealed.get(manifest.run_id) if manifest else None))
+    return out
+
+
+def _tell(who: Authorship, key: Any, missing: list[int]) -> None:
     if missing:
         print(f"depin publish: cell(s) {', '.join(map(str, missing))} have no complete run in the store; "
               f"run them before publishing so reviewers can compare them.", file=sys.stderr)
-    return Bundle(path=dest, notebook=dest / src_nb.name, store=dest / STORE_DIR,
-                  runs=[m.run_id for *_, m in runs if m is not None])
-
-
-def _crate(dest: pathlib.Path, nb_name: str, nb: Any, runs: list[tuple[int, str | None, str, Any]]) -> dict[str, Any]:
-    from depin_jupyter.version import __version__
-
-    graph: list[dict[str, Any]] = [
-        {"@id": CRATE_FILE, "@type": "CreativeWork", "about": {"@id": "./"},
-         "conformsTo": [{"@id": RO_CRATE}, {"@id": PROCESS_CRATE}]},
-        {"@id": "./", "@type": "Dataset", "name": f"{nb_name} with its depin results",
-         "datePublished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-         "conformsTo": [{"@id": PROCESS_CRATE}],
-         "hasPart": [{"@id": nb_name}, {"@id": f"{STORE_DIR}/"}, {"@id": LOCK_FILE}],
-         "mentions": []},
-        {"@id": nb_name, "@type": ["File", "SoftwareSourceCode"], "name": nb_name,
-         "encodingFormat": "application/x-ipynb+json", "programmingLanguage": {"@id": "#python"},
-         "sha256": _sha256(dest / nb_name)},
-        {"@id": LOCK_FILE, "@type": "File", "name": "exact package versions", "encodingFormat": "text/plain",
-         "sha256": _sha256(dest / LOCK_FILE)},
-        {"@id": f"{STORE_DIR}/", "@type": "Dataset", "name": "depin result store (Zarr 3, with ledger)",
-         "encodingFormat": "application/vnd+zarr", "hasPart": []},
-        {"@id": "#python", "@type": "ComputerLanguage", "name": "Python",
-         "version": platform.python_version()},
-        {"@id": "#depin-jupyter", "@type": "SoftwareApplication", "name": "depin-jupyter",
-         "version": __version__},
-    ]
-    root, store_ds = graph[1], graph[4]
-    for index, name, code, manifest in runs:
-        cell_id = f"{nb_name}#cell-{index}"
-        graph.append({"@id": cell_id, "@type": "SoftwareSourceCode", "name": name or f"cell {index}",
-                      "text": code, "isPartOf": {"@id": nb_name}})
-        if manifest is None:
-            continue
-        results = []
-        for out_name, rec in manifest.outputs.items():
-            out_id = f"{STORE_DIR}/{rec.path}/" if rec.path else f"#run-{manifest.run_id}-{out_name}"
-            entity: dict[str, Any] = {"@id": out_id, "@type": "Dataset" if rec.path else "PropertyValue",
-                                      "name": out_name}
-            if rec.digest:
-                entity["sha256"] = rec.digest
-            if rec.shape is not None:
-                entity["description"] = f"{rec.dtype} array of shape {tuple(rec.shape)}"
-            if not rec.path:
-                entity["value"] = json.dumps(rec.value, default=str)[:1000]
-            graph.append(entity)
-            results.append({"@id": out_id})
-            if rec.path:
-                store_ds["hasPart"].append({"@id": out_id})
-        worker = dict(manifest.worker or {})
-        gpu = worker.get("gpu") if isinstance(worker.get("gpu"), dict) else None
-        hardware = (f"GPU {gpu.get('name')}" if gpu and gpu.get("name") else
-                    f"CPU {worker.get('cpu') or worker.get('machine') or 'unknown'}")
-        action_id = f"#run-{manifest.run_id}"
-        graph.append({"@id": action_id, "@type": "CreateAction", "name": f"depin run {manifest.run_id}",
-                      "identifier": manifest.run_id, "instrument": {"@id": cell_id},
-                      "agent": {"@id": "#depin-jupyter"}, "endTime": manifest.created,
-                      "actionStatus": "http://schema.org/CompletedActionStatus" if manifest.status == "ok"
-                      else "http://schema.org/FailedActionStatus",
-                      "object": [{"@id": f"#input-{manifest.run_id}-{k}", "name": k} for k in manifest.inputs],
-                      "result": results, "description": f"ran on {hardware} (worker {worker.get('name') or worker.get('address')})"})
-        root["mentions"].append({"@id": action_id})
-    return {"@context": "https://w3id.org/ro/crate/1.1/context", "@graph": graph}
+    if key is None:
+        print("depin publish: the bundle is NOT signed (--unsigned): reviewers cannot tell whose claim it is, nor "
+              "detect a ledger cut or rebuilt after publication", file=sys.stderr)
+    lacking = who.missing_recommended()
+    if lacking:
+        print(f"depin publish: the RO-Crate lacks what RO-Crate recommends; add {', '.join(lacking)} "
+              "(or depin.publish.*)", file=sys.stderr)
 
 
 def open_bundle(path: str) -> Bundle | None:
@@ -202,7 +213,8 @@ def open_bundle(path: str) -> Bundle | None:
     if not (p.is_dir() and crate_file.is_file()):
         return None
     graph = json.loads(crate_file.read_text()).get("@graph", [])
-    notebooks = [e["@id"] for e in graph if "SoftwareSourceCode" in _types(e) and e["@id"].endswith(".ipynb")]
+    notebooks = [e["@id"] for e in graph if {"File", "SoftwareSourceCode"} & set(_types(e))
+                 and str(e["@id"]).endswith(".ipynb") and "/" not in str(e["@id"])]
     if not notebooks:
         raise DepinUsageError(f"{path} has RO-Crate metadata but names no notebook")
     runs = [e.get("identifier") for e in graph if "CreateAction" in _types(e)]
@@ -211,14 +223,22 @@ def open_bundle(path: str) -> Bundle | None:
 
 def verify_files(bundle: Bundle) -> list[str]:
     """Files of the bundle whose SHA-256 differs from the crate's record (the store verifies itself)."""
+    return crate_file_mismatches(bundle.path, json.loads((bundle.path / CRATE_FILE).read_text()))
+
+
+def shipped_files(bundle: Bundle) -> list[str]:
+    """The files a bundle ships beside its notebook (what a re-execution may read)."""
     graph = json.loads((bundle.path / CRATE_FILE).read_text()).get("@graph", [])
-    bad = []
-    for e in graph:
-        if "File" in _types(e) and e.get("sha256"):
-            f = bundle.path / e["@id"]
-            if not f.is_file() or _sha256(f) != e["sha256"]:
-                bad.append(e["@id"])
-    return bad
+    skip = {CRATE_FILE, LOCK_FILE, SIGNATURE_FILE, bundle.notebook.name}
+    return sorted(e["@id"] for e in graph if "File" in _types(e) and e["@id"] not in skip)
+
+
+def check(path: str, *, keys: tuple[str, ...] = ()) -> BundleCheck | None:
+    """Everything a reviewer can check of the bundle at ``path`` without running it (None: not a bundle)."""
+    bundle = open_bundle(path)
+    if bundle is None:
+        return None
+    return check_bundle(bundle, keys=keys, crate_file=CRATE_FILE, store_dir=STORE_DIR)
 
 
 def _types(entity: dict[str, Any]) -> list[str]:
