@@ -53,8 +53,13 @@ def sign_bundle(dest: pathlib.Path, key: signing.SigningKey, *, crate_file: str,
         "store": {"path": store_dir, **anchor},
     }
     doc = {"statement": statement, "signature": {"algorithm": signing.ALGORITHM, "value": key.sign(statement)}}
-    (dest / SIGNATURE_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    (dest / SIGNATURE_FILE).write_text(_text(doc))
     return statement
+
+
+def _text(doc: dict[str, Any]) -> str:
+    """The one byte form of a signature file (so any edit of it shows, even one that keeps its meaning)."""
+    return json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True) + "\n"
 
 
 @dataclass
@@ -77,14 +82,17 @@ class BundleCheck:
         lines += [f"MISMATCH {p}" for p in self.problems]
         lines += [f"warning {w}" for w in self.warnings]
         if self.store_report is not None:
-            lines.append(self.store_report.format())
-        elif self.problems:
-            lines.append(f"FAILED: {len(self.problems)} problem(s)")
+            lines += self.store_report.format().splitlines()[:-1]  # its own verdict is replaced by the bundle's
+        bad = len(self.problems) + (len(self.store_report.problems) if self.store_report is not None else 0)
+        lines.append("OK" if self.ok else f"FAILED: {bad} problem(s)")
         return "\n".join(lines)
 
 
 def _load_signature(path: pathlib.Path) -> tuple[dict[str, Any], str]:
-    doc = json.loads(path.read_text())
+    text = path.read_bytes().decode("ascii")
+    doc = json.loads(text)
+    if text != _text(doc):
+        raise ValueError("its bytes are not the form depin writes (edited)")
     statement, value = doc["statement"], doc["signature"]["value"]
     if statement.get("type") != STATEMENT_TYPE or doc["signature"].get("algorithm") != signing.ALGORITHM:
         raise ValueError(f"not a {STATEMENT_TYPE} statement signed with {signing.ALGORITHM}")
@@ -153,7 +161,13 @@ def check_bundle(bundle: Any, *, keys: Sequence[str] = (), crate_file: str, stor
     from depin_jupyter.store.anchor import Anchor, check_anchor
 
     check = BundleCheck(str(bundle.path))
-    crate = json.loads((bundle.path / crate_file).read_text())
+    try:
+        crate = json.loads((bundle.path / crate_file).read_text())
+        if not isinstance(crate, dict) or not isinstance(crate.get("@graph"), list):
+            raise ValueError("no @graph")
+    except ValueError as exc:
+        check.problems.append(f"{crate_file}: not readable RO-Crate metadata ({exc}); {_REFETCH}")
+        crate = {"@graph": []}
     described = {e["@id"] for e in crate.get("@graph", []) if isinstance(e.get("@id"), str)}
     sig_path = bundle.path / SIGNATURE_FILE
     statement = None
@@ -184,9 +198,16 @@ def check_bundle(bundle: Any, *, keys: Sequence[str] = (), crate_file: str, stor
     check.problems += _strays(bundle.path, described | {crate_file, SIGNATURE_FILE}, store_dir)
     if check.problems:
         return check
-    rs = open_store(str(bundle.store), create=False, writable=False)
+    from depin_jupyter.store import ResultStore, StoreAccessError
+
+    anchor = Anchor.from_json(statement["store"]) if statement is not None else None
+    try:
+        rs = open_store(str(bundle.store), create=False, writable=False)
+    except StoreAccessError as exc:
+        check.problems.append(f"{store_dir}: {exc}")
+        rs = ResultStore(str(bundle.store.resolve()))  # not a store any more: still name the files that changed
+        check.problems += [f"{store_dir}: {p}" for p in check_anchor(rs, anchor)] if anchor else []
+        return check
     check.store_report = rs.verify()
-    if statement is not None:
-        for p in check_anchor(rs, Anchor.from_json(statement["store"])):
-            check.problems.append(f"{store_dir} {p}")
+    check.problems += [f"{store_dir}: {p}" for p in check_anchor(rs, anchor)] if anchor else []
     return check

@@ -212,9 +212,12 @@ def open_bundle(path: str) -> Bundle | None:
     crate_file = p / CRATE_FILE
     if not (p.is_dir() and crate_file.is_file()):
         return None
-    graph = json.loads(crate_file.read_text()).get("@graph", [])
-    notebooks = [e["@id"] for e in graph if {"File", "SoftwareSourceCode"} & set(_types(e))
-                 and str(e["@id"]).endswith(".ipynb") and "/" not in str(e["@id"])]
+    try:
+        graph = json.loads(crate_file.read_text()).get("@graph", [])
+        notebooks = [e["@id"] for e in graph if {"File", "SoftwareSourceCode"} & set(_types(e))
+                     and str(e["@id"]).endswith(".ipynb") and "/" not in str(e["@id"])]
+    except (ValueError, AttributeError, TypeError, KeyError):  # a damaged crate: `check` names it
+        graph, notebooks = [], sorted(n.name for n in p.glob("*.ipynb"))
     if not notebooks:
         raise DepinUsageError(f"{path} has RO-Crate metadata but names no notebook")
     runs = [e.get("identifier") for e in graph if "CreateAction" in _types(e)]
