@@ -102,10 +102,12 @@ def prepare(nb: Any, nb_dir: pathlib.Path, files: Sequence[str], forbidden: Sequ
     for d in (work, home, root / "tmp", root / "guard"):
         d.mkdir()
     banned = [pathlib.Path(f).resolve() for f in forbidden]
+    here = nb_dir.resolve()
+    never = [b for b in banned if not (b == here or b in here.parents)]  # the store; a bundle ships the files
     copied = []
     for name in files:
         src = (nb_dir / name).resolve()
-        if any(src == b or b in src.parents for b in banned) or not src.is_file():
+        if any(src == b or b in src.parents for b in never) or not src.is_file():
             continue
         target = work / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -217,17 +219,21 @@ def _bwrap_argv(scratch: pathlib.Path, protect: Sequence[str], *, network: bool,
     return [*argv, "--bind", str(scratch), str(scratch), "--chdir", chdir, "--"]
 
 
-def describe(sandbox: bool, cluster: str | None) -> dict[str, Any]:
-    """How the re-execution is isolated, in words for the report."""
+def describe(sandbox: bool | str, cluster: str | None) -> dict[str, Any]:
+    """How the re-execution is isolated (``sandbox``: False, True/"auto", "bubblewrap" (required) or "child"),
+    in words for the report."""
     if not sandbox:
         return {"mode": "plain", "protected": [
             "the published store is not in the working directory and not copied; opening it from Python is "
             "refused and reported (the guard)"],
             "not_protected": ["the notebook runs with your full user rights: it can read and change your files, "
                               "use your credentials and the network (use --sandbox)"]}
-    works, why = _bwrap_works()
+    works, why = (False, "not asked for (child process)") if sandbox == "child" else _bwrap_works()
+    if sandbox == "bubblewrap" and not works:
+        raise RuntimeError(f"a bubblewrap sandbox was required but {why}")
     protected = ["a minimal environment: your tokens, credentials and DASK_* settings are not passed",
-                 "HOME and TMPDIR are scratch directories, removed afterwards"]
+                 "HOME and TMPDIR are scratch directories, removed afterwards",
+                 "the published store is out of reach of Python code (the guard)"]
     if works:
         protected += ["bubblewrap: the file system is read-only; home directories, /tmp, /run, /mnt, /media and "
                       "the bundle are hidden; only the scratch directory is writable",
@@ -240,7 +246,7 @@ def describe(sandbox: bool, cluster: str | None) -> dict[str, Any]:
         "by absolute path and use the network"]}
 
 
-def execute(nb: Any, scratch: Scratch, *, sandbox: bool, cluster: str | None, timeout: float,
+def execute(nb: Any, scratch: Scratch, *, sandbox: bool | str, cluster: str | None, timeout: float,
             isolation: dict[str, Any]) -> Any:
     """Run the scratch notebook; returns the executed notebook (errors kept as cell outputs)."""
     import nbformat

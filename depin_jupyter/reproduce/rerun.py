@@ -48,12 +48,13 @@ def _names(roots: Sequence[str], store_url: str, nb_dir: pathlib.Path) -> list[s
 
 
 def reproduce(notebook: str, store_url: str, *, rtol: float = 1e-7, atol: float = 0.0, cluster: str | None = None,
-              timeout: float = 1800, sandbox: bool = False, exact_same_class: bool = False,
+              timeout: float = 1800, sandbox: bool | str = False, exact_same_class: bool = False,
               files: Sequence[str] | None = None, protect: Sequence[str] = ()) -> Report:
     """Verify ``store_url``, re-execute ``notebook`` in isolation with the cache off, compare every `%%depin` run.
 
     ``files``: the files beside the notebook it may read (default: those its cells declare with --deps);
-    ``protect``: more paths the re-execution must not read (a bundle's directory).
+    ``protect``: more paths the re-execution must not read (a bundle's directory); ``sandbox``: False, True
+    (bubblewrap when it works here, else a child process), "bubblewrap" (required) or "child".
     """
     import nbformat
 
@@ -111,13 +112,13 @@ def reproduce_bundle(path: str, *, keys: Sequence[str] = (), **options: Any) -> 
     return report
 
 
-def _run_and_judge(report: Report, nb: Any, scratch: isolate.Scratch, published: Any, *, sandbox: bool,
+def _run_and_judge(report: Report, nb: Any, scratch: isolate.Scratch, published: Any, *, sandbox: bool | str,
                    cluster: str | None, timeout: float, rtol: float, atol: float, exact_same_class: bool) -> None:
     from depin_jupyter.store import open_store
 
-    report.isolation = isolate.describe(sandbox, cluster)
     started = dt.datetime.now(dt.timezone.utc)
     try:
+        report.isolation = isolate.describe(sandbox, cluster)
         executed = isolate.execute(nb, scratch, sandbox=sandbox, cluster=cluster, timeout=timeout,
                                    isolation=report.isolation)
     except RuntimeError as exc:
@@ -207,7 +208,10 @@ def _judge(index: int, name: str | None, code: str, cell: Any, published: Any, p
         e = errors[0]
         return CellVerdict(index, name, "failed", f"{e.get('ename')}: {e.get('evalue')}", old.run_id)
     if new is None:
-        return CellVerdict(index, name, "failed", "the re-execution stored no run for this cell", old.run_id)
+        said = [line for o in cell.get("outputs", []) if o.get("output_type") == "stream" and o.get("name") == "stderr"
+                for line in str(o.get("text", "")).splitlines() if line.strip()]
+        return CellVerdict(index, name, "failed", "the re-execution stored no run for this cell"
+                           + (f" (it said: {said[-1]})" if said else ""), old.run_id)
     pub_hw, new_hw = hardware_class(old), hardware_class(new)
     one_class = same_class(pub_hw, new_hw)
     exact = exact_same_class and one_class
