@@ -51,6 +51,9 @@ def test_bundle_holds_everything_verifies_and_reproduces(published, author, tmp_
     head = graph["#ledger-head"]["value"]
     signature = json.loads((out / SIGNATURE_FILE).read_text())
     assert signature["statement"]["store"]["head_sha256"] == head
+    readme = (out / "README.md").read_text()
+    assert author.fingerprint in readme and author.public_b64 in readme and head in readme
+    assert graph["README.md"]["encodingFormat"] == "text/markdown" and "README.md" in signature["statement"]["files"]
     assert open_bundle(str(out)).runs and open_bundle(str(tmp_path)) is None
 
     proc = _depin("verify", out, "--key", author.fingerprint)

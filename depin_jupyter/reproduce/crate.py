@@ -229,10 +229,12 @@ def _files(nb_name: str, lock_file: str, signature_file: str | None,
             kind, desc = "application/x-ipynb+json", "the notebook as published (Jupyter, Python)"
         elif name == lock_file:
             kind, desc = "text/plain", "exact Python and package versions of the publishing environment"
+        elif name == "README.md":
+            kind, desc = "text/markdown", "whose claim this is (the signing key), what is pinned, how to check it"
         else:
             kind, desc = mimetypes.guess_type(name)[0] or "application/octet-stream", "a file the notebook reads"
         out.append({"@id": name, "@type": "File", "name": name, "description": desc, "encodingFormat": kind,
-                    "sha256": digest})
+                    "sha256": digest, **({"about": {"@id": "./"}} if name == "README.md" else {})})
     if signature_file:
         out.append({"@id": signature_file, "@type": "File", "name": signature_file, "encodingFormat": "application/json",
                     "description": ("Ed25519 signature by #signing-key over the ledger head, the run digests' Merkle "

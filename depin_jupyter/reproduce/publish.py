@@ -43,6 +43,7 @@ __all__ = ["publish", "Bundle", "check", "open_bundle", "shipped_files", "verify
 STORE_DIR = "results.zarr"
 CRATE_FILE = "ro-crate-metadata.json"
 LOCK_FILE = "environment.lock.txt"
+README_FILE = "README.md"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def _copy_files(src_dir: pathlib.Path, dest: pathlib.Path, names: list[str]) -> 
     """Copy the notebook's declared files into the bundle; name -> SHA-256."""
     out = {}
     for name in names:
-        if name == STORE_DIR or name.startswith(STORE_DIR + "/") or name in (CRATE_FILE, SIGNATURE_FILE, LOCK_FILE):
+        if name == STORE_DIR or name.startswith(STORE_DIR + "/") or name in (CRATE_FILE, SIGNATURE_FILE, LOCK_FILE,
+                                                                             README_FILE):
             raise DepinUsageError(f"the declared file {name} would overwrite a part of the bundle; rename it")
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,8 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False,
     if not report.ok:
         raise StoreIntegrityError(f"the copied store in {dest} does not verify:\n{report.format()}")
     anchor = anchor_of(copied).to_json()
+    (dest / README_FILE).write_text(_readme(src_nb.name, authorship, anchor, runs))
+    files[README_FILE] = sha256_file(dest / README_FILE)
     crate = build_crate(src_nb.name, runs, authorship, store_dir=STORE_DIR, lock_file=LOCK_FILE,
                         signature_file=None if key is None else SIGNATURE_FILE, files=files, anchor=anchor)
     (dest / CRATE_FILE).write_text(json.dumps(crate, indent=1, sort_keys=False))
@@ -177,6 +181,31 @@ def publish(notebook: str, store_url: str, out: str, *, overwrite: bool = False,
     _tell(authorship, key, [r.index for r in runs if r.manifest is None])
     return Bundle(path=dest, notebook=dest / src_nb.name, store=dest / STORE_DIR,
                   runs=[r.manifest.run_id for r in runs if r.manifest is not None])
+
+
+def _readme(nb_name: str, who: Authorship, anchor: dict[str, Any], runs: list[CrateRun]) -> str:
+    """The bundle's README: whose claim it is, what the signature pins, and how to check it."""
+    author = who.author or "an unnamed author"
+    lines = [f"# {nb_name} with its depin results", "",
+             f"Published {dt.datetime.now(dt.timezone.utc):%Y-%m-%d} by {author}"
+             + (f" ({who.author_id})" if who.author_id else "") + f"; license {who.license}.", ""]
+    if who.key_fingerprint:
+        lines += ["## Who signed it", "", f"- Ed25519 public key: `{who.key_b64}`",
+                  f"- fingerprint: `{who.key_fingerprint}`", "",
+                  "Compare the fingerprint with the one the author published with the work (paper, web page, ORCID).",
+                  "`depin-signature.json` signs the digests of every file here, the store's ledger head and the",
+                  "Merkle root of its run digests.", ""]
+    else:
+        lines += ["This bundle is **not signed**: nothing here shows whose claim it is.", ""]
+    lines += ["## What the store holds", "",
+              f"- ledger: {anchor['ledger_entries']} entries, head SHA-256 `{anchor['head_sha256']}`",
+              f"- Merkle root of the run digests (RFC 6962): `{anchor['runs_merkle_root']}`", ""]
+    lines += [f"- cell {r.index} ({r.name or 'unnamed'}): run `{r.manifest.run_id}`" for r in runs if r.manifest]
+    fp = f" --key '{who.key_fingerprint}'" if who.key_fingerprint else ""
+    lines += ["", "## Check it, then re-execute it", "", "```bash", f"depin verify .{fp}",
+              f"depin reproduce .{fp} --sandbox --report review", "```", "",
+              "`depin reproduce` runs the notebook's code; `--sandbox` keeps it away from your files.", ""]
+    return "\n".join(lines)
 
 
 def _runs(store: Any, cells: list[tuple[int, str | None, str]]) -> list[CrateRun]:
@@ -232,7 +261,7 @@ def verify_files(bundle: Bundle) -> list[str]:
 def shipped_files(bundle: Bundle) -> list[str]:
     """The files a bundle ships beside its notebook (what a re-execution may read)."""
     graph = json.loads((bundle.path / CRATE_FILE).read_text()).get("@graph", [])
-    skip = {CRATE_FILE, LOCK_FILE, SIGNATURE_FILE, bundle.notebook.name}
+    skip = {CRATE_FILE, LOCK_FILE, SIGNATURE_FILE, README_FILE, bundle.notebook.name}
     return sorted(e["@id"] for e in graph if "File" in _types(e) and e["@id"] not in skip)
 
 
