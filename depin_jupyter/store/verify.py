@@ -1,7 +1,8 @@
 """`depin verify`: re-hash every chunk, manifest and ledger entry and name each place that differs.
 
 Incomplete runs (no manifest, aborted, or unsealed by a writer killed mid-finish) are listed, not
-counted as errors: they were never served. A sealed run whose bytes changed is an error.
+counted as errors: they were never served. A sealed run whose bytes changed is an error. Each digest
+is checked with the algorithm it names (``blake3:``/``sha256:``; bare hex is SHA-256, as old stores wrote).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import _io, ledger
-from ._digest import output_digest, sha256_hex
+from ._digest import output_digest_like, sha256_hex
 from .manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary
 
 if TYPE_CHECKING:
@@ -88,7 +89,11 @@ def _check_outputs(run_id: str, manifest: RunManifest, hashes: dict[str, str | N
                 problems.append(Problem("array metadata (zarr.json) differs or is missing", run_id,
                                         out_name, short))
             expected = dict(arr.chunk_digests or {})
-            if output_digest(expected) != arr.digest:
+            try:
+                whole = output_digest_like(expected, arr.digest or "")
+            except ValueError:
+                whole = ""
+            if whole != arr.digest:
                 problems.append(Problem("chunk digest list does not give the output digest", run_id,
                                         out_name, short))
             for chunk in sorted(listed.get(path, set()) - set(expected)):
@@ -146,8 +151,8 @@ def verify_store(rs: ResultStore) -> VerifyReport:
     for path in arrays:
         keys = {k[len(path) + 1:] for k in _io.list_prefix(store, path)}
         listed[path] = {k for k in keys if k == "c" or k.startswith("c/")}
-    chunk_keys = [f"{p}/{c}" for p, rec in arrays.items() for c in (rec.chunk_digests or {})]
-    hashes = _io.hash_keys(store, chunk_keys)
+    recorded = {f"{p}/{c}": d for p, rec in arrays.items() for c, d in (rec.chunk_digests or {}).items()}
+    hashes = _io.check_keys(store, recorded)
     metas = _io.get_many(store, [f"{p}/zarr.json" for p in [*arrays, *groups]])
     for run_id, manifest in to_check.items():
         problems += _check_outputs(run_id, manifest, hashes, listed, metas)
@@ -156,6 +161,6 @@ def verify_store(rs: ResultStore) -> VerifyReport:
             problems.append(Problem(f"node {extra!r} is not in the manifest (added after sealing)", run_id))
     return VerifyReport(
         url=rs.url, problems=tuple(problems), incomplete=tuple(incomplete),
-        runs_checked=len(to_check), chunks_checked=len(chunk_keys), ledger_entries=len(entries),
+        runs_checked=len(to_check), chunks_checked=len(recorded), ledger_entries=len(entries),
         head_digest=ledger.head_digest(store),
     )
