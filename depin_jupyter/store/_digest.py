@@ -84,6 +84,14 @@ def digest_like(data: Any, recorded: str) -> str:
     return _like(digest(data, algorithm_of(recorded)).split(":", 1)[1], recorded)
 
 
+def matches(data: Any, recorded: str) -> bool:
+    """Whether ``data`` hashes to the recorded digest (False for a malformed one)."""
+    try:
+        return digest_like(data, recorded) == recorded
+    except ValueError:
+        return False
+
+
 def output_digest(chunk_digests: Mapping[str, str], algorithm: str = DEFAULT_ALGORITHM) -> str:
     """The digest of one array from its per-chunk digests (order-independent input, sorted keys)."""
     h = _hasher(algorithm)

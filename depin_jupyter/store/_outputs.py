@@ -33,7 +33,16 @@ from zarr.storage import LocalStore
 from .. import config
 from ..errors import DepinUsageError
 from . import _io, _values
-from ._digest import ALGORITHMS, DEFAULT_ALGORITHM, canonical_json, digest, digest_like, grid_size, output_digest, sha256_hex
+from ._digest import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    canonical_json,
+    digest,
+    grid_size,
+    matches,
+    output_digest,
+    sha256_hex,
+)
 from ._errors import StoreIntegrityError, UnsupportedOutputError
 from .manifest import OutputRecord
 
@@ -423,19 +432,18 @@ def _read_direct(store: Store, record: OutputRecord, recorded: dict[str, str] | 
     def one(i: int) -> None:
         start = i * chunks[0]
         view = flat[start * row:min(shape[0], start + chunks[0]) * row]
-        with open(os.path.join(str(store.root), record.path or "", "c", f"{i}{suffix}"), "rb", buffering=0) as f:
+        key = f"{record.path}/c/{i}{suffix}"
+        try:
+            f = open(os.path.join(str(store.root), *key.split("/")), "rb", buffering=0)
+        except FileNotFoundError:
+            raise StoreIntegrityError(f"{where(key)}: missing from the store; run `depin verify`") from None
+        with f:
             if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
-                raise StoreIntegrityError(f"array {record.path}: chunk c/{i}{suffix} is truncated")
-            if recorded is not None:  # the whole file: a last chunk is stored padded to the chunk shape
-                key = f"{record.path}/c/{i}{suffix}"
-                expected = recorded.get(key, "")
-                try:
-                    intact = digest_like((view, f.read()), expected) == expected
-                except ValueError:
-                    intact = False
-                if not intact:
-                    raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
-                                              "the run was sealed); run `depin verify`")
+                raise StoreIntegrityError(f"{where(key)}: truncated; run `depin verify`")
+            # The whole file is hashed: a last chunk is stored padded to the chunk shape.
+            if recorded is not None and not matches((view, f.read()), recorded.get(key, "")):
+                raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
+                                          "the run was sealed); run `depin verify`")
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(one, range(-(-shape[0] // chunks[0]))))
