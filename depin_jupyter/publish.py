@@ -8,7 +8,8 @@ The bundle is a directory ready to upload to a repository such as Zenodo:
 * ``environment.lock.txt``: the exact Python and package versions of the publishing environment;
 * ``ro-crate-metadata.json``: RO-Crate 1.1 metadata in the Process Run Crate style: one ``CreateAction``
   per `%%depin` cell's run, with the cell as instrument, its stored outputs as results, and the hardware
-  it ran on; every file carries its SHA-256.
+  it ran on; every file carries its SHA-256, every stored output its depin output digest under the name of
+  the algorithm that made it (``blake3``, or ``sha256`` for stores written with SHA-256).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ CRATE_FILE = "ro-crate-metadata.json"
 LOCK_FILE = "environment.lock.txt"
 PROCESS_CRATE = "https://w3id.org/ro/wfrun/process/0.5"
 RO_CRATE = "https://w3id.org/ro/crate/1.1"
+DIGEST_TERMS = {"blake3": "https://depin-jupyter.invalid/terms#blake3"}
+"""JSON-LD terms for output digests the RO-Crate context does not define (it knows ``sha256``)."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,9 @@ def _crate(dest: pathlib.Path, nb_name: str, nb: Any, runs: list[tuple[int, str 
             out_id = f"{STORE_DIR}/{rec.path}/" if rec.path else f"#run-{manifest.run_id}-{out_name}"
             entity: dict[str, Any] = {"@id": out_id, "@type": "Dataset" if rec.path else "PropertyValue",
                                       "name": out_name}
-            if rec.digest:
-                entity["sha256"] = rec.digest
+            if rec.digest:  # "<algorithm>:<hex>"; a bare hex digest (older stores) is SHA-256
+                algorithm, _, hexdigest = rec.digest.rpartition(":")
+                entity[algorithm or "sha256"] = hexdigest
             if rec.shape is not None:
                 entity["description"] = f"{rec.dtype} array of shape {tuple(rec.shape)}"
             if not rec.path:
@@ -192,7 +196,7 @@ def _crate(dest: pathlib.Path, nb_name: str, nb: Any, runs: list[tuple[int, str 
                       "object": [{"@id": f"#input-{manifest.run_id}-{k}", "name": k} for k in manifest.inputs],
                       "result": results, "description": f"ran on {hardware} (worker {worker.get('name') or worker.get('address')})"})
         root["mentions"].append({"@id": action_id})
-    return {"@context": "https://w3id.org/ro/crate/1.1/context", "@graph": graph}
+    return {"@context": ["https://w3id.org/ro/crate/1.1/context", DIGEST_TERMS], "@graph": graph}
 
 
 def open_bundle(path: str) -> Bundle | None:

@@ -38,7 +38,8 @@ def test_bundle_holds_everything_verifies_and_reproduces(published, tmp_path):  
             if res["@id"].startswith(STORE_DIR):
                 assert (out / res["@id"]).is_dir(), res  # each dataset named is in the copied store
     y = next(e for e in graph.values() if e.get("name") == "y" and e["@id"].startswith(STORE_DIR))
-    assert len(y["sha256"]) == 64 and "(1000,)" in y["description"]
+    assert len(y["blake3"]) == 64 and "sha256" not in y and "(1000,)" in y["description"]  # the algorithm used
+    assert crate["@context"][1]["blake3"].endswith("#blake3")
     assert open_bundle(str(out)).runs and open_bundle(str(tmp_path)) is None
 
     assert _depin("verify", out).returncode == 0
