@@ -17,8 +17,8 @@ import os
 import pickle
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -434,16 +434,15 @@ def _read_direct(store: Store, record: OutputRecord, recorded: dict[str, str] | 
         view = flat[start * row:min(shape[0], start + chunks[0]) * row]
         key = f"{record.path}/c/{i}{suffix}"
         try:
-            f = open(os.path.join(str(store.root), *key.split("/")), "rb", buffering=0)
+            with open(os.path.join(str(store.root), *key.split("/")), "rb", buffering=0) as f:
+                if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
+                    raise StoreIntegrityError(f"{where(key)}: truncated; run `depin verify`")
+                rest = f.read() if recorded is not None else b""  # a last chunk is stored padded
         except FileNotFoundError:
             raise StoreIntegrityError(f"{where(key)}: missing from the store; run `depin verify`") from None
-        with f:
-            if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
-                raise StoreIntegrityError(f"{where(key)}: truncated; run `depin verify`")
-            # The whole file is hashed: a last chunk is stored padded to the chunk shape.
-            if recorded is not None and not matches((view, f.read()), recorded.get(key, "")):
-                raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
-                                          "the run was sealed); run `depin verify`")
+        if recorded is not None and not matches((view, rest), recorded.get(key, "")):
+            raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
+                                      "the run was sealed); run `depin verify`")
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(one, range(-(-shape[0] // chunks[0]))))
