@@ -436,10 +436,10 @@ def _read_direct(store: Store, record: OutputRecord, recorded: dict[str, str] | 
         try:
             with open(os.path.join(str(store.root), *key.split("/")), "rb", buffering=0) as f:
                 if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
-                    raise StoreIntegrityError(f"{where(key)}: truncated; run `depin verify`")
+                    raise StoreIntegrityError(f"{where(key)} is truncated; run `depin verify`")
                 rest = f.read() if recorded is not None else b""  # a last chunk is stored padded
         except FileNotFoundError:
-            raise StoreIntegrityError(f"{where(key)}: missing from the store; run `depin verify`") from None
+            raise StoreIntegrityError(f"{where(key)} is missing from the store; run `depin verify`") from None
         if recorded is not None and not matches((view, rest), recorded.get(key, "")):
             raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
                                       "the run was sealed); run `depin verify`")
