@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -39,18 +40,30 @@ Writer = tuple[Callable[[], None], Callable[[], None]]
 """(prepare, write): prepare (untimed) removes the previous output, so every writer starts alike."""
 
 
-def _timed(fn: Callable[[], Any], fsync: bool) -> float:
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process so far, all threads, user + kernel (page-cache copies are kernel time)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(fn: Callable[[], Any], fsync: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``fn``, with a sync of everything written when ``fsync``."""
+    c0, t0 = _cpu(), time.perf_counter()
     fn()
     if fsync:
         os.sync()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu() - c0
 
 
 def _touch(nbytes: int) -> None:
     """Fault in and free ``nbytes`` of memory (untimed), so no reader or writer pays the VM for
     memory the host took back since the previous one (RECIPES §7: re-touching 1 GiB costs seconds)."""
     np.ones(nbytes, dtype=np.uint8).sum()
+
+
+def _check_shape(out: Any, shape: tuple[int, ...]) -> None:
+    """A reader returned the whole array (dropped at once, so readers start with the same free memory)."""
+    assert out.shape == shape
 
 
 def _file_writer(path: str, write: Callable[[], None]) -> Writer:
@@ -113,8 +126,8 @@ def _digest_writers(rs: Any, x: np.ndarray, settings: Any) -> dict[str, Writer]:
     return {mode: writer(mode) for mode in DIGEST_MODES}
 
 
-def bench_io(kind: str, n: int, workdir: str, repeats: int, fsync: bool) -> dict[str, float]:
-    """Median seconds of each writer/reader on one data kind (first round is warm-up)."""
+def bench_io(kind: str, n: int, workdir: str, repeats: int, fsync: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU seconds of each writer/reader on one data kind (first round is warm-up)."""
     from depin_jupyter.store import open_store
     from depin_jupyter.store._outputs import Settings
 
@@ -141,6 +154,7 @@ def bench_io(kind: str, n: int, workdir: str, repeats: int, fsync: bool) -> dict
         "store_zstd verified": lambda: stores["zstd"].load(last["zstd"]["run"], lazy=False, verify=True)["x"],
     }
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for rnd in range(repeats + 1):
         order = list(writers)
         if rnd % 2:  # alternate which of the digest variants goes first
@@ -150,19 +164,17 @@ def bench_io(kind: str, n: int, workdir: str, repeats: int, fsync: bool) -> dict
             prepare, write = writers[name]
             prepare()
             _touch(x.nbytes)
-            t = _timed(write, fsync)
+            t, c = _timed(write, fsync)
             if rnd:
                 times.setdefault(f"write {name}", []).append(t)
+                cpu.setdefault(f"write {name}", []).append(c)
         for name in list(readers)[rnd % len(readers):] + list(readers)[:rnd % len(readers)]:
             fn = readers[name]
             _touch(x.nbytes)
-            t0 = time.perf_counter()
-            out = fn()
-            t = time.perf_counter() - t0
-            assert out.shape == x.shape
-            del out
+            t, c = _timed(lambda: _check_shape(fn(), x.shape), False)  # noqa: B023 - called right here
             if rnd:
                 times.setdefault(f"read {name}", []).append(t)
+                cpu.setdefault(f"read {name}", []).append(c)
     for comp, rs in stores.items():
         m = rs.manifest(last[comp]["run"]).outputs["x"]
         stored = sum(os.path.getsize(os.path.join(rs.url, m.path or "", *k.split("/")))
@@ -173,10 +185,9 @@ def bench_io(kind: str, n: int, workdir: str, repeats: int, fsync: bool) -> dict
     import blake3
 
     for name, hasher in (("sha256", hashlib.sha256), ("blake3", blake3.blake3)):  # one core each
-        t0 = time.perf_counter()
-        hasher(memoryview(x).cast("B")).digest()
-        times[f"{name} of the data"] = [time.perf_counter() - t0]
-    return {k: statistics.median(v) for k, v in times.items()}
+        t, c = _timed(lambda: hasher(memoryview(x).cast("B")).digest(), False)  # noqa: B023
+        times[f"{name} of the data"], cpu[f"{name} of the data"] = [t], [c]
+    return ({k: statistics.median(v) for k, v in times.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def bench_cache(nbytes: int, workdir: str, repeats: int = 20, verify_on_read: bool = False) -> dict[str, float]:
@@ -213,8 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = int(args.size_mib * 2**20) // 4
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="depin-bench-", dir=args.dir)
+    load_before = os.getloadavg()
     try:
-        io = {kind: bench_io(kind, n, workdir, args.repeats, args.fsync) for kind in ("random", "smooth")}
+        measured = {kind: bench_io(kind, n, workdir, args.repeats, args.fsync) for kind in ("random", "smooth")}
+        io = {kind: m[0] for kind, m in measured.items()}
+        cpu = {kind: m[1] for kind, m in measured.items()}
         cache = {"1MiB": bench_cache(2**20, workdir), f"{args.size_mib:g}MiB": bench_cache(n * 4, workdir)}
         cache_verify = {f"{args.size_mib:g}MiB": bench_cache(n * 4, workdir, verify_on_read=True)}
     finally:
@@ -229,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "verified read none / fromfile (speed)": t["read fromfile"] / t["read store_none verified"],
             "verified read zstd / fromfile (speed)": t["read fromfile"] / t["read store_zstd verified"],
             "digest share of write": max(0.0, t["write digest_on"] - t["write digest_off"]) / t["write digest_on"],
+            "  same, of CPU time": (max(0.0, cpu[kind]["write digest_on"] - cpu[kind]["write digest_off"])
+                                    / cpu[kind]["write digest_on"]),
             "  same, SHA-256 on threads": (max(0.0, t["write digest_sha256"] - t["write digest_off"])
                                            / t["write digest_sha256"]),
             "  same, BLAKE3 by re-reading": (max(0.0, t["write digest_reread"] - t["write digest_off"])
@@ -240,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpus": os.cpu_count()},
         "size_mib": args.size_mib, "repeats": args.repeats, "fsync": args.fsync, "dir": workdir,
-        "load_average": os.getloadavg(),
-        "seconds": io, "ratios": ratios, "cache_hit": cache, "cache_hit_verify_on_read": cache_verify,
+        "load_average_before": load_before, "load_average": os.getloadavg(),
+        "seconds": io, "cpu_seconds": cpu, "ratios": ratios, "cache_hit": cache, "cache_hit_verify_on_read": cache_verify,
         "targets": TARGETS,
     }
     with open(args.out, "w") as f:
@@ -252,16 +268,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _print(r: dict[str, Any]) -> None:
     gb = r["size_mib"] * 2**20 / 1e9
+    load = " ".join(f"{v:.1f}" for v in r.get("load_average_before", ())) or "?"
     print(f"\nstore benchmark: {r['size_mib']:g} MiB float32, median of {r['repeats']}, "
-          f"fsync={r['fsync']}, {r['machine']['cpus']} CPUs, load average "
-          f"{' '.join(f'{v:.1f}' for v in r['load_average'])}")
-    print(f"{'operation':28} {'random s':>9} {'GB/s':>6} {'smooth s':>9} {'GB/s':>6}")
+          f"fsync={r['fsync']}, {r['machine']['cpus']} CPUs, load average {load} before, "
+          f"{' '.join(f'{v:.1f}' for v in r['load_average'])} after")
+    print(f"{'operation':28} {'random s':>9} {'GB/s':>6} {'cores':>5} {'smooth s':>9} {'GB/s':>6} {'cores':>5}")
+    cpu = r.get("cpu_seconds", {})
     for key in r["seconds"]["random"]:
         a, b = r["seconds"]["random"][key], r["seconds"]["smooth"][key]
         if key.startswith("stored/raw"):
-            print(f"{key:28} {a:9.3f} {'':6} {b:9.3f}")
+            print(f"{key:28} {a:9.3f} {'':6} {'':5} {b:9.3f}")
         else:
-            print(f"{key:28} {a:9.3f} {gb / a:6.2f} {b:9.3f} {gb / b:6.2f}")
+            ca, cb = (cpu.get(k, {}).get(key, float("nan")) / t for k, t in (("random", a), ("smooth", b)))
+            print(f"{key:28} {a:9.3f} {gb / a:6.2f} {ca:5.2f} {b:9.3f} {gb / b:6.2f} {cb:5.2f}")
+    print("(cores: CPU seconds of this process / wall seconds)")
     print(f"\n{'ratio (target)':42} {'random':>8} {'smooth':>8}")
     targets = {"write none": 0.8, "write zstd": 0.5, "read none": 0.8, "verified read none": 0.8,
                "digest share": 0.10}
