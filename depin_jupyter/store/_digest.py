@@ -74,22 +74,24 @@ def algorithm_of(recorded: str) -> str:
     return m.group(1) or "sha256"
 
 
-def _like(hexdigest: str, recorded: str) -> str:
-    """A fresh digest written the way ``recorded`` is (prefixed, or bare for old SHA-256 digests)."""
-    return hexdigest if ":" not in recorded else f"{algorithm_of(recorded)}:{hexdigest}"
+def _in_form_of(fresh: str, recorded: str) -> str:
+    """A fresh ``"<algorithm>:<hex>"`` digest written the way ``recorded`` is (bare hex for old SHA-256 ones)."""
+    return fresh if ":" in recorded else fresh.split(":", 1)[1]
 
 
 def digest_like(data: Any, recorded: str) -> str:
-    """The digest of ``data`` by the algorithm ``recorded`` names, in its form: equal iff data matches."""
-    return _like(digest(data, algorithm_of(recorded)).split(":", 1)[1], recorded)
+    """The digest of ``data`` by the algorithm ``recorded`` names, in its form: equal iff the data match
+    ("" for a malformed recorded digest, which nothing matches)."""
+    try:
+        algorithm = algorithm_of(recorded)
+    except ValueError:
+        return ""
+    return _in_form_of(digest(data, algorithm), recorded)
 
 
 def matches(data: Any, recorded: str) -> bool:
-    """Whether ``data`` hashes to the recorded digest (False for a malformed one)."""
-    try:
-        return digest_like(data, recorded) == recorded
-    except ValueError:
-        return False
+    """Whether ``data`` hashes to the recorded digest."""
+    return digest_like(data, recorded) == recorded
 
 
 def output_digest(chunk_digests: Mapping[str, str], algorithm: str = DEFAULT_ALGORITHM) -> str:
@@ -101,8 +103,13 @@ def output_digest(chunk_digests: Mapping[str, str], algorithm: str = DEFAULT_ALG
 
 
 def output_digest_like(chunk_digests: Mapping[str, str], recorded: str) -> str:
-    """`output_digest` by the algorithm of the recorded output digest, in its form (old stores: bare)."""
-    return _like(output_digest(chunk_digests, algorithm_of(recorded)).split(":", 1)[1], recorded)
+    """`output_digest` by the algorithm of the recorded output digest, in its form (old stores: bare;
+    "" for a malformed recorded digest)."""
+    try:
+        algorithm = algorithm_of(recorded)
+    except ValueError:
+        return ""
+    return _in_form_of(output_digest(chunk_digests, algorithm), recorded)
 
 
 def canonical_json(obj: Any) -> bytes:

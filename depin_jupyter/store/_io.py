@@ -164,16 +164,9 @@ def hash_keys(store: Store, keys: Iterable[str], algorithm: str = DEFAULT_ALGORI
 
 def check_keys(store: Store, recorded: Mapping[str, str], concurrency: int = 8) -> dict[str, str | None]:
     """Each key re-hashed by the algorithm its recorded digest names, in the same form, so equal means
-    intact (None if missing, "" if the recorded digest is malformed)."""
-    def like(expected: str) -> Callable[[Any], str]:
-        def rehash(data: Any) -> str:
-            try:
-                return digest_like(data, expected)
-            except ValueError:
-                return ""
-        return rehash
-
-    return _hash_many(store, {k: like(v) for k, v in recorded.items()}, concurrency)
+    intact (None if missing)."""
+    return _hash_many(store, {k: functools.partial(digest_like, recorded=v) for k, v in recorded.items()},
+                      concurrency)
 
 
 class DigestingStore(WrapperStore[Store]):

@@ -25,7 +25,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -424,7 +424,7 @@ class ResultStore:
         pickles = bool(config.get("store.allow-pickle")) if allow_pickle is None else allow_pickle
         check = bool(config.get("store.verify-on-read")) if verify is None else verify
         return {n: _outputs.read(self.zarr_store, manifest.outputs[n], lazy=lazy, allow_pickle=pickles,
-                                 verify=check, where=_locator(run_id, n, manifest.outputs[n]))
+                                 verify=check, where=_Locator.of(run_id, n, manifest.outputs[n]))
                 for n in wanted}
 
     def lookup_cache(self, cache_key: str) -> str | None:
@@ -461,23 +461,30 @@ class ResultStore:
         return verify_store(self)
 
 
-def _locator(run_id: str, name: str, record: OutputRecord) -> Any:
-    """``where(key)`` for a verifying read: the key as `depin verify` names it (run / output / array / chunk)."""
-    from .verify import Problem
+@dataclass(frozen=True)
+class _Locator:
+    """``where(key)`` for a verifying read: the key as `depin verify` names it (run / output / array /
+    chunk); a plain picklable object, since lazy arrays may be computed on other processes."""
 
-    paths = sorted(record.arrays(), key=len, reverse=True)
+    run_id: str
+    name: str
+    paths: tuple[str, ...]
 
-    def where(key: str) -> str:
-        path = next((p for p in paths if key.startswith(p + "/")), None)
+    @classmethod
+    def of(cls, run_id: str, name: str, record: OutputRecord) -> _Locator:
+        return cls(run_id, name, tuple(sorted(record.arrays(), key=len, reverse=True)))
+
+    def __call__(self, key: str) -> str:
+        from .verify import Problem
+
+        path = next((p for p in self.paths if key.startswith(p + "/")), None)
         if path is None:
-            return Problem("", run_id, name, key.removeprefix(f"runs/{run_id}/")).where
+            return Problem("", self.run_id, self.name, key.removeprefix(f"runs/{self.run_id}/")).where
         rest = key[len(path) + 1:]
-        array = path.removeprefix(f"runs/{run_id}/")
+        array = path.removeprefix(f"runs/{self.run_id}/")
         if rest == "zarr.json":
-            return Problem("", run_id, name, array).where + " / metadata (zarr.json)"
-        return Problem("", run_id, name, array, rest).where
-
-    return where
+            return Problem("", self.run_id, self.name, array).where + " / metadata (zarr.json)"
+        return Problem("", self.run_id, self.name, array, rest).where
 
 
 def summarize(run_id: str, raw: bytes | None, entry: ledger.LedgerEntry | None) -> RunSummary:

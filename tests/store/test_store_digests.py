@@ -197,3 +197,14 @@ def test_verify_on_read_setting_covers_cache_hits(tmp_path, write_run, small_chu
 def test_an_unknown_digest_setting_fails_before_the_run_begins(store):
     with dask.config.set({"depin.store.digest": "md5"}), pytest.raises(DepinUsageError, match="store.digest"):
         store.begin_run(code="x = 1", inputs={}, options={}, cache_key=None)
+
+
+def test_a_verifying_lazy_read_computed_on_cluster_workers_detects_a_flipped_byte(tmp_path, write_run, small_chunks,
+                                                                                   dask_client):
+    rs = open_store(str(tmp_path / "d.zarr"))
+    rid = write_run(rs, {"x": _x(6)}, cache_key="key")
+    lazy = rs.load(rid, verify=True)["x"]
+    np.testing.assert_array_equal(dask_client.compute(lazy).result(), _x(6))  # the check travels to the workers
+    _flip(_chunk(rs, rid, "x", 3))
+    with pytest.raises(StoreIntegrityError, match=f"run {rid} / output x / chunk c/3/0: bytes differ"):
+        dask_client.compute(rs.load(rid, verify=True)["x"]).result()
