@@ -47,7 +47,7 @@ def test_bundle_holds_everything_verifies_and_reproduces(published, author, tmp_
             if res["@id"].startswith(STORE_DIR):
                 assert (out / res["@id"]).is_dir(), res  # each dataset named is in the copied store
     y = next(e for e in graph.values() if e.get("name") == "y" and e["@id"].startswith(STORE_DIR))
-    assert len(y["sha256"]) == 64 and "(1000,)" in y["description"]
+    assert y["identifier"].startswith("blake3:") and len(y["identifier"]) == 7 + 64 and "(1000,)" in y["description"]
     head = graph["#ledger-head"]["value"]
     signature = json.loads((out / SIGNATURE_FILE).read_text())
     assert signature["statement"]["store"]["head_sha256"] == head

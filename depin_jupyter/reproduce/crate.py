@@ -129,8 +129,12 @@ def _outputs(run: CrateRun, store_dir: str) -> tuple[list[dict[str, Any]], list[
         else:
             e = {"@id": f"#run-{m.run_id}-{name}", "@type": "PropertyValue", "name": name,
                  "value": json.dumps(rec.value, default=str)[:1000]}
-        if rec.digest:
-            e["sha256"] = rec.digest
+        if rec.digest:  # "<algorithm>:<hex>"; a bare hex digest (older stores) is SHA-256
+            algorithm, _, hexdigest = rec.digest.rpartition(":")
+            if algorithm in ("", "sha256"):
+                e["sha256"] = hexdigest
+            else:  # RO-Crate's context knows sha256 only: other digests are named by their identifier
+                e["identifier"] = rec.digest
         entities.append(e)
         ids.append(e["@id"])
     return entities, ids
@@ -248,7 +252,8 @@ def _store(store_dir: str, anchor: Mapping[str, Any]) -> list[dict[str, Any]]:
              ("#ledger-entries", "ledger entries", anchor.get("ledger_entries")),
              ("#runs-merkle-root", "Merkle root of the run digests (RFC 6962)", anchor.get("runs_merkle_root"))]
     store = {"@id": f"{store_dir}/", "@type": "Dataset", "name": "depin result store (Zarr 3, with ledger)",
-             "description": "every %%depin run: outputs chunked with per-chunk SHA-256 digests, manifests, and the "
+             "description": "every %%depin run: outputs chunked with per-chunk digests (BLAKE3, or SHA-256 in "
+                            "older stores), manifests, and the "
                             "ledger; `depin verify` re-hashes it", "encodingFormat": "application/vnd+zarr",
              "additionalProperty": _ref([p[0] for p in props])}
     return [store, *[{"@id": i, "@type": "PropertyValue", "name": n, "value": str(v)} for i, n, v in props]]

@@ -6,19 +6,21 @@ Everything here is synchronous (run on zarr's event loop) and knows nothing abou
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from depin_jupyter.store._digest import sha256_hex
+from depin_jupyter.store._digest import DEFAULT_ALGORITHM, digest, digest_like, matches
+from depin_jupyter.store._errors import StoreIntegrityError
 
 PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 """Temporary files a killed LocalStore writer can leave behind (``<key>.<uuid>.partial``)."""
@@ -136,10 +138,8 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
     return sorted(k for k in sync(_all()) if not PARTIAL.search(k))
 
 
-def hash_keys(store: Store, keys: Iterable[str], concurrency: int = 8) -> dict[str, str | None]:
-    """SHA-256 of each key's bytes (None if missing), reading and hashing several keys at once."""
-    keys = list(keys)
-
+def _hash_many(store: Store, hashers: Mapping[str, Callable[[Any], str]], concurrency: int) -> dict[str, str | None]:
+    """Read keys and hash each with its own function, several at once (None where a key is missing)."""
     async def _all() -> list[str | None]:
         proto = default_buffer_prototype()
         gate = asyncio.Semaphore(concurrency)
@@ -149,32 +149,86 @@ def hash_keys(store: Store, keys: Iterable[str], concurrency: int = 8) -> dict[s
                 buf = await store.get(key, prototype=proto)
                 if buf is None:
                     return None
-                return await asyncio.to_thread(sha256_hex, buf.as_buffer_like())
+                return await asyncio.to_thread(hashers[key], buf.as_buffer_like())
 
-        return await asyncio.gather(*(one(k) for k in keys))
+        return await asyncio.gather(*(one(k) for k in hashers))
 
-    return dict(zip(keys, sync(_all())))
+    return dict(zip(hashers, sync(_all())))
+
+
+def hash_keys(store: Store, keys: Iterable[str], algorithm: str = DEFAULT_ALGORITHM,
+              concurrency: int = 8) -> dict[str, str | None]:
+    """New digests (``"<algorithm>:<hex>"``) of each key's bytes (None if missing), several keys at once."""
+    return _hash_many(store, {k: functools.partial(digest, algorithm=algorithm) for k in keys}, concurrency)
+
+
+def check_keys(store: Store, recorded: Mapping[str, str], concurrency: int = 8) -> dict[str, str | None]:
+    """Each key re-hashed by the algorithm its recorded digest names, in the same form, so equal means
+    intact (None if missing)."""
+    return _hash_many(store, {k: functools.partial(digest_like, recorded=v) for k, v in recorded.items()},
+                      concurrency)
 
 
 class DigestingStore(WrapperStore[Store]):
     """A store wrapper that hashes every value as it is written, so digests cost no re-read.
 
-    Hashing runs in a thread alongside the write itself (hashlib releases the GIL).
+    Hashing runs on a thread alongside the write itself (hashlib and blake3 release the GIL), and
+    zarr writes several chunks at once, so hashing, encoding and I/O of different chunks overlap.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, algorithm: str = DEFAULT_ALGORITHM) -> None:
         super().__init__(store)
+        self.algorithm = algorithm
         self.digests: dict[str, str] = {}
 
     def _with_store(self, store: Store) -> DigestingStore:
-        return type(self)(store)
+        return type(self)(store, self.algorithm)
 
     async def set(self, key: str, value: Any) -> None:
         if key.endswith("zarr.json"):
             await self._store.set(key, value)
             return
         view = value.as_buffer_like()
-        digest, _ = await asyncio.gather(
-            asyncio.to_thread(sha256_hex, view), self._store.set(key, value)
+        hexd, _ = await asyncio.gather(
+            asyncio.to_thread(digest, view, self.algorithm), self._store.set(key, value)
         )
-        self.digests[key] = digest
+        self.digests[key] = hexd
+
+
+class VerifyingStore(WrapperStore[Store]):
+    """A read-only view that re-hashes every value it serves whose digest is recorded, and raises
+    `StoreIntegrityError` naming the key on a mismatch (or when a recorded key is missing)."""
+
+    def __init__(self, store: Store, recorded: Mapping[str, str], where: Callable[[str], str] = str) -> None:
+        super().__init__(store)
+        self.recorded = dict(recorded)
+        self.where = where
+
+    def _with_store(self, store: Store) -> VerifyingStore:
+        return type(self)(store, self.recorded, self.where)
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        expected = self.recorded.get(key)
+        if expected is None:
+            return await self._store.get(key, prototype, byte_range)
+        buf = await self._store.get(key, prototype)
+        if buf is None:
+            raise StoreIntegrityError(f"{self.where(key)}: missing, though the manifest records its digest; "
+                                      "run `depin verify`")
+        if not await asyncio.to_thread(matches, buf.as_buffer_like(), expected):
+            raise StoreIntegrityError(f"{self.where(key)}: bytes differ from their digest (changed after the "
+                                      "run was sealed); run `depin verify`")
+        return buf if byte_range is None else buf[_slice(byte_range, len(buf))]
+
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+
+def _slice(req: ByteRequest, size: int) -> slice:
+    """The part of a value of ``size`` bytes a byte-range request asks for."""
+    if isinstance(req, RangeByteRequest):
+        return slice(req.start, req.end)
+    if isinstance(req, OffsetByteRequest):
+        return slice(req.offset, size)
+    return slice(max(0, size - req.suffix), size)

@@ -2,8 +2,9 @@
 
 Arrays (numpy, cupy, dask, pickles as uint8) become Zarr arrays written with
 ``write_empty_chunks=True``; xarray objects become groups xarray opens; small values go into the
-manifest. Digests are taken from the bytes as they are written (`DigestingStore`); only chunks
-written by another process without reporting their digest (dask-backed xarray) are read back.
+manifest. Digests (BLAKE3 by default, `depin.store.digest`) are taken from the bytes as they are
+written (`DigestingStore`); only chunks written by another process without reporting their digest
+(dask-backed xarray) are read back. Verifying reads re-hash each chunk as it is read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import pickle
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,16 @@ from zarr.storage import LocalStore
 from depin_jupyter import config
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.store import _io, _values
-from depin_jupyter.store._digest import canonical_json, grid_size, output_digest, sha256_hex
+from depin_jupyter.store._digest import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    canonical_json,
+    digest,
+    grid_size,
+    matches,
+    output_digest,
+    sha256_hex,
+)
 from depin_jupyter.store._errors import StoreIntegrityError, UnsupportedOutputError
 from depin_jupyter.store.manifest import OutputRecord
 
@@ -49,6 +60,7 @@ class Settings:
     compression: str
     compression_level: int
     allow_pickle: bool
+    digest: str = DEFAULT_ALGORITHM
 
     @classmethod
     def from_config(cls) -> Settings:
@@ -58,7 +70,14 @@ class Settings:
             compression=str(config.get("store.compression")),
             compression_level=int(config.get("store.compression-level")),
             allow_pickle=bool(config.get("store.allow-pickle")),
+            digest=str(config.get("store.digest")),
         )
+
+    def check(self) -> None:
+        """Raise DepinUsageError for a setting the writers cannot honour (before any compute)."""
+        self.compressors()
+        if self.digest not in ALGORITHMS:
+            raise DepinUsageError(f"depin.store.digest is {self.digest!r}; use {' or '.join(map(repr, ALGORITHMS))}")
 
     def compressors(self) -> list[Any] | None:
         """zarr's own codec objects for the configured compression (None: stored raw)."""
@@ -141,7 +160,7 @@ def dtype_str(dtype: np.dtype[Any]) -> str:
 
 
 def finalize_array(store: Store, path: str, digests: dict[str, str], *, kind: str, pytype: str,
-                   dtype: np.dtype[Any], portable: bool = True) -> OutputRecord:
+                   dtype: np.dtype[Any], algorithm: str, portable: bool = True) -> OutputRecord:
     """Check every chunk of the array at ``path`` landed and build its record (digests of the bytes)."""
     meta_raw = _io.get(store, f"{path}/zarr.json")
     if meta_raw is None:
@@ -161,7 +180,7 @@ def finalize_array(store: Store, path: str, digests: dict[str, str], *, kind: st
             + ". A concurrent writer or a failing store lost data; the run is not sealed.")
     missing = sorted(listed - set(relative))
     if missing:  # written by processes that did not report digests: hash what is stored
-        for key, hexd in _io.hash_keys(store, [f"{path}/{k}" for k in missing]).items():
+        for key, hexd in _io.hash_keys(store, [f"{path}/{k}" for k in missing], algorithm).items():
             if hexd is None:
                 raise StoreIntegrityError(f"array {path}: chunk {key} vanished while hashing")
             relative[key[len(path) + 1:]] = hexd
@@ -169,7 +188,7 @@ def finalize_array(store: Store, path: str, digests: dict[str, str], *, kind: st
     return OutputRecord(
         kind=kind, pytype=pytype, portable=portable, path=path, shape=shape, dtype=dtype_str(dtype),
         chunks=chunks, codec=codecs, nbytes=None if dtype.kind == "O" else math.prod(shape) * dtype.itemsize,
-        digest=output_digest(relative), metadata_sha256=sha256_hex(meta_raw),
+        digest=output_digest(relative, algorithm), metadata_sha256=sha256_hex(meta_raw),
         chunk_digests=dict(sorted(relative.items())),
     )
 
@@ -200,14 +219,15 @@ def write_numpy(store: Store, path: str, value: np.ndarray, settings: Settings, 
     arr = np.asarray(value)
     dtype = _zarr_dtype(arr)
     itemsize = arr.dtype.itemsize if arr.dtype != object else 64
-    wrapped = _io.DigestingStore(store)
+    wrapped = _io.DigestingStore(store, settings.digest)
     chunks = chunk_shape(arr.shape, itemsize, settings.chunk_bytes)
     z = create_array(wrapped, path, arr.shape, dtype, chunks, settings)
     if arr.size and arr.ndim and dtype is not str:
         _write_chunkwise(z, arr, chunks)
     elif arr.size:
         z[...] = arr
-    return finalize_array(store, path, wrapped.digests, kind=kind, pytype=pytype, dtype=arr.dtype)
+    return finalize_array(store, path, wrapped.digests, kind=kind, pytype=pytype, dtype=arr.dtype,
+                          algorithm=settings.digest)
 
 
 def write_pickle(store: Store, path: str, value: object, settings: Settings, *, name: str) -> OutputRecord:
@@ -230,9 +250,9 @@ def _host(block: Any) -> np.ndarray:
 
 
 def write_block(url: str, storage_options: dict[str, Any] | None, path: str, block: Any,
-                region: tuple[slice, ...]) -> dict[str, str]:
+                region: tuple[slice, ...], algorithm: str = DEFAULT_ALGORITHM) -> dict[str, str]:
     """Dask task: write one chunk-aligned block where it was computed; return its chunk digests."""
-    wrapped = _io.DigestingStore(_io.open_zarr_store(url, storage_options))
+    wrapped = _io.DigestingStore(_io.open_zarr_store(url, storage_options), algorithm)
     z = zarr.open_array(wrapped, path=path, mode="r+").with_config({"write_empty_chunks": True})
     z[region] = _host(block)
     return wrapped.digests
@@ -269,17 +289,19 @@ def write_dask(store: Store, path: str, x: Any, settings: Settings, *, url: str,
     for idx in itertools.product(*(range(len(c)) for c in x.chunks)):
         region = tuple(slice(int(o[i]), int(o[i + 1])) for o, i in zip(offsets, idx))
         tasks.append(dask.delayed(write_block, pure=False)(
-            url, storage_options, path, blocks[idx], region,
+            url, storage_options, path, blocks[idx], region, settings.digest,
             dask_key_name=f"{key_prefix}-{'.'.join(map(str, idx)) or '0'}"))
     digests: dict[str, str] = {}
     for part in dask.compute(*tasks, **(compute_kwargs or {})):
         digests.update(part)
-    return finalize_array(store, path, digests, kind="array", pytype=pytype_of(x), dtype=x.dtype)
+    return finalize_array(store, path, digests, kind="array", pytype=pytype_of(x), dtype=x.dtype,
+                          algorithm=settings.digest)
 
 
-def hash_task(url: str, storage_options: dict[str, Any] | None, keys: list[str]) -> dict[str, str]:
-    """Dask task: digests of stored chunks, computed where they were written (only hex comes back)."""
-    hashed = _io.hash_keys(_io.open_zarr_store(url, storage_options), keys)
+def hash_task(url: str, storage_options: dict[str, Any] | None, keys: list[str],
+              algorithm: str = DEFAULT_ALGORITHM) -> dict[str, str]:
+    """Dask task: digests of stored chunks, computed where they were written (only digests come back)."""
+    hashed = _io.hash_keys(_io.open_zarr_store(url, storage_options), keys, algorithm)
     return {k: v for k, v in hashed.items() if v is not None}
 
 
@@ -315,7 +337,7 @@ def write_xarray(store: Store, path: str, value: Any, settings: Settings, *, nam
         else:
             chunks = chunk_shape(var.shape, var.dtype.itemsize, settings.chunk_bytes)
             encoding[str(v)] = {"compressors": settings.compressors(), "chunks": chunks}
-    wrapped = _io.DigestingStore(store)
+    wrapped = _io.DigestingStore(store, settings.digest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnstableSpecificationWarning)
         pending = ds.to_zarr(store if lazy else wrapped, group=path, mode="w-", zarr_format=3,
@@ -328,30 +350,30 @@ def write_xarray(store: Store, path: str, value: Any, settings: Settings, *, nam
         keys = [k for v in ds.variables for k in _io.list_prefix(store, f"{path}/{v}")
                 if k.rsplit("/", 1)[-1] != "zarr.json"]
         parts = [keys[i:i + 64] for i in range(0, len(keys), 64)]
-        tasks = [dask.delayed(hash_task, pure=False)(url, storage_options, part,
+        tasks = [dask.delayed(hash_task, pure=False)(url, storage_options, part, settings.digest,
                                                      dask_key_name=f"{key_prefix}-hash-{i}")
                  for i, part in enumerate(parts)]
         for part in dask.compute(*tasks, **(compute_kwargs or {})):
             digests.update(part)
     variables = {
         str(v): finalize_array(store, f"{path}/{v}", digests, kind="array", pytype="xarray.Variable",
-                               dtype=ds[v].dtype)
+                               dtype=ds[v].dtype, algorithm=settings.digest)
         for v in ds.variables
     }
     meta_raw = _io.get(store, f"{path}/zarr.json") or b""
     return OutputRecord(
         kind="xarray", pytype=pytype_of(value), path=path, variables=variables,
         metadata_sha256=sha256_hex(meta_raw),
-        digest=output_digest({k: r.digest or "" for k, r in variables.items()}),
+        digest=output_digest({k: r.digest or "" for k, r in variables.items()}, settings.digest),
         variable=varname, dataarray_name=_values.encode(value.name) if is_da else None,
     )
 
 
-def write_value(value: object, *, name: str) -> OutputRecord:
+def write_value(value: object, *, name: str, algorithm: str = DEFAULT_ALGORITHM) -> OutputRecord:
     """A small Python value kept in the manifest itself (typed JSON, never pickled)."""
     encoded = _values.encode(value, name)
     return OutputRecord(kind="value", pytype=pytype_of(value), value=encoded,
-                        digest=sha256_hex(canonical_json(encoded)))
+                        digest=digest(canonical_json(encoded), algorithm))
 
 
 def restore_type(arr: np.ndarray, record: OutputRecord) -> Any:
@@ -376,9 +398,24 @@ def restore_type(arr: np.ndarray, record: OutputRecord) -> Any:
 _RAW_LE = [{"name": "bytes", "configuration": {"endian": "little"}}]
 
 
-def _read_direct(store: Store, record: OutputRecord) -> np.ndarray | None:
+def recorded_digests(record: OutputRecord) -> dict[str, str]:
+    """Store key -> recorded digest of everything a verifying read of ``record`` checks: each
+    array's chunks and zarr.json (and an xarray group's zarr.json)."""
+    out: dict[str, str] = {}
+    if record.kind == "xarray" and record.path and record.metadata_sha256:
+        out[f"{record.path}/zarr.json"] = record.metadata_sha256
+    for path, arr in record.arrays().items():
+        if arr.metadata_sha256:
+            out[f"{path}/zarr.json"] = arr.metadata_sha256
+        out.update({f"{path}/{k}": d for k, d in (arr.chunk_digests or {}).items()})
+    return out
+
+
+def _read_direct(store: Store, record: OutputRecord, recorded: dict[str, str] | None = None,
+                 where: Callable[[str], str] = str) -> np.ndarray | None:
     """Uncompressed row-chunked arrays on a local disk: read each chunk file straight into the
-    output (its bytes *are* the decoded chunk), several at once; None where that does not hold."""
+    output (its bytes *are* the decoded chunk), several at once, re-hashing each against
+    ``recorded`` when given (in the same thread, while it is in cache); None where that does not hold."""
     if not isinstance(store, LocalStore) or record.codec != _RAW_LE or not record.shape:
         return None
     dtype = np.dtype(record.dtype) if record.dtype and not record.dtype.startswith("[") else None
@@ -395,19 +432,37 @@ def _read_direct(store: Store, record: OutputRecord) -> np.ndarray | None:
     def one(i: int) -> None:
         start = i * chunks[0]
         view = flat[start * row:min(shape[0], start + chunks[0]) * row]
-        with open(os.path.join(str(store.root), record.path or "", "c", f"{i}{suffix}"), "rb", buffering=0) as f:
-            if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
-                raise StoreIntegrityError(f"array {record.path}: chunk c/{i}{suffix} is truncated")
+        key = f"{record.path}/c/{i}{suffix}"
+        try:
+            with open(os.path.join(str(store.root), *key.split("/")), "rb", buffering=0) as f:
+                if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
+                    raise StoreIntegrityError(f"{where(key)} is truncated; run `depin verify`")
+                rest = f.read() if recorded is not None else b""  # a last chunk is stored padded
+        except FileNotFoundError:
+            raise StoreIntegrityError(f"{where(key)} is missing from the store; run `depin verify`") from None
+        if recorded is not None and not matches((view, rest), recorded.get(key, "")):
+            raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
+                                      "the run was sealed); run `depin verify`")
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(one, range(-(-shape[0] // chunks[0]))))
     return out
 
 
-def read(store: Store, record: OutputRecord, *, lazy: bool, allow_pickle: bool) -> Any:
-    """The Python object for a stored output; arrays as dask arrays when ``lazy``."""
+def read(store: Store, record: OutputRecord, *, lazy: bool, allow_pickle: bool, verify: bool = False,
+         where: Callable[[str], str] = str) -> Any:
+    """The Python object for a stored output; arrays as dask arrays when ``lazy``.
+
+    With ``verify`` every chunk and zarr.json read is re-hashed against the manifest's digest and
+    a mismatch raises StoreIntegrityError located by ``where(key)``; lazy arrays check each chunk
+    when it is computed. (A value's digest is the manifest's own, checked against the ledger.)
+    """
     if record.kind == "value":
         return _values.decode(record.value)
+    recorded = recorded_digests(record) if verify else None
+    raw = store
+    if recorded is not None:
+        store = _io.VerifyingStore(store, recorded, where)
     if record.kind == "xarray":
         import xarray as xr
 
@@ -427,7 +482,7 @@ def read(store: Store, record: OutputRecord, *, lazy: bool, allow_pickle: bool) 
         import dask.array as da
 
         return da.from_zarr(z, name=f"depin-{record.digest}")
-    direct = _read_direct(store, record) if record.kind == "array" else None
+    direct = _read_direct(raw, record, recorded, where) if record.kind == "array" else None
     return restore_type(np.asarray(z[...]) if direct is None else direct, record)
 
 

@@ -25,7 +25,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from zarr.abc.store import Store
 from depin_jupyter import config
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.store import _io, _outputs, ledger
-from depin_jupyter.store._digest import group_document, sha256_hex
+from depin_jupyter.store._digest import DEFAULT_ALGORITHM, group_document, sha256_hex
 from depin_jupyter.store._errors import (
     RunIncompleteError,
     RunNotFoundError,
@@ -171,7 +171,7 @@ class RunWriter:
                 storage_options=self.storage_options, key_prefix=f"depin-write-{self.run_id}-{name}",
                 compute_kwargs=compute_kwargs)
         elif kind == "value":
-            rec, secs = _outputs.timed(_outputs.write_value, value, name=name)
+            rec, secs = _outputs.timed(_outputs.write_value, value, name=name, algorithm=settings.digest)
         else:
             rec, secs = _outputs.timed(_outputs.write_pickle, store, path, value, settings, name=name)
         _io.put(store, pending, group_document({"depin_output": {"record": rec.to_json(), "store_s": secs}}))
@@ -207,9 +207,10 @@ class RunWriter:
             if _rehash_before_seal(record):
                 # Written in parallel by workers: re-read every chunk, so a chunk another writer changed
                 # between its write and now is caught before the run is sealed (zarr-python#3682).
-                got = _io.get_many(store, [f"{path}/{k}" for k in sorted(keys)])
+                recorded = {f"{path}/{k}": d for k, d in (rec.chunk_digests or {}).items()}
+                got = _io.check_keys(store, recorded)
                 for k in sorted(keys):
-                    if sha256_hex(got[f"{path}/{k}"] or b"") != (rec.chunk_digests or {})[k]:
+                    if got[f"{path}/{k}"] != recorded[f"{path}/{k}"]:
                         raise StoreIntegrityError(
                             f"run {self.run_id}, output {name}: chunk {path}/{k} changed between its write "
                             f"and the seal; the run is left incomplete. Re-run the cell.")
@@ -245,6 +246,7 @@ class RunWriter:
             outputs=dict(sorted(outputs.items())), options=begin["options"],
             cache_key=begin["cache_key"], worker=worker or local_worker(),
             environment=environment or local_environment(), timings=times, extra=extra or {},
+            digest_algorithm=str(begin["settings"].get("digest", DEFAULT_ALGORITHM)),
         )
         kept = {k: begin[k] for k in ("run_id", "name", "created", "cache_key", "settings")}  # rest: manifest
         raw = group_document({RUN_ATTR: {**kept, "status": status}, MANIFEST_ATTR: manifest.to_json()})
@@ -338,7 +340,7 @@ class ResultStore:
         except (TypeError, ValueError) as exc:
             raise DepinUsageError(f"run options must be plain JSON values: {exc}") from exc
         settings = _outputs.Settings.from_config()
-        settings.compressors()  # a misconfigured compression fails here, before any compute
+        settings.check()  # a misconfigured compression or digest fails here, before any compute
         begin = {
             "run_id": run_id, "name": name, "created": ledger.now(), "status": "running",
             "code": code, "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
@@ -400,15 +402,22 @@ class ResultStore:
         return self._sealed(run_id)[0]
 
     def load(self, run_id: str, names: list[str] | None = None, *, lazy: bool = True,
-             allow_pickle: bool | None = None) -> dict[str, object]:
-        """Outputs of a complete run: arrays as dask arrays (``lazy``) or host arrays, values as stored."""
+             allow_pickle: bool | None = None, verify: bool | None = None) -> dict[str, object]:
+        """Outputs of a complete run: arrays as dask arrays (``lazy``) or host arrays, values as stored.
+
+        ``verify`` (default: depin.store.verify-on-read) re-hashes every chunk as it is read, so bytes
+        changed since the run was sealed raise StoreIntegrityError naming run, array and chunk; a lazy
+        array checks each chunk when it is computed.
+        """
         manifest = self.manifest(run_id)
         wanted = list(manifest.outputs) if names is None else list(names)
         unknown = [n for n in wanted if n not in manifest.outputs]
         if unknown:
             raise DepinUsageError(f"run {run_id} has no output(s) {unknown}; it has {list(manifest.outputs)}")
         pickles = bool(config.get("store.allow-pickle")) if allow_pickle is None else allow_pickle
-        return {n: _outputs.read(self.zarr_store, manifest.outputs[n], lazy=lazy, allow_pickle=pickles)
+        check = bool(config.get("store.verify-on-read")) if verify is None else verify
+        return {n: _outputs.read(self.zarr_store, manifest.outputs[n], lazy=lazy, allow_pickle=pickles,
+                                 verify=check, where=_Locator.of(run_id, n, manifest.outputs[n]))
                 for n in wanted}
 
     def lookup_cache(self, cache_key: str) -> str | None:
@@ -443,6 +452,32 @@ class ResultStore:
         from depin_jupyter.store.verify import verify_store
 
         return verify_store(self)
+
+
+@dataclass(frozen=True)
+class _Locator:
+    """``where(key)`` for a verifying read: the key as `depin verify` names it (run / output / array /
+    chunk); a plain picklable object, since lazy arrays may be computed on other processes."""
+
+    run_id: str
+    name: str
+    paths: tuple[str, ...]
+
+    @classmethod
+    def of(cls, run_id: str, name: str, record: OutputRecord) -> _Locator:
+        return cls(run_id, name, tuple(sorted(record.arrays(), key=len, reverse=True)))
+
+    def __call__(self, key: str) -> str:
+        from depin_jupyter.store.findings import Problem
+
+        path = next((p for p in self.paths if key.startswith(p + "/")), None)
+        if path is None:
+            return Problem("", self.run_id, self.name, key.removeprefix(f"runs/{self.run_id}/")).where
+        rest = key[len(path) + 1:]
+        array = path.removeprefix(f"runs/{self.run_id}/")
+        if rest == "zarr.json":
+            return Problem("", self.run_id, self.name, array).where + " / metadata (zarr.json)"
+        return Problem("", self.run_id, self.name, array, rest).where
 
 
 def open_store(url: str | None = None, *, storage_options: dict[str, Any] | None = None,

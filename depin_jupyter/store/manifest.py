@@ -19,7 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
+from depin_jupyter.store._digest import DEFAULT_ALGORITHM
+
+SCHEMA_VERSION = 2
+"""2: digests name their algorithm (``blake3:<hex>`` / ``sha256:<hex>``); 1: bare hex SHA-256 (still read)."""
+READABLE_VERSIONS = (1, 2)
 SCHEMA_FILE = pathlib.Path(__file__).with_name("manifest-schema.json")
 MANIFEST_ATTR = "depin_manifest"
 """Run group attribute holding the manifest; its presence is what makes a run complete."""
@@ -105,6 +109,7 @@ class RunManifest:
     environment: Mapping[str, Any]
     timings: Mapping[str, float]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    digest_algorithm: str = DEFAULT_ALGORITHM
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -124,14 +129,15 @@ class RunManifest:
             "environment": dict(self.environment),
             "timings": dict(self.timings),
             "extra": dict(self.extra),
-            "digests": {"algorithm": "sha256", "rules": "depin_jupyter.store._digest"},
+            "digests": {"algorithm": self.digest_algorithm, "rules": "depin_jupyter.store._digest"},
         }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> RunManifest:
         """Inverse of `to_json`; raises KeyError/TypeError on a malformed document."""
-        if doc.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"unsupported manifest schema_version {doc.get('schema_version')!r}")
+        if doc.get("schema_version") not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported manifest schema_version {doc.get('schema_version')!r} "
+                             "(written by a newer depin-jupyter? upgrade it)")
         return cls(
             run_id=doc["run_id"],
             name=doc["name"],
@@ -147,6 +153,8 @@ class RunManifest:
             environment=dict(doc["environment"]),
             timings=dict(doc["timings"]),
             extra=dict(doc.get("extra", {})),
+            digest_algorithm=str(doc.get("digests", {}).get("algorithm", "sha256")),
+            schema_version=int(doc["schema_version"]),
         )
 
 

@@ -3,7 +3,8 @@
 The files the digests do not cover (groups, indexes, unsealed runs, links) are accounted for in `audit.py`.
 
 Incomplete runs (no manifest, aborted, or unsealed by a writer killed mid-finish) are listed, not
-counted as errors: they were never served. A sealed run whose bytes changed is an error.
+counted as errors: they were never served. A sealed run whose bytes changed is an error. Each digest
+is checked with the algorithm it names (``blake3:``/``sha256:``; bare hex is SHA-256, as old stores wrote).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from depin_jupyter.store import _io, audit, ledger
-from depin_jupyter.store._digest import output_digest, sha256_hex
+from depin_jupyter.store._digest import output_digest_like, sha256_hex
 from depin_jupyter.store.findings import Problem
 from depin_jupyter.store.manifest import MANIFEST_ATTR, OutputRecord, RunManifest, RunSummary
 
@@ -68,7 +69,7 @@ def _check_outputs(run_id: str, manifest: RunManifest, hashes: dict[str, str | N
                 problems.append(Problem("array metadata (zarr.json) differs or is missing", run_id,
                                         out_name, short))
             expected = dict(arr.chunk_digests or {})
-            if output_digest(expected) != arr.digest:
+            if output_digest_like(expected, arr.digest or "") != arr.digest:
                 problems.append(Problem("chunk digest list does not give the output digest", run_id,
                                         out_name, short))
             for chunk in sorted(listed.get(path, set()) - set(expected)):
@@ -126,8 +127,8 @@ def verify_store(rs: ResultStore) -> VerifyReport:
     for path in arrays:
         keys = {k[len(path) + 1:] for k in _io.list_prefix(store, path)}
         listed[path] = {k for k in keys if k == "c" or k.startswith("c/")}
-    chunk_keys = [f"{p}/{c}" for p, rec in arrays.items() for c in (rec.chunk_digests or {})]
-    hashes = _io.hash_keys(store, chunk_keys)
+    recorded = {f"{p}/{c}": d for p, rec in arrays.items() for c, d in (rec.chunk_digests or {}).items()}
+    hashes = _io.check_keys(store, recorded)
     metas = _io.get_many(store, [f"{p}/zarr.json" for p in [*arrays, *groups]])
     for run_id, manifest in to_check.items():
         problems += _check_outputs(run_id, manifest, hashes, listed, metas)
@@ -137,6 +138,6 @@ def verify_store(rs: ResultStore) -> VerifyReport:
     found = audit.audit_store(store, rs.url, entries, to_check, ids)
     return VerifyReport(
         url=rs.url, problems=tuple(problems + found.problems), incomplete=tuple(incomplete),
-        runs_checked=len(to_check), chunks_checked=len(chunk_keys), ledger_entries=len(entries),
+        runs_checked=len(to_check), chunks_checked=len(recorded), ledger_entries=len(entries),
         head_digest=ledger.head_digest(store), notes=tuple(found.notes), files_checked=found.keys,
     )
