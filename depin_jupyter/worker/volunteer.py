@@ -23,7 +23,7 @@ from depin_jupyter import config
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
 from depin_jupyter.protocol.identity import Token
 from depin_jupyter.worker import controls
-from depin_jupyter.worker._dask import VolunteerWorker
+from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny
 
 __all__ = ["VolunteerWorker", "run", "wait_for_scheduler", "volunteer_info"]
 
@@ -143,6 +143,9 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
     common: dict[str, Any] = dict(security=security, nthreads=nthreads, memory_limit=memory_limit,
                                   worker_class=VolunteerWorker, contact_address=contact_address,
                                   startup_information={"depin": volunteer_info}, dashboard=False,
+                                  # Worker addresses must be unique on the coordinator, so each listens where
+                                  # its machine can be named; only the coordinator may connect (guard_nanny,
+                                  # VolunteerWorker.handle_comm), and nothing needs to (results are relayed).
                                   host=None if contact_address is None else "127.0.0.1")
     wanted = _gpu_list(gpus)
     exclude = controls.parse_gpu_indices(config.get("volunteer.exclude-gpus"))
@@ -164,6 +167,8 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
             for line in controls.set_power_limits(devices, float(power)):
                 say(f"depin worker: {line}.")
         cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
+        for nanny in cw.nannies:
+            guard_nanny(nanny)
         await cw
         say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with {len(cw.nannies)} GPU worker(s).")
         return list(cw.nannies)
@@ -171,7 +176,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
         raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
     if config.get("volunteer.max-power") is not None:
         say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
-    nanny = Nanny(token.address, name=name, **common)
+    nanny = guard_nanny(Nanny(token.address, name=name, **common))
     await nanny
     say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with a CPU worker ({why}); cells use numpy here.")
     return [nanny]
