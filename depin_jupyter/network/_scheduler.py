@@ -17,6 +17,7 @@ from typing import Any
 
 from distributed import Scheduler
 from distributed.core import Status
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import NoOpAwaitable
 
 from depin_jupyter import config
@@ -79,6 +80,18 @@ def _strip_serialized(obj: Any, depth: int = 0) -> Any:
     return obj
 
 
+class _Bindings(SchedulerPlugin):
+    """Binds a worker to its identity the moment Dask accepted its registration."""
+
+    name = "depin-bindings"
+
+    def __init__(self, sched: DepinScheduler) -> None:
+        self.sched = sched
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        self.sched.bind_worker(worker)
+
+
 class DepinScheduler(Scheduler):
     """Dask scheduler enforcing certificate roles and revocation, relaying results, keeping credit."""
 
@@ -102,6 +115,8 @@ class DepinScheduler(Scheduler):
         self.handlers.update({op: getattr(self, op) for op in OPS})
         self.handlers.update({"depin_refused": self.depin_refused, "depin_refuse_worker": self.depin_refuse_worker,
                               "depin_refuse_client": self.depin_refuse_client})
+        self._registering: dict[str, str] = {}  # address -> identity, while Dask registers it
+        self.add_plugin(_Bindings(self))
         self.add_plugin(Ledger(self))
         from depin_jupyter.network.gateway import CellGateway
 
@@ -321,13 +336,24 @@ class DepinScheduler(Scheduler):
                 self.in_background(self.remove_worker, address, stimulus_id=f"depin-revoked-{time.time()}", close=True)
 
     async def add_worker(self, comm: Any = None, *, address: str, **kwargs: Any) -> None:  # type: ignore[override]
-        """Register a worker; only then is it bound to the identity that registered it (and its pool)."""
+        """Register a worker; it is bound to the identity that registered it (and its pool) only once Dask
+        has accepted the address (`_Bindings.add_worker`): nobody can relabel a worker someone else holds."""
         address = normalized_address(address)
-        taken = address in self.workers
-        await super().add_worker(comm, address=address, **kwargs)
         ident = getattr(comm, "depin_identity", None)
-        if not taken and address in self.workers and ident is not None and ident[1] == "worker":
-            self.note_worker(address, str(ident[0]))
+        if address in self.workers or address in self._registering:
+            raise ValueError(f"Worker already exists {address}")
+        if ident is not None and ident[1] == "worker":
+            self._registering[address] = str(ident[0])
+        try:
+            await super().add_worker(comm, address=address, **kwargs)  # returns when the worker leaves
+        finally:
+            self._registering.pop(address, None)
+
+    def bind_worker(self, address: str) -> None:
+        """The worker at ``address`` was just accepted: record whose it is, and its pool."""
+        name = self._registering.get(address)
+        if name is not None and address in self.workers:
+            self.note_worker(address, name)
             pools = pools_of(self.workers[address].resources)
             self.note_pool(address, pools[0] if pools else None)
 

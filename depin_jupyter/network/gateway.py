@@ -64,6 +64,7 @@ class GatewayRun:
     detached: bool             # outlives its client (background runs)
     submitted: float = field(default_factory=time.time)
     future: Any = None
+    ended: asyncio.Event | None = None       # set when ``future`` is done, however it ended
     state: str = "queued"      # queued (held by a quota), pending, finished, error, cancelled, lost
     error: str = ""
     worker: str | None = None
@@ -130,7 +131,7 @@ class CellGateway:
         async def start() -> None:
             run.state = "pending"
             if rep is None or rep.k <= 1:
-                run.future = await self._task(key, spec, inputs, blob, where)
+                run.future, run.ended = await self._task(key, spec, inputs, blob, where)
                 return
             run.done = asyncio.Event()
             self.sched.in_background(self._replicated, run, parsed, spec, inputs, blob, where, rep)
@@ -141,12 +142,18 @@ class CellGateway:
         await self.sched.lab.admit(client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name)
         return "OK"
 
-    async def _task(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None, where: dict[str, Any]) -> Any:
-        """The Dask task of one run: depin's cell runner over the submitted bytes, placed as asked."""
+    async def _task(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None,
+                    where: dict[str, Any]) -> tuple[Any, asyncio.Event]:
+        """The Dask task of one run (depin's cell runner over the submitted bytes, placed as asked), and an
+        event set when it is done. Its result, a marker, is never gathered: nobody dials a volunteer."""
         from depin_jupyter.worker.entry import run_cell_gateway  # pickled by reference: the worker's runner
 
         client = await self.client()
-        return client.submit(run_cell_gateway, spec, inputs, blob, key=key, pure=False, **where)
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+        future = client.submit(run_cell_gateway, spec, inputs, blob, key=key, pure=False, **where)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(ended.set))
+        return future, ended
 
     async def wait(self, name: str, key: str, timeout: float) -> dict[str, Any]:
         """The run's state after waiting up to ``timeout`` s for it to end; a finished run's payload."""
@@ -159,14 +166,13 @@ class CellGateway:
                 await asyncio.wait_for(run.done.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 pass
-        elif run.future is not None and run.state == "pending":
-            from distributed import wait
-
+        elif run.ended is not None and run.state == "pending":
             try:
-                await wait([run.future], timeout=max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(run.ended.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 pass
-            await self._settle(run)
+            if run.ended.is_set():
+                await self._settle(run)
         answer: dict[str, Any] = {"state": run.state, "error": run.error, "worker": run.worker,
                                   "replication": run.replication}
         if run.state == "finished":
@@ -309,12 +315,9 @@ class CellGateway:
                                  parent.client_id, parent.detached, state="pending")
             self.runs[key] = replica
             parent.replicas.append(key)
-        future = await self._task(key, spec, inputs, blob, where)
-        if primary:
-            parent.future = future
-        from distributed import wait
-
-        await wait([future])
+        future, ended = await self._task(key, spec, inputs, blob, where)
+        replica.future = future
+        await ended.wait()
         holder = GatewayRun(key, replica.run_id, replica.name, replica.owner, None, False, future=future,
                             state="pending")
         await self._settle(holder)
