@@ -306,6 +306,7 @@ class CellGateway:
     async def _one_replica(self, parent: GatewayRun, key: str, spec: bytes, inputs: bytes, blob: bytes | None,
                            where: dict[str, Any], primary: bool) -> tuple[dict[str, Any], bytes]:
         """One replica's run (its own key), waited for; its decoded result (pickle-free) and raw payload."""
+        from depin_jupyter.protocol import safe_codec
         from depin_jupyter.protocol.payloads import from_payload
 
         if primary:
@@ -324,8 +325,12 @@ class CellGateway:
         if holder.state != "finished":
             raise RuntimeError(holder.error or holder.state)
         payload = self.sched.relay.get(key, pop=True)
-        assert payload is not None
-        return dict(from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))), payload
+        if payload is None:
+            raise RuntimeError("the volunteer finished but sent no result")
+        try:
+            return dict(from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))), payload
+        except safe_codec.DecodeError as e:
+            raise RuntimeError(f"its result was refused ({e}). Nothing from it was unpickled") from None
 
     def _judge(self, record: dict[str, Any], run: GatewayRun) -> None:
         """The coordinator's own verdicts: reputation and credit of each replica's volunteer."""

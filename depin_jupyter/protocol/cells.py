@@ -95,7 +95,7 @@ def check_placement(placement: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     workers = placement.get("workers")
     if workers is not None:
-        if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
+        if not isinstance(workers, (list, tuple)) or not all(isinstance(w, str) for w in workers):
             raise ValueError("placement 'workers' must be a list of addresses")
         out["workers"] = list(workers)
     if "allow_other_workers" in placement:
