@@ -117,7 +117,7 @@ def cell_async(session: Any, code: str, ns: dict[str, Any] | None = None, **opti
         try:
             outcome = runner.run_cell(session, code, namespace, opts)
             done.set_result((namespace, outcome))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+        except BaseException as e:
             done.set_exception(e)
 
     threading.Thread(target=go, daemon=True).start()

@@ -53,6 +53,26 @@ class Replication:
 
 
 @dataclass
+class _Plan:
+    """A replicated cell's plan, with the workers that may run it and whose they are."""
+
+    plan: Any                 # protocol.quorum.Plan
+    candidates: list[str]
+    names: dict[str, str]
+    k: int                    # replicas wanted (fewer than asked when the default degraded)
+
+
+def _single_record(plan: _Plan, rep: Replication) -> dict[str, Any]:
+    """The record of a cell that asked for replicas but ran once (a trusted volunteer not spot-checked,
+    or fewer volunteers than the default wants)."""
+    record: dict[str, Any] = {"replicated": False, "adaptive": rep.adaptive, "rtol": rep.rtol, "atol": rep.atol,
+                              "accepted": True, "replicas": []}
+    if plan.k < rep.k:
+        record["degraded_to"] = plan.k
+    return record
+
+
+@dataclass
 class GatewayRun:
     """One submitted cell (or one replica of it) and whose it is."""
 
@@ -130,11 +150,15 @@ class CellGateway:
 
         async def start() -> None:
             run.state = "pending"
-            if rep is None or rep.k <= 1:
+            plan = None if rep is None or rep.k <= 1 else self._plan(where, rep)
+            if plan is None or not plan.plan.replicated:
+                # one run: Dask places it (and re-runs it elsewhere if its volunteer is lost)
+                if plan is not None and rep is not None:
+                    run.replication = _single_record(plan, rep)
                 run.future, run.ended = await self._task(key, spec, inputs, blob, where)
                 return
             run.done = asyncio.Event()
-            self.sched.in_background(self._replicated, run, parsed, spec, inputs, blob, where, rep)
+            self.sched.in_background(self._replicated, run, parsed, spec, inputs, blob, plan, rep)
 
         def refuse(_client: str, _keys: Any, text: str) -> None:
             run.state, run.error = "error", text
@@ -258,19 +282,32 @@ class CellGateway:
 
 
     # --- replicated runs: the coordinator judges (`protocol.quorum`), nobody reports verdicts to it ---
+    def _plan(self, where: dict[str, Any], rep: Replication) -> _Plan:
+        """Who runs a replicated cell first (`protocol.quorum.plan`), among the volunteers that may run it."""
+        import random
+
+        from depin_jupyter.protocol import quorum
+
+        candidates = self.sched.workers_for(where)
+        names = {w: self.sched.worker_names.get(w, w) for w in candidates}
+        k = rep.k
+        if rep.adaptive and 0 < len(set(names.values())) < k:
+            k = len(set(names.values()))  # the default degrades to the volunteers there are; --replicas K does not
+        if not candidates:
+            return _Plan(quorum.Plan([], rep.adaptive, True), [], {}, k)
+        plan = quorum.plan(candidates, names, k, rep.adaptive, dict(self.sched.reputation),
+                           int(config.get("trust-streak")), random.Random())
+        return _Plan(plan, candidates, names, k)
+
     async def _replicated(self, run: GatewayRun, spec: Any, spec_bytes: bytes, inputs: bytes, blob: bytes | None,
-                          where: dict[str, Any], rep: Replication) -> None:
+                          plan: _Plan, rep: Replication) -> None:
         """Run the cell on distinct volunteers until a tolerant majority agrees; keep reputation and credit."""
         from depin_jupyter.protocol import quorum
         from depin_jupyter.protocol.cells import encode_spec
 
         assert run.done is not None
         loop = asyncio.get_running_loop()
-        candidates = self.sched.workers_for(where)
-        names = {w: self.sched.worker_names.get(w, w) for w in candidates}
-        k, adaptive = rep.k, rep.adaptive
-        if adaptive and 0 < len(set(names.values())) < k:
-            k = len(set(names.values()))  # the default degrades to the volunteers there are; --replicas K does not
+        names = plan.names
         payloads: dict[int, bytes] = {}  # id of a replica's decoded result -> its raw payload
 
         def run_one(worker: str, primary: bool) -> dict[str, Any]:
@@ -278,24 +315,18 @@ class CellGateway:
                 {**spec, "run_id": f"{spec['run_id']}-{names[worker]}"})  # type: ignore[typeddict-item]
             rkey = run.key if primary else f"{run.key}~{names[worker]}"
             future = asyncio.run_coroutine_threadsafe(
-                self._one_replica(run, rkey, rspec, inputs, blob, {"workers": [worker], "allow_other_workers": False},
-                                  primary), loop)
+                self._one_replica(run, rkey, rspec, inputs, blob, worker, primary), loop)
             result, payload = future.result()
             payloads[id(result)] = payload
-            result["__key__"] = rkey
             return result
 
         try:
-            if not candidates:
+            if not plan.candidates:
                 raise quorum.ReplicationError("no connected volunteer can run this cell (pool, GPUs)")
-            import random
-
-            plan = quorum.plan(candidates, names, k, adaptive, dict(self.sched.reputation),
-                               int(config.get("trust-streak")), random.Random())
-            result, record = await asyncio.to_thread(quorum.run, run_one, plan, candidates, names, k, rep.k_max,
-                                                     rep.rtol, rep.atol)
-            if k < rep.k:
-                record["degraded_to"] = k
+            result, record = await asyncio.to_thread(quorum.run, run_one, plan.plan, plan.candidates, names, plan.k,
+                                                     rep.k_max, rep.rtol, rep.atol)
+            if plan.k < rep.k:
+                record["degraded_to"] = plan.k
             run.payload, run.replication, run.state = payloads.get(id(result)), record, "finished"
             self._judge(record, run)
         except Exception as e:  # noqa: BLE001 - the client is told why, as text
@@ -304,8 +335,9 @@ class CellGateway:
             run.done.set()
 
     async def _one_replica(self, parent: GatewayRun, key: str, spec: bytes, inputs: bytes, blob: bytes | None,
-                           where: dict[str, Any], primary: bool) -> tuple[dict[str, Any], bytes]:
-        """One replica's run (its own key), waited for; its decoded result (pickle-free) and raw payload."""
+                           worker: str, primary: bool) -> tuple[dict[str, Any], bytes]:
+        """One replica's run (its own key) on ``worker``, waited for; its decoded result (pickle-free) and raw
+        payload. A replica whose worker leaves has no vote (Dask would wait for a pinned worker forever)."""
         from depin_jupyter.protocol import safe_codec
         from depin_jupyter.protocol.payloads import from_payload
 
@@ -316,9 +348,18 @@ class CellGateway:
                                  parent.client_id, parent.detached, state="pending")
             self.runs[key] = replica
             parent.replicas.append(key)
-        future, ended = await self._task(key, spec, inputs, blob, where)
+        future, ended = await self._task(key, spec, inputs, blob, {"workers": [worker], "allow_other_workers": False})
         replica.future = future
-        await ended.wait()
+        gone = 0
+        while not ended.is_set():
+            try:
+                await asyncio.wait_for(ended.wait(), 1.0)
+            except TimeoutError:
+                gone = gone + 1 if worker not in self.sched.workers else 0
+                if gone >= 2:
+                    client = await self.client()
+                    await client.cancel([future], reason="its volunteer left", force=True)
+                    raise RuntimeError(f"the volunteer's worker {worker} left before its replica finished") from None
         holder = GatewayRun(key, replica.run_id, replica.name, replica.owner, None, False, future=future,
                             state="pending")
         await self._settle(holder)
