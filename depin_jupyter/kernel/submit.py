@@ -25,6 +25,7 @@ from depin_jupyter.kernel.stream import emit
 from depin_jupyter.protocol.constants import run_key
 from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.rpc import Coordinator
+from depin_jupyter.protocol.values import RichValue
 from depin_jupyter.worker.entry import run_cell as remote_run_cell
 
 __all__ = ["cancel", "raise_remote", "submit_and_wait"]
@@ -212,6 +213,17 @@ class _GatewaySubmission(_Submission):
     def register(self) -> None:
         pass  # the coordinator lists gateway runs itself (`depin jobs` with a client token)
 
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        """A volunteer's output event, made inert before anything shows it (`kernel.inert`)."""
+        if msg.get("kind") == "display":
+            from depin_jupyter.kernel.inert import inert_bundle
+
+            data, md = inert_bundle(msg.get("data"), msg.get("metadata"))
+            msg = {**msg, "data": data, "metadata": md}
+        elif msg.get("kind") in ("stdout", "stderr") and not isinstance(msg.get("text"), str):
+            return
+        super()._on_message(msg)
+
     def result(self) -> RunResult:
         from depin_jupyter.protocol import safe_codec
         from depin_jupyter.protocol.payloads import from_payload
@@ -237,6 +249,11 @@ class _GatewaySubmission(_Submission):
             raise InputsLost(err.get("message"))  # the run loop sends the inputs again, inline
         if self.final.get("replication"):
             result["replication"] = self.final["replication"]
+        value = result.get("value")
+        if isinstance(value, RichValue):  # an Out value a volunteer formatted: inert too
+            from depin_jupyter.kernel.inert import inert_bundle
+
+            result["value"] = RichValue(*inert_bundle(value.data, value.metadata))
         return result
 
 

@@ -163,7 +163,8 @@ class CellGateway:
         def refuse(_client: str, _keys: Any, text: str) -> None:
             run.state, run.error = "error", text
 
-        await self.sched.lab.admit(client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name)
+        await self.sched.lab.admit(client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name,
+                                   tracked=True)
         return "OK"
 
     async def _task(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None,
@@ -243,6 +244,7 @@ class CellGateway:
         run = self.runs.pop(key, None)
         if run is None:
             return
+        self.sched.lab.done(key)  # also when its task never existed (refused, cancelled while held)
         self.by_run_id.pop(run.run_id, None)
         if run.future is not None:
             run.future.release()
@@ -344,6 +346,7 @@ class CellGateway:
         if primary:
             replica = parent
         else:
+            self.sched.lab.key_owner.setdefault(key, parent.owner)  # its compute counts toward the quota
             replica = GatewayRun(key, f"{parent.run_id}~{key.rsplit('~', 1)[-1]}", parent.name, parent.owner,
                                  parent.client_id, parent.detached, state="pending")
             self.runs[key] = replica

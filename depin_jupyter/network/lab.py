@@ -116,7 +116,7 @@ def reset_text() -> str:
 
 def _unit(key: Any) -> str:
     """What counts as one cell: a run's replicas (``depin-run-<id>-<hex>``) count once."""
-    k = str(key)
+    k = str(key).split("~", 1)[0]  # a replica the coordinator added (<key>~<volunteer>) is the same cell
     return k.rsplit("-", 1)[0] if k.startswith("depin-run-") else k
 
 
@@ -198,13 +198,15 @@ class LabGate:
             self.sched.report({"op": "task-erred", "key": key, "exception": text, "traceback": None},
                               client=client)
 
-    async def admit(self, client: str, keys: Any, submit: Any, fail: Any = None, name: str | None = None) -> None:
+    async def admit(self, client: str, keys: Any, submit: Any, fail: Any = None, name: str | None = None,
+                    tracked: bool = False) -> None:
         """Run ``submit()`` (the real update-graph, or the gateway's task) when the student's quota allows;
         else hold or fail (``fail(client, keys, text)``; default: a task-erred text to the client).
 
         The client's stream awaits this handler, so a held cell waits in a background task: the stream
         (heartbeats, releases, the student's other messages) keeps flowing. ``name``: the submitter, when the
-        gateway submits for it (else the client's certificate name).
+        gateway submits for it (else the client's certificate name). ``tracked``: the keys stay counted
+        until their tasks end (`done`), even when ``submit`` returns before the tasks exist (the gateway).
         """
         name = name or self.client_names.get(client)
         quota = self.quota(name) if name else {}
@@ -223,11 +225,11 @@ class LabGate:
                     f"depin lab quota: {name!r} already has {self.count(name)} cell(s) queued or running "
                     f"(quota concurrent={int(quota['concurrent'])}); this cell was refused "
                     f"(depin.lab.over-quota: refuse). Run it again when one has finished."))
-            ticket = {"client": client, "keys": set(keys), "raw": raw, "fail": fail}
+            ticket = {"client": client, "keys": set(keys), "raw": None if tracked else raw, "fail": fail}
             self.held[name].append(ticket)
             self.sched.in_background(self._hold, name, quota, ticket, submit)
             return None
-        return await self._submit(name, keys, submit, raw)
+        return await self._submit(name, keys, submit, None if tracked else raw)
 
     def _fits(self, name: str, quota: dict[str, float], keys: list[str]) -> bool:
         limit = int(quota.get("concurrent", 0))
@@ -264,15 +266,19 @@ class LabGate:
         for k in keys:  # counted before the graph exists, so a second submission in the same tick waits
             self.key_owner[k] = name
             self.inflight[name].setdefault(_unit(k), set()).add(k)
+        ok = False
         try:
-            return await submit()
+            result = await submit()
+            ok = True
+            return result
         finally:
-            # a graph that failed to build, or keys already computed, leave nothing in flight
-            live = {str(k) for k in raw or () if k in self.sched.tasks
-                    and self.sched.tasks[k].state not in ("memory", "erred", "forgotten")}
-            for k in keys:
-                if k not in live:
-                    self.done(k)
+            if raw is not None or not ok:
+                # a graph that failed to build, or keys already computed, leave nothing in flight
+                live = {str(k) for k in raw or () if k in self.sched.tasks
+                        and self.sched.tasks[k].state not in ("memory", "erred", "forgotten")}
+                for k in keys:
+                    if k not in live:
+                        self.done(k)
 
     def release_held(self, client: str, keys: Any = None) -> None:
         """The client released keys (or left): drop held submissions of them."""

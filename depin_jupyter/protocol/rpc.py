@@ -131,3 +131,6 @@ class AsyncCoordinator:
 
     async def lab_status(self) -> dict[str, Any]:
         return dict(await self._call("depin_lab_status"))
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        return list(await self._call("depin_jobs"))

@@ -215,16 +215,27 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await wait_for_scheduler(token, say)
-    nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
-    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        await _leave(token, nannies, say)
-        return 0
-    say("depin worker: the coordinator closed this worker.")
-    return 1
+    joined = False
+    while True:
+        try:
+            await wait_for_scheduler(token, say)
+        except ClusterConnectionError as e:  # refused (revoked, another coordinator): final
+            say(f"depin worker: {e}")
+            return 1
+        nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
+        if joined:
+            say(f"depin worker: rejoined {token.address}.")
+        joined = True
+        finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+        await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            await _leave(token, nannies, say)
+            return 0
+        # The coordinator went away (restarted, crashed, the network dropped): join it again when it is back.
+        say("depin worker: lost the coordinator; rejoining when it answers again.")
+        await asyncio.gather(*(n.close(timeout=5, reason="coordinator-lost") for n in nannies),
+                             return_exceptions=True)
 
 
 def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: str | None = None,
