@@ -41,12 +41,13 @@ logger = logging.getLogger("depin.volunteer")
 CELL_RUNNER = ("depin_jupyter.worker.entry", "run_cell_gateway")
 
 
-def _only_the_coordinator(owner: str, handle: Any) -> Any:
-    """A ``handle_comm`` that drops every connection not made with the coordinator's own certificate, before
-    anything it sends is read (so nothing of a peer is ever decoded, let alone unpickled)."""
+def _only_the_coordinator(owner: str, own_name: str, handle: Any) -> Any:
+    """A ``handle_comm`` that drops every connection not made with the coordinator's certificate (or this
+    volunteer's own: its worker reports to its nanny), before anything it sends is read (so nothing of a
+    peer is ever decoded, let alone unpickled)."""
     def handle_comm(comm: Any) -> Any:
-        _, roles, _ = peer_identity(comm.extra_info.get("peercert"))
-        if roles != {"scheduler"}:
+        name, roles, _ = peer_identity(comm.extra_info.get("peercert"))
+        if roles != {"scheduler"} and not (roles == {"worker"} and own_name and name == own_name):
             logger.warning("%s refused a connection from %s (%s): only the coordinator may dial a volunteer",
                            owner, comm.peer_address, ", ".join(sorted(roles)) or "no depin role")
             comm.abort()
@@ -60,7 +61,7 @@ def guard_nanny(nanny: Any) -> Any:
     """Make a volunteer's nanny (ours, or one dask-cuda's CUDAWorker built) accept only the coordinator.
 
     Set before the nanny starts listening (its listener takes ``self.handle_comm`` then)."""
-    nanny.handle_comm = _only_the_coordinator("nanny", nanny.handle_comm)
+    nanny.handle_comm = _only_the_coordinator("nanny", _own_cert(nanny.security, "name"), nanny.handle_comm)
     return nanny
 
 
@@ -88,7 +89,7 @@ class VolunteerWorker(Worker):
         from depin_jupyter.worker.plugins import CancelOnRelease
 
         super().__init__(*args, plugins=(*(plugins or ()), CancelOnRelease()), **kwargs)
-        self.depin_pool = _own_pool(self.security)
+        self.depin_pool = _own_cert(self.security, "pool")
         if self.depin_pool:  # the coordinator grants it (from the certificate) only if asked for
             self.state.total_resources[pool_resource(self.depin_pool)] = POOL_CAPACITY
             self.state.available_resources[pool_resource(self.depin_pool)] = POOL_CAPACITY
@@ -180,7 +181,7 @@ class VolunteerWorker(Worker):
         return await super().close(*args, **kwargs)
 
     def handle_comm(self, comm: Any) -> Any:
-        return _only_the_coordinator("worker", super().handle_comm)(comm)
+        return _only_the_coordinator("worker", _own_cert(self.security, "name"), super().handle_comm)(comm)
 
     async def execute(self, key: Any, *, stimulus_id: str) -> Any:
         """Run a task only if it is depin's cell runner; anything else fails with a message, unrun."""
@@ -197,14 +198,14 @@ class VolunteerWorker(Worker):
         return await super().execute(key, stimulus_id=stimulus_id)
 
 
-def _own_pool(security: Any) -> str:
-    """The pool named in this worker's own certificate ("" when it cannot be read)."""
-    from depin_jupyter.protocol.identity import cert_pool
+def _own_cert(security: Any, field: str) -> str:
+    """The ``name`` or ``pool`` in this worker's own certificate ("" when it cannot be read)."""
+    from depin_jupyter.protocol.identity import cert_info, cert_pool
 
     cert = getattr(security, "tls_worker_cert", None) or ""
     try:
         if not str(cert).lstrip().startswith("-----BEGIN"):
             cert = pathlib.Path(str(cert)).read_text()
-        return cert_pool(str(cert))
-    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): in no pool
+        return cert_pool(str(cert)) if field == "pool" else cert_info(str(cert)).name
+    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): no name, in no pool
         return ""

@@ -70,6 +70,11 @@ def _patch_runner(worker) -> None:
 
     def run(spec, inputs, blob, w):
         payload, used, energy = honest_run(spec, inputs, blob, w)
+        if "lie" in ATTACKS:  # the cell ran in the sandbox: change its result on the way out
+            result = dict(payloads.from_payload(payload))
+            if result.get("status") == "ok":
+                result["outputs"] = _shift(result.get("outputs") or {})
+            payload = honest_to_payload(result)
         if "display" in ATTACKS:
             from depin_jupyter.protocol.constants import STREAM_TOPIC
 

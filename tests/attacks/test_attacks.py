@@ -58,6 +58,7 @@ def _start_attacker(net, attacks, **env):
         honest = {w.name: w.address for w in wait_for_workers(session, 2)}
     finally:
         session.close()
+    net.attack_log = net.root / f"attacks-{time.monotonic_ns()}.jsonl"  # this attacker's own record
     env = {"DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([PRELOAD]), "DEPIN_ATTACKS": ",".join(attacks),
            "DEPIN_ATTACK_LOG": str(net.attack_log), "DEPIN_ATTACK_CANARY": str(net.canary),
            "DEPIN_ATTACK_VICTIMS": ",".join(sorted(honest)), **env}
@@ -162,6 +163,7 @@ def test_a_lying_relaying_boasting_volunteer_changes_nothing(net):
                 ns = {"np": np, "seed": seed}
                 runner.run_cell(s, "x = np.random.default_rng(seed).standard_normal(1000)\n"
                                    "total = float(x.sum())\n"
+                                   "from IPython.display import display\n"
                                    "display({'text/html': '<b>table</b>'}, raw=True)\n",
                                 ns, runner.RunOptions(replicas=3, no_store=True))
                 expect = np.random.default_rng(seed).standard_normal(1000)
@@ -174,7 +176,7 @@ def test_a_lying_relaying_boasting_volunteer_changes_nothing(net):
         assert any(e["attack"] == "junk" and e["outcome"].startswith("refused") for e in events), events
         rep = Coordinator.of_client(s.client).reputation()
         mallory = next(n for n in rep if n.startswith("mallory"))
-        assert rep[mallory]["invalid"] >= 1 and rep[mallory]["streak"] == 0
+        assert rep[mallory]["invalid"] >= 1 and rep[mallory]["streak"] == 0, (rep, _attacks(net.attack_log)[-6:])
         assert all(rep[h]["invalid"] == 0 and rep[h]["valid"] >= 1 for h in honest if h in rep), rep
         # credit is what the coordinator saw, not what was claimed
         credits = Coordinator.of_client(s.client).credits()
