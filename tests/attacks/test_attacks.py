@@ -296,4 +296,4 @@ def test_a_worker_identity_cannot_submit_cells(net):
 
     with pytest.raises(Exception, match="worker identity may not call 'depin_submit_cell'"):
         asyncio.run(call("depin_submit_cell", key="depin-run-x-1", spec=b"", inputs=b""))
-    assert asyncio.run(call("identity"))["type"] == "Scheduler"
+    assert asyncio.run(call("identity"))["type"] == "DepinScheduler"
