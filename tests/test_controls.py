@@ -174,7 +174,8 @@ def test_pause_hands_work_back_and_resume_takes_work_again(net):
         results = [_named(s, f.result(timeout=60)) for f in futures]  # none failed (allowed-failures is 0)
         assert sorted(r[3] for r in results) == list(range(10))
         on_a = [r for r in results if r[0] == "pa"]
-        during = [r for r in on_a if paused_at + 0.3 < r[1] < resumed_at]
+        # (a start is taken inside the cell's sandboxed process: allow for that process's own start)
+        during = [r for r in on_a if paused_at + 1.0 < r[1] < resumed_at]
         assert not during, f"tasks started on the paused worker: {during}"
         assert any(r[1] >= resumed_at for r in on_a) or any(r[0] == "pb" for r in results), results
         after = _named(s, cell_async(s, LONG_CELL, {"i": 99}, worker=addr_a).result(timeout=30))

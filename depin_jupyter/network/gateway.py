@@ -28,6 +28,27 @@ logger = logging.getLogger("depin.coordinator")
 _TERMINAL = frozenset({"finished", "error", "cancelled", "lost"})
 
 
+async def _in_thread(func: Any, *args: Any) -> Any:
+    """``func(*args)`` in a thread of its own (a replicated cell blocks one for as long as it runs, so the
+    loop's small shared executor is not used), awaited from the loop."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def go() -> None:
+        try:
+            result = func(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = e
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+    threading.Thread(target=go, name="depin-replicas", daemon=True).start()
+    return await done
+
+
 @dataclass(frozen=True)
 class Replication:
     """How many distinct volunteers run a cell, and how their results must agree (`protocol.quorum`)."""
@@ -325,8 +346,8 @@ class CellGateway:
         try:
             if not plan.candidates:
                 raise quorum.ReplicationError("no connected volunteer can run this cell (pool, GPUs)")
-            result, record = await asyncio.to_thread(quorum.run, run_one, plan.plan, plan.candidates, names, plan.k,
-                                                     rep.k_max, rep.rtol, rep.atol)
+            result, record = await _in_thread(quorum.run, run_one, plan.plan, plan.candidates, names, plan.k,
+                                              rep.k_max, rep.rtol, rep.atol)
             if plan.k < rep.k:
                 record["degraded_to"] = plan.k
             run.payload, run.replication, run.state = payloads.get(id(result)), record, "finished"

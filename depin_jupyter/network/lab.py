@@ -211,6 +211,8 @@ class LabGate:
         name = name or self.client_names.get(client)
         quota = self.quota(name) if name else {}
         fail = fail or self.fail
+        if name is not None and tracked and not quota:  # counted (fair share needs to know whose it is)
+            return await self._submit(name, [str(k) for k in keys], submit, None)
         if not quota or name is None:
             return await submit()
         why = self.over_seconds(name, quota)
