@@ -9,7 +9,7 @@ import time
 import pytest
 from click.testing import CliRunner
 from conftest import free_port
-from volunteer_net import Network, wait_for_workers
+from volunteer_net import Network, cell_async, wait_for_workers
 
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError, RemoteExecutionError
 from depin_jupyter.kernel import cluster, runner
@@ -19,15 +19,20 @@ from depin_jupyter.reports import format_lab_status
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_store")]
 
 
-def _span(seconds):
-    """A task: (start, end) wall-clock times on the worker (same machine as the test)."""
-    def run(i):
-        import time as t
+class _Span:
+    """A cell on the volunteer network; ``result()``: its (start, end) wall-clock times on the worker (the
+    same machine as the test)."""
 
-        start = t.time()
-        t.sleep(seconds)
-        return (start, t.time())
-    return run
+    def __init__(self, session, seconds):
+        self.future = cell_async(session, f"import time\nstart = time.time()\ntime.sleep({seconds})\nend = time.time()\n")
+
+    def result(self, timeout=None):
+        ns, _ = self.future.result(timeout)
+        return ns["start"], ns["end"]
+
+
+def _span(session, seconds):
+    return _Span(session, seconds)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +63,10 @@ def test_concurrent_quota_waits_while_another_student_is_served(net):
     s2 = _session(net.token("client", "ben", quota="concurrent=1"))
     try:
         wait_for_workers(s1, 2)
-        a1 = s1.client.submit(_span(1.0), 1, pure=False)
+        a1 = _span(s1, 1.0)
         time.sleep(0.2)
-        a2 = s1.client.submit(_span(0.2), 2, pure=False)  # ann's second: held until her first is done
-        b1 = s2.client.submit(_span(0.2), 1, pure=False)  # ben: served on the free worker meanwhile
+        a2 = _span(s1, 0.2)  # ann's second: held until her first is done
+        b1 = _span(s2, 0.2)  # ben: served on the free worker meanwhile
         (_, a1e), (a2s, _), (_, b1e) = a1.result(30), a2.result(30), b1.result(30)
         assert a2s >= a1e - 0.05, "ann's second cell ran while her first was running"
         assert b1e < a1e, "ben was not served while ann's cell was held"
@@ -98,9 +103,9 @@ def test_fair_share_one_student_does_not_starve_another(net):
     sb = _session(net.token("client", "bob-two-cells"))
     try:
         wait_for_workers(sa, 2)
-        fa = [sa.client.submit(_span(0.3), i, pure=False) for i in range(20)]
+        fa = [_span(sa, 0.3) for i in range(20)]
         time.sleep(0.3)
-        fb = [sb.client.submit(_span(0.3), i, pure=False) for i in range(2)]
+        fb = [_span(sb, 0.3) for i in range(2)]
         ends_a = sorted(e for _, e in (f.result(60) for f in fa))
         ends_b = [e for _, e in (f.result(60) for f in fb)]
         assert max(ends_b) < ends_a[9], (f"bob's cells ended after alice's 10th: "
@@ -173,10 +178,10 @@ def test_over_quota_refuse(tmp_path):
     s2 = _session(n.token("client", "eve", quota="concurrent=1"))
     try:
         wait_for_workers(s1, 1)
-        d1 = s1.client.submit(_span(1.0), 1, pure=False)
+        d1 = _span(s1, 1.0)
         time.sleep(0.3)
-        d2 = s1.client.submit(_span(0.1), 2, pure=False)
-        e1 = s2.client.submit(_span(0.1), 1, pure=False)
+        d2 = _span(s1, 0.1)
+        e1 = _span(s2, 0.1)
         with pytest.raises(Exception, match=r"concurrent=1.*refused"):
             d2.result(10)
         assert e1.result(30) and d1.result(30)

@@ -237,7 +237,7 @@ def test_refusal_names_path_type_and_fix(value: Any, path: str, type_text: str) 
     assert message.startswith(path + " ")
     assert info.value.path == path
     assert type_text in message
-    assert "numpy arrays" in message and "depin.volunteer.allow-pickle: true" in message
+    assert "numpy arrays" in message and "%depin connect local" in message
     assert isinstance(info.value, TypeError)
     assert encodable(value) == message
 

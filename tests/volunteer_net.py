@@ -99,3 +99,41 @@ def wait_for_workers(session: Any, n: int, timeout: float = 60) -> list[Any]:
             return ws
         time.sleep(0.2)
     raise AssertionError(f"{n} workers did not join within {timeout}s (have {len(session.workers(max_age=0))})")
+
+
+def cell_async(session: Any, code: str, ns: dict[str, Any] | None = None, **options: Any) -> Any:
+    """Run a `%%depin` cell on ``session`` in a thread (a volunteer network takes cells, not Dask tasks);
+    a concurrent Future of (namespace, CellOutcome). One replica and no store unless said otherwise."""
+    import threading
+    from concurrent.futures import Future
+
+    from depin_jupyter.kernel import runner
+
+    done: Future[Any] = Future()
+    namespace = dict(ns or {})
+    opts = runner.RunOptions(**{"no_store": True, "replicas": 1, **options})
+
+    def go() -> None:
+        try:
+            outcome = runner.run_cell(session, code, namespace, opts)
+            done.set_result((namespace, outcome))
+        except BaseException as e:
+            done.set_exception(e)
+
+    threading.Thread(target=go, daemon=True).start()
+    return done
+
+
+def running_on(session: Any) -> dict[str, list[str]]:
+    """Worker address -> keys of this client's cells queued or running there, as the coordinator says."""
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    out: dict[str, list[str]] = {}
+    for job in Coordinator.of_client(session.client).jobs():
+        if job.get("worker"):
+            out.setdefault(str(job["worker"]), []).append(str(job["key"]))
+    return out
+
+
+LONG_CELL = "import time\nstart = time.time()\ntime.sleep(1.5)\nstop = time.time()\n"
+"""A 1.5 s cell binding its start and stop time (which worker ran it: the outcome says)."""

@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from depin_jupyter.cli.group import main
 
 
-def _client(scheduler: str | None):  # type: ignore[no-untyped-def]
+def _client(scheduler: str | None) -> tuple[Any, bool, str]:
+    """(a Dask client, whether it is a volunteer network's, who it is: user@host or the token's name)."""
+    import os
+
     from distributed import Client
 
     from depin_jupyter import config
+    from depin_jupyter.kernel.jobs import owner
+    from depin_jupyter.protocol.identity import TOKEN_PREFIX, Token
 
     address = scheduler or config.get("scheduler-address")
     if not address:
-        raise click.UsageError("no scheduler: pass --scheduler tcp://host:port or set depin.scheduler-address")
+        raise click.UsageError("no scheduler: pass --scheduler tcp://host:port (or a client token), or set "
+                               "depin.scheduler-address")
+    timeout = config.seconds("connect-timeout")
     try:
-        return Client(address, timeout=config.seconds("connect-timeout"), set_as_default=False)
-    except (OSError, TimeoutError) as e:
+        if address.startswith(TOKEN_PREFIX) or ("://" not in address and os.path.isfile(os.path.expanduser(address))):
+            token = Token.decode(address)
+            token.check_valid("client")
+            client = Client(token.address, security=token.security("client"), timeout=timeout, set_as_default=False)
+            return client, True, token.info.name
+        return Client(address, timeout=timeout, set_as_default=False), False, owner()
+    except (OSError, TimeoutError, ImportError) as e:
         raise click.ClickException(f"no Dask scheduler answered at {address}: {e}") from None
 
 
-_scheduler_option = click.option("--scheduler", "scheduler", default=None, metavar="ADDRESS",
-                                  help="scheduler address (default: config depin.scheduler-address)")
+_scheduler_option = click.option("--scheduler", "scheduler", default=None, metavar="ADDRESS|TOKEN",
+                                  help="scheduler address or a volunteer network's client token (or a file "
+                                       "holding it); default: config depin.scheduler-address")
 
 
 @main.command()
@@ -31,8 +46,9 @@ def jobs(scheduler: str | None) -> None:
     """List runs queued or executing on the cluster, with owner and age."""
     from depin_jupyter.kernel.jobs import format_jobs, list_jobs
 
-    with _client(scheduler) as client:
-        click.echo(format_jobs(list_jobs(client)))
+    client, untrusted, _ = _client(scheduler)
+    with client:
+        click.echo(format_jobs(list_jobs(client, untrusted)))
 
 
 @main.command()
@@ -42,15 +58,16 @@ def jobs(scheduler: str | None) -> None:
 @_scheduler_option
 def cancel(runs: tuple[str, ...], mine: bool, all_: bool, scheduler: str | None) -> None:
     """Cancel RUNS (run ids or names), --mine or --all; their workers stop the cells."""
-    from depin_jupyter.kernel.jobs import cancel_jobs, list_jobs, owner
+    from depin_jupyter.kernel.jobs import cancel_jobs, list_jobs
 
     if not (runs or mine or all_):
         raise click.UsageError("name the runs to cancel, or give --mine or --all")
-    with _client(scheduler) as client:
-        live = list_jobs(client)
-        chosen = [j for j in live if all_ or (mine and j.owner == owner()) or j.run_id in runs or j.name in runs]
+    client, untrusted, me = _client(scheduler)
+    with client:
+        live = list_jobs(client, untrusted)
+        chosen = [j for j in live if all_ or (mine and j.owner == me) or j.run_id in runs or j.name in runs]
         unknown = [r for r in runs if not any(r in (j.run_id, j.name) for j in live)]
-        for j in cancel_jobs(client, chosen):
+        for j in cancel_jobs(client, chosen, untrusted):
             click.echo(f"cancelled {j.run_id} ({j.name}, {j.owner}, {j.age:.0f}s old)")
         if unknown:
             raise click.ClickException(f"no run in flight is called {', '.join(unknown)} (see `depin jobs`)")

@@ -51,6 +51,12 @@ class Session:
         # and nothing dials a worker (volunteers install the depin worker plugins themselves).
         self.untrusted = untrusted
         self.token = token  # the client token of a volunteer network (the Jupyter server's panel uses it)
+        # the certificate name this session speaks as on a volunteer network (None elsewhere)
+        self.identity: str | None = None
+        if token:
+            from depin_jupyter.protocol.identity import Token
+
+            self.identity = Token.decode(token).info.name
         self.description = description
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)

@@ -64,8 +64,17 @@ def _task_states(keys: list[str], dask_scheduler: Any = None) -> dict[str, tuple
     return out
 
 
-def list_jobs(client: Any) -> list[Job]:
-    """Runs still queued or executing on the client's scheduler, oldest first."""
+def list_jobs(client: Any, untrusted: bool = False) -> list[Job]:
+    """Runs still queued or executing on the client's scheduler, oldest first.
+
+    ``untrusted``: a volunteer network, where the coordinator itself lists the runs a client may see (its
+    own; an educator's: its lab's) — clients there read no scheduler metadata and run nothing on it."""
+    if untrusted:
+        from depin_jupyter.protocol.rpc import Coordinator
+
+        listed = Coordinator.of_client(client).jobs()
+        return sorted((Job(str(j["run_id"]), str(j["name"]), str(j["owner"]), str(j["key"]), float(j["submitted"]),
+                           str(j["state"]), j.get("worker")) for j in listed), key=lambda j: j.started)
     runs = client.get_metadata(list(_PREFIX), default={}) or {}
     states = client.run_on_scheduler(_task_states, [r["key"] for r in runs.values()]) if runs else {}
     jobs = [Job(run_id, r["name"], r["owner"], r["key"], r["started"], *states[r["key"]])
@@ -73,8 +82,13 @@ def list_jobs(client: Any) -> list[Job]:
     return sorted(jobs, key=lambda j: j.started)
 
 
-def cancel_jobs(client: Any, jobs: list[Job]) -> list[Job]:
+def cancel_jobs(client: Any, jobs: list[Job], untrusted: bool = False) -> list[Job]:
     """Cancel ``jobs`` for every client that wants them; the worker plugin stops their cells."""
+    if untrusted:
+        from depin_jupyter.protocol.rpc import Coordinator
+
+        coordinator = Coordinator.of_client(client)
+        return [j for j in jobs if coordinator.cancel_cell(j.key)]
     from distributed import Future
 
     if jobs:

@@ -190,7 +190,7 @@ class DepinMagics(Magics):
             from depin_jupyter.kernel.jobs import format_jobs, list_jobs
 
             session = cluster.current_session()
-            print(format_jobs(list_jobs(session.client)) if session else "depin: not connected")
+            print(format_jobs(list_jobs(session.client, session.untrusted)) if session else "depin: not connected")
             return None
         if args.command == "status":
             session = cluster.current_session()
@@ -267,11 +267,12 @@ def _cancel(args: Any) -> None:
     session = cluster.current_session()
     if session is None:
         raise UsageError("not connected: nothing to cancel (%depin connect first)")
-    live = list_jobs(session.client)
-    chosen = [j for j in live if args.all or (args.mine and j.owner == owner()) or args.target in (j.run_id, j.name)]
+    live = list_jobs(session.client, session.untrusted)
+    me = session.identity or owner()
+    chosen = [j for j in live if args.all or (args.mine and j.owner == me) or args.target in (j.run_id, j.name)]
     if args.target and not chosen:
         raise UsageError(f"no run in flight is called {args.target!r} (see %depin jobs)")
-    for j in cancel_jobs(session.client, chosen):
+    for j in cancel_jobs(session.client, chosen, session.untrusted):
         print(f"depin: cancelled {j.run_id} ({j.name}, {j.owner}, {j.age:.0f}s old)")
     if not chosen:
         print("depin: nothing to cancel")

@@ -121,7 +121,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     attempt = lost_inputs = 0
     # On a volunteer network large array inputs go through the coordinator's input cache, unless private
     # or the coordinator dropped one during the run (then they ride inside the task, which cannot fail so).
-    via_coordinator = session.untrusted and not config.get("volunteer.allow-pickle")
+    via_coordinator = session.untrusted
     while True:
         attempt += 1
         # Cheap when the inputs are on the cluster already; re-sends any a dead worker took with it.

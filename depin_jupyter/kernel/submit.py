@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -23,8 +24,9 @@ from depin_jupyter.kernel.records import InputsLost, Progress, RemoteCellError, 
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.protocol.constants import run_key
 from depin_jupyter.protocol.records import RunResult, RunSpec
+from depin_jupyter.protocol.rpc import Coordinator
+from depin_jupyter.protocol.values import RichValue
 from depin_jupyter.worker.entry import run_cell as remote_run_cell
-from depin_jupyter.worker.entry import run_cell_relayed
 
 __all__ = ["cancel", "raise_remote", "submit_and_wait"]
 
@@ -33,6 +35,8 @@ _DONE: Any = object()  # queue sentinel: the run's future finished
 _REGISTER_AFTER_S = 0.2  # runs still going after this long are listed on the scheduler
 # Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
 _CANCEL_GRACE_S = 5.0
+_GATEWAY_WAIT_S = 10.0  # one long poll of the coordinator for a cell's end
+_TERMINAL = frozenset({"finished", "error", "cancelled", "lost"})
 
 
 class _Submission:
@@ -45,7 +49,6 @@ class _Submission:
         self.progress, self.echo, self.pinned = progress, echo, pinned
         self.queue = session.streams.open(self.run_id)
         self.key = run_key(self.run_id, uuid.uuid4().hex[:6])
-        self.relayed = session.untrusted and not config.get("volunteer.allow-pickle")
         self.future: Any = None
         limits = [x for x in (spec.get("timeout"), spec.get("max_runtime")) if x]
         self.timeout = min(limits) if limits else None
@@ -54,14 +57,24 @@ class _Submission:
         self.shown: list[dict[str, Any]] = []  # what the cell printed and displayed, for a cache hit's replay
         self._gone_since: float | None = None
 
-    def submit(self, args: dict[str, Any], placement: dict[str, Any]) -> Any:
-        func = run_cell_relayed if self.relayed else remote_run_cell
-        with warnings.catch_warnings():  # inputs ride inside the task on volunteer networks, by design
+    def submit(self, args: dict[str, Any], placement: dict[str, Any]) -> None:
+        with warnings.catch_warnings():  # a large inline input is the user's choice (--inputs)
             warnings.filterwarnings("ignore", message=".*Large object.*")
             warnings.filterwarnings("ignore", message=".*Sending large graph.*")
-            self.future = self.client.submit(func, self.spec, args, key=self.key, pure=False, **placement)
+            self.future = self.client.submit(remote_run_cell, self.spec, args, key=self.key, pure=False, **placement)
         self.future.add_done_callback(lambda _: self.queue.put(_DONE))  # wakes `wait` the moment it finishes
-        return self.future
+
+    def cancel(self, timed_out: bool = False) -> None:
+        """Cancel the run's task; the worker's CancelOnRelease plugin then stops the cell's thread."""
+        cancel(self.client, self.future, self.run_id, timed_out=timed_out)
+
+    def release(self) -> None:
+        if self.future is not None:
+            self.future.release()
+
+    def register(self) -> None:
+        """List the run on the scheduler (`depin jobs`)."""
+        register_job(self.client, self.run_id, self.key, self.spec.get("name", "cell"))
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         self.seen += 1
@@ -82,7 +95,7 @@ class _Submission:
         self._gone_since = self._gone_since or time.monotonic()
         if time.monotonic() - self._gone_since >= 2.0 and \
                 self.pinned not in {w.address for w in self.session.workers(max_age=0)}:
-            cancel(self.client, self.future, self.run_id, timed_out=False)
+            self.cancel()
             raise WorkerLostError(f"worker {self.pinned} left before its replica finished")
 
     def wait(self) -> None:
@@ -102,7 +115,7 @@ class _Submission:
             except queue.Empty:
                 msg = None
             if not registered and time.monotonic() - submitted >= _REGISTER_AFTER_S:
-                register_job(self.client, self.run_id, self.key, self.spec.get("name", "cell"))
+                self.register()
                 registered = True
             if msg is _DONE:
                 return
@@ -111,7 +124,7 @@ class _Submission:
                 continue
             self._check_pinned()
             if deadline is not None and time.monotonic() >= deadline:
-                cancel(self.client, self.future, self.run_id, timed_out=True)
+                self.cancel(timed_out=True)
                 raise CellTimeoutError(
                     f"the cell ran past its time limit ({self.timeout:g}s) and was cancelled, but its worker did "
                     f"not confirm that it stopped (a worker without a nanny cannot be restarted, and a C call "
@@ -123,12 +136,6 @@ class _Submission:
         from distributed.client import FutureCancelledError
 
         try:
-            if self.relayed and self.future.status == "finished":
-                result = _relayed_result(self.client, self.key)
-                err = result.get("error") or {}
-                if result.get("status") == "error" and err.get("type") == "InputMissingError":
-                    raise InputsLost(err.get("message"))  # the run loop sends the inputs again, inline
-                return result
             return self.future.result()  # type: ignore[no-any-return]
         except KilledWorker as e:
             last = getattr(e, "last_worker", None)  # the scheduler's record: address and pid
@@ -163,21 +170,112 @@ class _Submission:
             print(f"depin: {expected - self.seen} output message(s) of the cell did not arrive.", file=sys.stderr)
 
 
+class _GatewaySubmission(_Submission):
+    """A cell on a volunteer network: submitted pickle-free to the coordinator's gateway, which builds the
+    task; the notebook holds no Dask future. A watcher thread long-polls the coordinator for the end."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gateway = Coordinator.of_client(self.client)
+        self.final: dict[str, Any] = {}
+        self.replication: dict[str, Any] | None = None  # how many volunteers, how close (the coordinator judges)
+        self._stop = threading.Event()
+
+    def submit(self, args: dict[str, Any], placement: dict[str, Any]) -> None:
+        from depin_jupyter.protocol.cells import encode_inputs, encode_spec
+
+        inputs, blob, _ = encode_inputs(args)
+        self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
+                                 client_id=getattr(self.client, "id", None), replication=self.replication)
+        threading.Thread(target=self._watch, name=f"depin-wait-{self.run_id}", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                answer = self.gateway.wait_cell(self.key, _GATEWAY_WAIT_S)
+            except Exception as e:  # noqa: BLE001 - the coordinator is gone: say so, do not hang
+                answer = {"state": "lost", "error": f"the coordinator stopped answering ({type(e).__name__}: {e})"}
+            if answer.get("state") in _TERMINAL:
+                self.final = answer
+                self.queue.put(_DONE)
+                return
+
+    def cancel(self, timed_out: bool = False) -> None:
+        self._stop.set()
+        try:
+            self.gateway.cancel_cell(self.key)
+        except Exception:  # noqa: BLE001, S110 - the coordinator may be gone too; nothing more to do here
+            pass
+
+    def release(self) -> None:
+        self._stop.set()
+
+    def register(self) -> None:
+        pass  # the coordinator lists gateway runs itself (`depin jobs` with a client token)
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        """A volunteer's output event, made inert before anything shows it (`kernel.inert`)."""
+        if msg.get("kind") == "display":
+            from depin_jupyter.kernel.inert import inert_bundle
+
+            data, md = inert_bundle(msg.get("data"), msg.get("metadata"))
+            msg = {**msg, "data": data, "metadata": md}
+        elif msg.get("kind") in ("stdout", "stderr") and not isinstance(msg.get("text"), str):
+            return
+        super()._on_message(msg)
+
+    def result(self) -> RunResult:
+        from depin_jupyter.protocol import safe_codec
+        from depin_jupyter.protocol.payloads import from_payload
+
+        state, text = self.final.get("state"), str(self.final.get("error") or "")
+        if state == "cancelled":
+            raise RemoteExecutionError("the cell was cancelled on the volunteer network.")
+        if state == "lost":
+            raise WorkerDied(Death("lost", f"the cell was lost on the volunteer network: {text}.", True))
+        if state == "error" and text.startswith("ReplicationError: "):
+            from depin_jupyter.protocol.quorum import ReplicationError
+
+            raise ReplicationError(text[len("ReplicationError: "):])
+        if state != "finished" or self.final.get("payload") is None:
+            raise RemoteExecutionError(f"the cell could not run on the volunteer network: {text or state}.")
+        try:
+            result = from_payload(self.final["payload"], max_bytes=config.nbytes("coordinator.relay-max-bytes"))
+        except safe_codec.DecodeError as e:
+            raise RemoteExecutionError(f"the volunteer's result was refused: {e}. Nothing from it was unpickled; "
+                                       f"run the cell again (--worker to pick another volunteer).") from None
+        err = result.get("error") or {}
+        if result.get("status") == "error" and err.get("type") == "InputMissingError":
+            raise InputsLost(err.get("message"))  # the run loop sends the inputs again, inline
+        if self.final.get("replication"):
+            result["replication"] = self.final["replication"]
+        value = result.get("value")
+        if isinstance(value, RichValue):  # an Out value a volunteer formatted: inert too
+            from depin_jupyter.kernel.inert import inert_bundle
+
+            result["value"] = RichValue(*inert_bundle(value.data, value.metadata))
+        return result
+
+
 def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], placement: dict[str, Any],
-                    progress: Progress, echo: bool = True, on_submit: Any = None) -> RunResult:
+                    progress: Progress, echo: bool = True, on_submit: Any = None,
+                    replication: dict[str, Any] | None = None) -> RunResult:
     """Submit the run, echo its live output, and return its result dict (or raise a DepinError).
 
-    ``echo=False`` (extra replicas) drains the run's output without showing it; ``on_submit(future)``
-    sees the task's future (to cancel replicas together).
+    ``echo=False`` (extra replicas) drains the run's output without showing it; ``on_submit(run)`` sees
+    the submission (its ``key`` and ``cancel()``: to cancel replicas together).
     """
     __tracebackhide__ = True
     workers = placement.get("workers") or []
     pinned = workers[0] if on_submit is not None and len(workers) == 1 and \
         not placement.get("allow_other_workers", True) else None
-    run = _Submission(session, spec, placement, progress, echo, pinned)
-    future = run.submit(args, placement)
+    kind = _GatewaySubmission if session.untrusted else _Submission
+    run = kind(session, spec, placement, progress, echo, pinned)
+    if isinstance(run, _GatewaySubmission):
+        run.replication = replication
+    run.submit(args, placement)
     if on_submit is not None:
-        on_submit(future)
+        on_submit(run)
     try:
         run.wait()
         result = run.result()
@@ -185,28 +283,11 @@ def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], place
         result["shown"] = run.shown
         return result
     except KeyboardInterrupt:
-        cancel(session.client, future, run.run_id, timed_out=False)
+        run.cancel()
         raise
     finally:
         session.streams.close(run.run_id)
-        future.release()
-
-
-def _relayed_result(client: Any, key: str) -> RunResult:
-    """A volunteer cell's result, from the coordinator's relay, decoded without unpickling."""
-    from depin_jupyter.protocol import safe_codec
-    from depin_jupyter.protocol.payloads import from_payload
-    from depin_jupyter.protocol.rpc import Coordinator
-
-    payload = Coordinator.of_client(client).relay_get(key)
-    if payload is None:
-        raise RemoteExecutionError("the cell finished on a volunteer but the coordinator holds no result for "
-                                   "it (the coordinator may have restarted); run the cell again.")
-    try:
-        return from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))
-    except safe_codec.DecodeError as e:
-        raise RemoteExecutionError(f"the volunteer's result was refused: {e}. Nothing from it was unpickled; "
-                                   f"run the cell again (--worker to pick another volunteer).") from None
+        run.release()
 
 
 def _why_worker_died(client: Any, worker: str | None, pid: int | None, logs: bool = True) -> Death:

@@ -17,14 +17,16 @@ from typing import Any
 
 from distributed import Scheduler
 from distributed.core import Status
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.utils import NoOpAwaitable
 
 from depin_jupyter import config
 from depin_jupyter.errors import TrustError
-from depin_jupyter.network.credit import Ledger, apply_verdicts
+from depin_jupyter.network.credit import Ledger
 from depin_jupyter.network.gate import RoleGate, normalized_address
 from depin_jupyter.network.relay import InputStore, ResultRelay
 from depin_jupyter.network.state import StateDir, write_atomic
+from depin_jupyter.protocol.constants import STREAM_TOPIC, pools_of
 from depin_jupyter.protocol.identity import peer_identity, peer_pool
 
 __all__ = ["DepinScheduler", "install_unpickle_guard"]
@@ -58,7 +60,7 @@ def install_unpickle_guard() -> None:
     def loads(x: Any, *args: Any, **kwargs: Any) -> Any:
         peer = _UNTRUSTED.get()
         if peer is not None:
-            raise TrustError(f"refused to unpickle data sent by worker identity {peer!r}")
+            raise TrustError(f"refused to unpickle data sent by {peer!r} (not the coordinator's own identity)")
         return original(x, *args, **kwargs)
 
     dpickle.loads = loads
@@ -76,6 +78,18 @@ def _strip_serialized(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_strip_serialized(v, depth + 1) for v in obj)
     return obj
+
+
+class _Bindings(SchedulerPlugin):
+    """Binds a worker to its identity the moment Dask accepted its registration."""
+
+    name = "depin-bindings"
+
+    def __init__(self, sched: DepinScheduler) -> None:
+        self.sched = sched
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        self.sched.bind_worker(worker)
 
 
 class DepinScheduler(Scheduler):
@@ -101,7 +115,12 @@ class DepinScheduler(Scheduler):
         self.handlers.update({op: getattr(self, op) for op in OPS})
         self.handlers.update({"depin_refused": self.depin_refused, "depin_refuse_worker": self.depin_refuse_worker,
                               "depin_refuse_client": self.depin_refuse_client})
+        self._registering: dict[str, str] = {}  # address -> identity, while Dask registers it
+        self.add_plugin(_Bindings(self))
         self.add_plugin(Ledger(self))
+        from depin_jupyter.network.gateway import CellGateway
+
+        self.gateway = CellGateway(self)  # cells submitted by client identities (`network.gateway`)
         from depin_jupyter.network.lab import LabGate, make_plugin
 
         self.lab = LabGate(self)  # virtual labs: quotas per student, fair share (`network.lab`)
@@ -124,7 +143,7 @@ class DepinScheduler(Scheduler):
         read = comm.read
 
         async def gated_read(deserializers: Any = None) -> Any:
-            token = _UNTRUSTED.set(name) if role == "worker" else None
+            token = _UNTRUSTED.set(name) if role != "scheduler" else None  # workers and clients: no pickles
             try:
                 msg = await read(deserializers)
             finally:
@@ -164,6 +183,13 @@ class DepinScheduler(Scheduler):
         """Run coroutine function ``func`` as a task the scheduler waits for when it closes."""
         self._ongoing_background_tasks.call_soon(func, *args, **kwargs)
 
+    def workers_for(self, placement: dict[str, Any]) -> list[str]:
+        """Connected workers a cell placed so may run on: its worker list, and the resources it needs."""
+        wanted = placement.get("resources") or {}
+        listed = set(placement.get("workers") or ())
+        return sorted(a for a, ws in self.workers.items()
+                      if (not listed or a in listed) and all(ws.resources.get(r, 0) >= v for r, v in wanted.items()))
+
     def note_worker(self, address: str, name: str) -> None:
         self.worker_names[normalized_address(address)] = name
 
@@ -192,13 +218,6 @@ class DepinScheduler(Scheduler):
         """Worker address -> the pool its certificate put it in (None: in no pool), connected ones."""
         return {a: p for a, p in self.worker_pools.items() if a in self.workers}
 
-    async def depin_relay_put(self, comm: Any, key: str, payload: bytes) -> str:
-        self.relay.put(key, payload, config.nbytes("coordinator.relay-max-bytes"))
-        return "OK"
-
-    async def depin_relay_get(self, key: str, pop: bool = True) -> bytes | None:
-        return self.relay.get(key, pop)
-
     async def depin_input_put(self, key: str, data: bytes) -> str:
         """Hold a serialized input under its content key; "too-large" if it cannot fit at all."""
         return "OK" if self.inputs.put(key, data, config.nbytes("coordinator.input-cache-bytes")) else "too-large"
@@ -219,16 +238,39 @@ class DepinScheduler(Scheduler):
     async def depin_reputation(self) -> dict[str, dict[str, Any]]:
         return self.reputation
 
-    async def depin_verdicts(self, verdicts: list[dict[str, Any]]) -> str:
-        """Replica verdicts from a client (clients are trusted to report honestly)."""
-        if apply_verdicts(verdicts, worker_names=self.worker_names, reputation=self.reputation,
-                          credits=self.credits, spent=self.key_credit):
-            self.credits_dirty = True
-        self.reputation_dirty = True
-        return "OK"
-
     async def depin_credits(self) -> dict[str, Any]:
         return self.credits
+
+    @staticmethod
+    def _who(comm: Any) -> str:
+        return str(getattr(comm, "depin_identity", ("?", "?"))[0])
+
+    async def depin_submit_cell(self, comm: Any, key: str, spec: bytes, inputs: bytes, blob: bytes | None = None,
+                                placement: Any = None, client: str | None = None, detached: bool = False,
+                                replication: Any = None) -> str:
+        return await self.gateway.submit(self._who(comm), client, key, spec, inputs, blob, placement or {},
+                                         detached, replication)
+
+    async def depin_wait_cell(self, comm: Any, key: str, timeout: float = 10.0) -> dict[str, Any]:
+        return await self.gateway.wait(self._who(comm), key, timeout)
+
+    async def depin_cancel_cell(self, comm: Any, key: str) -> bool:
+        return await self.gateway.cancel(self._who(comm), key)
+
+    async def depin_jobs(self, comm: Any) -> list[dict[str, Any]]:
+        return self.gateway.jobs(self._who(comm))
+
+    # --- live output goes to the run's own client only ---
+    def log_worker_event(self, worker: str, topic: Any, msg: Any) -> None:
+        if topic != STREAM_TOPIC:
+            return super().log_worker_event(worker, topic, msg)
+        run = self.gateway.run_of(str(msg.get("run"))) if isinstance(msg, dict) else None
+        if run is None or run.client_id is None or not self.is_processing_on(run.key, worker):
+            return None  # not a run this worker is running (or no client to show it to): dropped
+        msg["worker"] = worker
+        self.send_all({run.client_id: [{"op": "event", "topic": STREAM_TOPIC, "event": (time.time(), msg)}]},
+                      worker_msgs={})
+        return None
 
     async def depin_lab_status(self, comm: Any) -> dict[str, Any]:
         name, role = getattr(comm, "depin_identity", ("?", "?"))
@@ -246,6 +288,7 @@ class DepinScheduler(Scheduler):
 
     def remove_client(self, client: str, stimulus_id: str | None = None) -> None:
         self.lab.release_held(client)
+        self.in_background(self.gateway.client_gone, client)
         try:
             return super().remove_client(client, stimulus_id=stimulus_id)
         finally:
@@ -279,6 +322,7 @@ class DepinScheduler(Scheduler):
 
     def _housekeeping(self) -> None:
         self._save()
+        self.gateway.expire()
         for client, name in list(self.lab.client_names.items()):  # a revoked student is disconnected
             if client in self.client_comms and self.state.revoked(name):
                 logger.warning("closing client %s: the token of %r was revoked", client, name)
@@ -291,6 +335,40 @@ class DepinScheduler(Scheduler):
                 self.worker_names.pop(address, None)
                 self.in_background(self.remove_worker, address, stimulus_id=f"depin-revoked-{time.time()}", close=True)
 
+    async def add_worker(self, comm: Any = None, *, address: str, **kwargs: Any) -> None:  # type: ignore[override]
+        """Register a worker; it is bound to the identity that registered it (and its pool) only once Dask
+        has accepted the address (`_Bindings.add_worker`): nobody can relabel a worker someone else holds."""
+        address = normalized_address(address)
+        ident = getattr(comm, "depin_identity", None)
+        if address in self.workers or address in self._registering:
+            raise ValueError(f"Worker already exists {address}")
+        if ident is not None and ident[1] == "worker":
+            self._registering[address] = str(ident[0])
+        try:
+            await super().add_worker(comm, address=address, **kwargs)  # returns when the worker leaves
+        finally:
+            self._registering.pop(address, None)
+
+    def bind_worker(self, address: str) -> None:
+        """The worker at ``address`` was just accepted: record whose it is, and its pool."""
+        name = self._registering.get(address)
+        if name is not None and address in self.workers:
+            self.note_worker(address, name)
+            pools = pools_of(self.workers[address].resources)
+            self.note_pool(address, pools[0] if pools else None)
+
+    async def depin_relay_put(self, comm: Any, key: str, payload: bytes) -> str:
+        """A relayed result, accepted once, and only from a worker of the identity the task is running on."""
+        name = self._who(comm)
+        ts = self.tasks.get(key)
+        running_on = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
+        if ts is None or ts.state != "processing" or running_on is None or self.worker_names.get(running_on) != name:
+            raise TrustError(f"refused a result for {key!r} from {name!r}: no worker of {name!r} is running it")
+        if key in self.relay:
+            raise TrustError(f"refused a second result for {key!r} from {name!r}")
+        self.relay.put(key, payload, config.nbytes("coordinator.relay-max-bytes"))
+        return "OK"
+
     async def remove_worker(self, address: str, **kwargs: Any) -> Any:
         try:
             return await super().remove_worker(address, **kwargs)
@@ -300,4 +378,5 @@ class DepinScheduler(Scheduler):
 
     async def close(self, *args: Any, **kwargs: Any) -> Any:
         self._save()
+        await self.gateway.close()
         return await super().close(*args, **kwargs)

@@ -41,7 +41,11 @@ async def serve(state: StateDir, host: str, port: int, advertise: str | None = N
     state.init(address, hosts=tuple(h for h in {host, address.split("://")[-1].rsplit(":", 1)[0]}
                                     if h and h not in ("0.0.0.0", "::")))
     cls = scheduler_class()
-    with dask.config.set({"distributed.scheduler.allowed-failures": config.get("coordinator.allowed-failures")}):
+    # A volunteer that sends nothing (not even heartbeats: stopped, frozen, cut off) is removed after the
+    # silence timeout, and its cells run elsewhere.
+    silence = max(10.0, config.seconds("volunteer.silence-timeout") or 60.0)
+    with dask.config.set({"distributed.scheduler.allowed-failures": config.get("coordinator.allowed-failures"),
+                          "distributed.scheduler.worker-ttl": f"{silence}s"}):
         sched = cls(host=f"tls://{host}", port=port, security=state.scheduler_security(), state=state,
                     dashboard_address=dashboard_address or config.get("coordinator.dashboard-address"))
         await sched

@@ -7,7 +7,10 @@ Per volunteer name the ledger keeps:
 * ``cpu_used_seconds``: CPU time the `%%depin` cells really used, claimed by the worker (event
   `CREDIT_TOPIC` from `worker.relayed`), capped at the task's wall time;
 * ``credit``: normalized credit = cpu_used_seconds x speed factor (`protocol.credit`): a slow machine
-  does not earn less for the same work, and sleeping earns nothing;
+  does not earn less for the same work, and sleeping earns nothing. Granted by the coordinator: the CPU
+  time claimed is capped by the time it saw the task run (dispatch to result), the speed factor applies
+  only once replicas validated the volunteer's work, and the valid replicas of one cell share the smallest
+  (two) or median (three or more) of their claims;
 * ``energy_j``: joules the volunteer's cells were measured to use (`worker.energy`), over ``energy_tasks``
   tasks; ``energy_unmeasured_tasks`` counts tasks with no power counter and ``energy_reason`` says why.
 
@@ -17,10 +20,13 @@ Replica verdicts extend a volunteer's streak or reset it and withhold that work'
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from depin_jupyter import config
 from depin_jupyter.protocol.constants import CREDIT_TOPIC
 from depin_jupyter.protocol.credit import normalized_credit
 
@@ -44,6 +50,20 @@ def _claimed_energy(msg: dict[str, Any]) -> dict[str, Any]:
     return {"reason": str(msg.get("energy_reason") or "not measured")[:300]}
 
 
+def validated(reputation: dict[str, dict[str, Any]], name: str) -> bool:
+    """Whether replicas have validated some of ``name``'s results (and none was found invalid lately)."""
+    rep = reputation.get(name) or {}
+    return int(rep.get("valid") or 0) > 0 and int(rep.get("streak") or 0) > 0
+
+
+def _capped_energy(energy: dict[str, Any], observed: float, gpu: bool) -> dict[str, Any]:
+    """An energy claim no larger than a plausible board draws in the time the coordinator saw the task run."""
+    if "energy_j" not in energy:
+        return energy
+    watts = float(config.get("coordinator.max-power-w") or 1000.0) * (1.0 if gpu else 0.5)
+    return {**energy, "energy_j": min(float(energy["energy_j"]), watts * observed)}
+
+
 def _add_energy(entry: dict[str, Any], energy: dict[str, Any]) -> None:
     if "energy_j" in energy:
         entry["energy_j"] = entry.get("energy_j", 0.0) + energy["energy_j"]
@@ -64,6 +84,7 @@ class Ledger(SchedulerPlugin):
         self.sched = sched
         # task key -> (worker address, CPU seconds, energy fields of the event)
         self.pending: dict[str, tuple[str, float, dict[str, Any]]] = {}
+        self.dispatched: dict[str, float] = {}  # task key -> when the coordinator saw it start processing
 
     def log_event(self, topic: str, msg: Any) -> None:
         if topic != CREDIT_TOPIC or not isinstance(msg, dict):
@@ -82,18 +103,26 @@ class Ledger(SchedulerPlugin):
             self.sched.relay.drop(str(key))
             self.pending.pop(str(key), None)
             return
+        if finish == "processing":
+            self.dispatched[str(key)] = time.monotonic()
+            return
         if start != "processing":
             return
         pending = self.pending.pop(str(key), None)
+        dispatched = self.dispatched.pop(str(key), None)
         if finish == "memory":
-            self._credit(str(key), kwargs.get("worker"), kwargs.get("startstops") or (), pending)
+            observed = max(0.0, time.monotonic() - dispatched) if dispatched is not None else 0.0
+            self._credit(str(key), kwargs.get("worker"), kwargs.get("startstops") or (), pending, observed)
 
-    def _credit(self, key: str, worker: Any, startstops: Any, pending: tuple[str, float, dict[str, Any]] | None) -> None:
+    def _credit(self, key: str, worker: Any, startstops: Any, pending: tuple[str, float, dict[str, Any]] | None,
+                observed: float) -> None:
+        """Credit one finished task: every figure the worker reports is capped by what the coordinator saw."""
         name = self.sched.worker_names.get(worker)
         if name is None:
             return
-        seconds = max(0.0, sum(float(s.get("stop", 0)) - float(s.get("start", 0))
+        claimed = max(0.0, sum(float(s.get("stop", 0)) - float(s.get("start", 0))
                                for s in startstops if s.get("action") == "compute"))
+        seconds = min(claimed, observed)  # the worker's own timing, no longer than dispatch -> result here
         has_gpu, bench = self.sched.worker_profile(worker)
         kind = "gpu_seconds" if has_gpu else "cpu_seconds"
         entry = credit_entry(self.sched.credits, name)
@@ -102,10 +131,12 @@ class Ledger(SchedulerPlugin):
         gained = 0.0
         if pending is not None and pending[0] == worker:
             used = min(pending[1], seconds)  # a claim is capped by the time the coordinator saw the task run
+            if not validated(self.sched.reputation, name):
+                bench = None  # a speed bonus only once replicas validated its work (speed factor 1 until then)
             gained = normalized_credit(used, bench)
             entry["cpu_used_seconds"] = entry.get("cpu_used_seconds", 0.0) + used
             entry["credit"] = entry.get("credit", 0.0) + gained
-            _add_energy(entry, pending[2])
+            _add_energy(entry, _capped_energy(pending[2], observed, has_gpu))
         self.sched.note_credit(key, name, kind, seconds, gained)
         self.sched.credits_dirty = True
 
@@ -115,7 +146,7 @@ def apply_verdicts(verdicts: Any, *, worker_names: dict[str, str], reputation: d
     """Replica verdicts: valid ones extend a volunteer's streak, an invalid one resets it and withholds
     that work's credit (``spent``: task key -> (volunteer, kind, seconds, credit), consumed). True if any
     credit changed."""
-    credits_changed = False
+    credits_changed = _agree_on_credit(verdicts, credits, spent)
     for v in verdicts or ():
         work = spent.pop(str(v.get("key")), None)
         name = worker_names.get(str(v.get("address"))) or (work[0] if work else None)
@@ -134,6 +165,24 @@ def apply_verdicts(verdicts: Any, *, worker_names: dict[str, str], reputation: d
                 credits_changed = True
         rep["agreement"] = round(rep["valid"] / rep["checked"], 4)
     return credits_changed
+
+
+def _agree_on_credit(verdicts: Any, credits: dict[str, dict[str, Any]],
+                     spent: dict[str, tuple[str, str, float, float]]) -> bool:
+    """BOINC style: the valid replicas of one cell are granted the same credit, the smallest claim of two or
+    the median of three or more, so one volunteer's inflated claim earns nothing extra."""
+    valid = [spent[str(v.get("key"))] for v in verdicts or () if v.get("valid") and str(v.get("key")) in spent]
+    if len(valid) < 2:
+        return False
+    claims = [w[3] for w in valid]
+    granted = min(claims) if len(claims) == 2 else statistics.median(claims)
+    for key in [str(v.get("key")) for v in verdicts or () if v.get("valid") and str(v.get("key")) in spent]:
+        name, kind, seconds, credit = spent[key]
+        entry = credit_entry(credits, name)
+        if "credit" in entry:
+            entry["credit"] = max(0.0, entry["credit"] + granted - credit)
+        spent[key] = (name, kind, seconds, granted)
+    return True
 
 
 def _withhold(entry: dict[str, Any], work: tuple[str, str, float, float]) -> None:

@@ -11,29 +11,37 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from depin_jupyter.protocol.constants import POOL_CAPACITY, POOL_PREFIX
+from depin_jupyter.protocol.constants import POOL_CAPACITY, POOL_PREFIX, STREAM_TOPIC
 
-__all__ = ["WORKER_RPC_OPS", "WORKER_STREAM_OPS", "RoleGate", "grant_pool", "normalized_address"]
+__all__ = ["CLIENT_RPC_OPS", "CLIENT_STREAM_OPS", "WORKER_RPC_OPS", "WORKER_STREAM_OPS", "RoleGate", "grant_pool",
+           "normalized_address"]
 
 logger = logging.getLogger("depin.coordinator")
 
 
-# Operations a worker identity may call on the scheduler, by RPC or on its stream.
+# Operations a worker identity may call on the scheduler, by RPC or on its stream. No listing of other
+# tasks (who_has): a volunteer's cells have no dependencies, so it never fetches data from peers.
 WORKER_RPC_OPS = frozenset({
-    "register-worker", "heartbeat_worker", "retire_workers", "unregister", "who_has", "identity",
+    "register-worker", "heartbeat_worker", "retire_workers", "unregister", "identity",
     "depin_relay_put", "depin_input_get", "close-stream", "close", "connection_stream", "register_nanny",
 })
 
-
 # Stream operations only a worker may send (results and state of tasks it runs).
 WORKER_STREAM_OPS = frozenset({
-    "task-finished", "task-erred", "release-worker-data", "add-keys", "long-running", "reschedule",
-    "keep-alive", "log-event", "worker-status-change", "request-refresh-who-has", "steal-response",
-    "close-stream",
+    "task-finished", "task-erred", "release-worker-data", "long-running", "reschedule",
+    "keep-alive", "log-event", "worker-status-change", "steal-response", "close-stream",
 })
 
-
-_WORKER_ONLY_RPC = frozenset({"register-worker", "heartbeat_worker", "depin_relay_put", "depin_input_get"})
+# What a client identity may do: speak the cell protocol (`network.gateway`), read who is in the network
+# and its credit, and hear its own cells' output. No Dask graphs, functions, plugins, scatter, metadata or
+# other clients' keys: everything else is refused before it is handled (and nothing it sends is unpickled).
+CLIENT_RPC_OPS = frozenset({
+    "register-client", "identity", "close", "close-stream", "depin_submit_cell", "depin_wait_cell",
+    "depin_cancel_cell", "depin_jobs", "depin_input_put", "depin_input_has", "depin_identities", "depin_pools",
+    "depin_reputation", "depin_credits", "depin_lab_status", "depin_input_stats",
+})
+CLIENT_STREAM_OPS = frozenset({"heartbeat-client", "close-client", "subscribe-topic", "unsubscribe-topic",
+                               "close-stream", "keep-alive"})
 
 
 def grant_pool(resources: Any, pool: str) -> dict[str, Any]:
@@ -80,6 +88,17 @@ class RoleGate:
             return None  # dropped from the batch
         return {"op": "depin_refused", "message": why, "reply": msg.get("reply", True)}
 
+    def _client(self, msg: dict[str, Any], op: Any, stream: bool) -> Any:
+        allowed = CLIENT_STREAM_OPS if stream else CLIENT_RPC_OPS
+        if op not in allowed:
+            return self._refuse(msg, f"a client identity may not {op!r}: on a volunteer network a client submits "
+                                     f"%%depin cells through the coordinator (no Dask graphs, functions, plugins "
+                                     f"or other clients' data)", stream)
+        if op == "subscribe-topic" and msg.get("topic") != STREAM_TOPIC:
+            return self._refuse(msg, f"a client identity may only hear its own cells' output ({STREAM_TOPIC!r})",
+                                stream)
+        return msg
+
     def _one(self, msg: Any, stream: bool) -> Any:
         if not isinstance(msg, dict):
             return msg
@@ -87,10 +106,7 @@ class RoleGate:
         if self.role == "scheduler" or op is None:
             return msg
         if self.role == "client":
-            if op in _WORKER_ONLY_RPC or (stream and op in WORKER_STREAM_OPS - {"close-stream", "keep-alive"}):
-                return self._refuse(msg, f"a client identity may not {op!r} (worker operations need a worker "
-                                         f"token)", stream)
-            return msg
+            return self._client(msg, op, stream)
         # worker identity
         if stream:
             if op not in WORKER_STREAM_OPS:
@@ -100,7 +116,8 @@ class RoleGate:
                                      f"run functions or change the cluster)", stream)
         mine = self.scheduler.addresses_of(self.name)
         if op == "register-worker":
-            self.scheduler.note_worker(str(msg.get("address")), self.name)
+            # Whose worker it is is recorded by the scheduler once the registration succeeded (`add_worker`):
+            # an address another worker holds is refused by Dask before anyone's name is attached to it.
             msg = dict(msg)  # the certificate decides the pool, not the worker's claim
             claimed = sorted(str(k) for k in (msg.get("resources") or {}) if str(k).startswith(POOL_PREFIX))
             msg["resources"] = grant_pool(msg.get("resources"), self.pool)
@@ -108,7 +125,6 @@ class RoleGate:
             if claimed != granted:
                 logger.warning("worker identity %r (pool %r) claimed %s; granted %s", self.name, self.pool,
                                claimed or "no pool", granted or "no pool")
-            self.scheduler.note_pool(str(msg.get("address")), granted[0][len(POOL_PREFIX):] if granted else None)
         elif op == "heartbeat_worker" and msg.get("resources"):
             # Dask adds a heartbeat's resources to the worker: the same rule as at registration, and
             # never for another identity's worker.

@@ -116,7 +116,7 @@ def reset_text() -> str:
 
 def _unit(key: Any) -> str:
     """What counts as one cell: a run's replicas (``depin-run-<id>-<hex>``) count once."""
-    k = str(key)
+    k = str(key).split("~", 1)[0]  # a replica the coordinator added (<key>~<volunteer>) is the same cell
     return k.rsplit("-", 1)[0] if k.startswith("depin-run-") else k
 
 
@@ -198,33 +198,40 @@ class LabGate:
             self.sched.report({"op": "task-erred", "key": key, "exception": text, "traceback": None},
                               client=client)
 
-    async def admit(self, client: str, keys: Any, submit: Any) -> None:
-        """Run ``submit()`` (the real update-graph) when the student's quota allows; else hold or fail.
+    async def admit(self, client: str, keys: Any, submit: Any, fail: Any = None, name: str | None = None,
+                    tracked: bool = False) -> None:
+        """Run ``submit()`` (the real update-graph, or the gateway's task) when the student's quota allows;
+        else hold or fail (``fail(client, keys, text)``; default: a task-erred text to the client).
 
         The client's stream awaits this handler, so a held cell waits in a background task: the stream
-        (heartbeats, releases, the student's other messages) keeps flowing.
+        (heartbeats, releases, the student's other messages) keeps flowing. ``name``: the submitter, when the
+        gateway submits for it (else the client's certificate name). ``tracked``: the keys stay counted
+        until their tasks end (`done`), even when ``submit`` returns before the tasks exist (the gateway).
         """
-        name = self.client_names.get(client)
+        name = name or self.client_names.get(client)
         quota = self.quota(name) if name else {}
+        fail = fail or self.fail
+        if name is not None and tracked and not quota:  # counted (fair share needs to know whose it is)
+            return await self._submit(name, [str(k) for k in keys], submit, None)
         if not quota or name is None:
             return await submit()
         why = self.over_seconds(name, quota)
         if why is not None:
             logger.info("refused cells of %r: %s", name, why)
-            return self.fail(client, keys, why)
+            return fail(client, keys, why)
         raw = list(keys)
         keys = [str(k) for k in keys]
         if not self._fits(name, quota, keys) or any(not t.get("cancelled") for t in self.held.get(name, ())):
             if config.get("lab.over-quota") == "refuse":
-                return self.fail(client, keys, (
+                return fail(client, keys, (
                     f"depin lab quota: {name!r} already has {self.count(name)} cell(s) queued or running "
                     f"(quota concurrent={int(quota['concurrent'])}); this cell was refused "
                     f"(depin.lab.over-quota: refuse). Run it again when one has finished."))
-            ticket = {"client": client, "keys": set(keys), "raw": raw}
+            ticket = {"client": client, "keys": set(keys), "raw": None if tracked else raw, "fail": fail}
             self.held[name].append(ticket)
             self.sched.in_background(self._hold, name, quota, ticket, submit)
             return None
-        return await self._submit(name, keys, submit, raw)
+        return await self._submit(name, keys, submit, None if tracked else raw)
 
     def _fits(self, name: str, quota: dict[str, float], keys: list[str]) -> bool:
         limit = int(quota.get("concurrent", 0))
@@ -239,7 +246,7 @@ class LabGate:
                 queue = self.held[name]
                 while queue and queue[0].get("cancelled"):
                     queue.popleft()
-                if ticket.get("cancelled") or client not in self.sched.clients:
+                if ticket.get("cancelled") or (client not in self.sched.clients and not client.startswith("depin-gateway:")):
                     return None  # released, or the student left while the cell waited
                 if queue and queue[0] is ticket and self._fits(name, quota, keys):
                     break
@@ -254,22 +261,26 @@ class LabGate:
             self.wakeup.set()
         why = self.over_seconds(name, quota)
         if why is not None:
-            return self.fail(client, keys, why)
+            return ticket["fail"](client, keys, why)
         await self._submit(name, keys, submit, ticket["raw"])
 
     async def _submit(self, name: str, keys: list[str], submit: Any, raw: list[Any] | None = None) -> None:
         for k in keys:  # counted before the graph exists, so a second submission in the same tick waits
             self.key_owner[k] = name
             self.inflight[name].setdefault(_unit(k), set()).add(k)
+        ok = False
         try:
-            return await submit()
+            result = await submit()
+            ok = True
+            return result
         finally:
-            # a graph that failed to build, or keys already computed, leave nothing in flight
-            live = {str(k) for k in raw or () if k in self.sched.tasks
-                    and self.sched.tasks[k].state not in ("memory", "erred", "forgotten")}
-            for k in keys:
-                if k not in live:
-                    self.done(k)
+            if raw is not None or not ok:
+                # a graph that failed to build, or keys already computed, leave nothing in flight
+                live = {str(k) for k in raw or () if k in self.sched.tasks
+                        and self.sched.tasks[k].state not in ("memory", "erred", "forgotten")}
+                for k in keys:
+                    if k not in live:
+                        self.done(k)
 
     def release_held(self, client: str, keys: Any = None) -> None:
         """The client released keys (or left): drop held submissions of them."""
@@ -284,13 +295,20 @@ class LabGate:
         """Lead each new task's priority with how many tasks its submitter has in flight (round-robin)."""
         if not config.get("lab.fair-share"):
             return
-        name = self.client_names.get(client)
-        if name is None:
+        def owner(ts: Any) -> str | None:  # the student behind a task: the gateway submits for them
+            return self.key_owner.get(str(ts.key)) or next(
+                (self.client_names.get(c.client_key) for c in ts.who_wants or ()), None)
+
+        for key in tasks:
+            ts = self.sched.tasks.get(key)
+            name = (owner(ts) if ts is not None else None) or self.client_names.get(client)
+            if name is not None:
+                break
+        else:
             return
         rank = sum(1 for ts in self.sched.tasks.values()
                    if ts.state in ("queued", "processing", "waiting", "no-worker")
-                   and ts.priority is not None and any(self.client_names.get(c.client_key) == name
-                                                       for c in ts.who_wants or ()))
+                   and ts.priority is not None and owner(ts) == name)
         for key in tasks:
             ts = self.sched.tasks.get(key)
             if ts is None or ts.priority is None or ts.state != "released" or len(ts.priority) != 3:
@@ -368,15 +386,10 @@ def fetch_lab_status(token_text: str | None = None, state: Any = None, timeout: 
         token.check_valid("client")
         address, args = token.address, token.security("client").get_connection_args("client")
     else:
-        from distributed.security import Security
-
         if not state.exists:
             raise DepinUsageError(f"no coordinator in {state.path}; pass --state-dir, or --token with an "
                                   f"educator's token")
-        sec = Security(tls_ca_file=str(state.path / "ca.pem"), require_encryption=True,
-                       tls_client_cert=str(state.path / "scheduler.pem"),
-                       tls_client_key=str(state.path / "scheduler.key"))
-        address, args = state.address, sec.get_connection_args("client")
+        address, args = state.address, state.scheduler_client_security().get_connection_args("client")
 
     async def ask() -> dict[str, Any]:
         async with rpc(address, connection_args=args, timeout=timeout) as s:

@@ -91,6 +91,14 @@ class StateDir:
                                   f"`depin scheduler --state-dir {self.path}`.")
         return str(meta["address"])
 
+    def scheduler_client_security(self) -> Any:
+        """The scheduler's own certificate as a client's: how the coordinator talks to itself (the gateway)."""
+        from distributed.security import Security
+
+        return Security(tls_ca_file=str(self.path / "ca.pem"), require_encryption=True,
+                        tls_client_cert=str(self.path / "scheduler.pem"),
+                        tls_client_key=str(self.path / "scheduler.key"))
+
     def scheduler_security(self) -> Any:
         from distributed.security import Security
 

@@ -41,8 +41,8 @@ def _values_safe(values: dict[str, Any], skipped: dict[str, str]) -> dict[str, A
         else:
             # apply_results words it: "output 'k' of type <this> could not be brought back"
             skipped[name] = (f"{type(value).__module__}.{type(value).__qualname__} (a volunteer can only send "
-                             f"arrays, numbers, str, bytes, lists, tuples, dicts and sets: convert it, or on a "
-                             f"network you trust set depin.volunteer.allow-pickle: true)")
+                             f"arrays, numbers, str, bytes, lists, tuples, dicts and sets: convert it to those, "
+                             f"or run the cell on a cluster of your own)")
     return out
 
 

@@ -17,14 +17,16 @@ OPS: dict[str, str] = {
     "depin_identities": "worker address -> the certificate name of the volunteer behind it",
     "depin_pools": "worker address -> the pool its certificate put it in",
     "depin_reputation": "volunteer name -> its replication record (streak, valid, invalid, checked)",
-    "depin_verdicts": "report replica verdicts (valid or not) of finished tasks",
     "depin_relay_put": "a worker parks a relayed cell's pickle-free result",
-    "depin_relay_get": "a client takes a relayed cell's result",
     "depin_input_put": "a client puts a serialized input under its content key",
     "depin_input_has": "which content keys the coordinator holds",
     "depin_input_get": "a worker fetches a held input",
     "depin_input_stats": "the input cache's counters",
     "depin_credits": "credit per volunteer",
+    "depin_submit_cell": "a client submits a cell (pickle-free spec and inputs) for the coordinator to run",
+    "depin_wait_cell": "a client waits for one of its cells; a finished cell's result comes with the answer",
+    "depin_cancel_cell": "a client cancels one of its cells",
+    "depin_jobs": "the cells a client (an educator: its lab) has queued or running",
     "depin_lab_status": "the educator's view of a virtual lab",
 }
 
@@ -59,11 +61,6 @@ class Coordinator:
     def relay_put(self, key: str, payload: bytes) -> None:
         self._call("depin_relay_put", key=key, payload=payload)
 
-    def relay_get(self, key: str) -> bytes | None:
-        """The relayed payload of task ``key`` (removed there once fetched)."""
-        data = self._call("depin_relay_get", key=key)
-        return None if data is None else bytes(data)
-
     # --- inputs held by content key ---
     def input_put(self, key: str, data: bytes) -> bool:
         """Hold ``data`` under ``key``; False if it cannot fit in the coordinator's input cache at all."""
@@ -89,11 +86,25 @@ class Coordinator:
     def reputation(self) -> dict[str, dict[str, Any]]:
         return dict(self._call("depin_reputation"))
 
-    def report_verdicts(self, verdicts: list[dict[str, Any]]) -> None:
-        self._call("depin_verdicts", verdicts=verdicts)
-
     def credits(self) -> dict[str, dict[str, Any]]:
         return dict(self._call("depin_credits"))
+
+    # --- cells, submitted through the coordinator's gateway ---
+    def submit_cell(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None, placement: dict[str, Any],
+                    client_id: str | None = None, detached: bool = False,
+                    replication: dict[str, Any] | None = None) -> None:
+        self._call("depin_submit_cell", key=key, spec=spec, inputs=inputs, blob=blob, placement=placement,
+                   client=client_id, detached=detached, replication=replication)
+
+    def wait_cell(self, key: str, timeout: float) -> dict[str, Any]:
+        """``{"state": queued|pending|finished|error|cancelled|lost, "error": text, "payload": bytes?}``."""
+        return dict(self._call("depin_wait_cell", key=key, timeout=timeout))
+
+    def cancel_cell(self, key: str) -> bool:
+        return bool(self._call("depin_cancel_cell", key=key))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self._call("depin_jobs"))
 
     def lab_status(self) -> dict[str, Any]:
         return dict(self._call("depin_lab_status"))
@@ -120,3 +131,6 @@ class AsyncCoordinator:
 
     async def lab_status(self) -> dict[str, Any]:
         return dict(await self._call("depin_lab_status"))
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        return list(await self._call("depin_jobs"))

@@ -56,8 +56,8 @@ _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack stores natively (int64 
 _PLAIN = frozenset({type(None), bool, float, str, bytes})
 
 _FIX = (
-    "Convert it to numpy arrays, numbers, str, bytes, lists, tuples or dicts, or (only on a trusted "
-    "cluster) opt in to pickled results with the dask config `depin.volunteer.allow-pickle: true`."
+    "Convert it to numpy arrays, numbers, str, bytes, lists, tuples or dicts, or run the cell on a cluster "
+    "of your own (`%depin connect local`), whose results travel by pickle."
 )
 
 

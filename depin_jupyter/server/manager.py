@@ -220,7 +220,13 @@ class DepinManager:
         args = (security or Security()).get_connection_args("client")
         async with rpc(address, timeout=self.status_timeout, connection_args=args) as scheduler:
             identity = await scheduler.identity(n_workers=-1)
-            processing = await scheduler.processing()
+            if credits:  # a volunteer network: a client sees only its own runs, as the coordinator lists them
+                processing: dict[str, list[str]] = {}
+                for job in await AsyncCoordinator(scheduler).jobs():
+                    if job.get("worker"):
+                        processing.setdefault(str(job["worker"]), []).append(str(job["key"]))
+            else:
+                processing = await scheduler.processing()
             ledger: dict[str, Any] | None = None
             if credits:
                 try:

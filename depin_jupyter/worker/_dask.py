@@ -24,22 +24,54 @@ from depin_jupyter.protocol.constants import POOL_CAPACITY, pool_resource
 from depin_jupyter.protocol.identity import peer_identity
 from depin_jupyter.worker import controls
 
-__all__ = ["VolunteerWorker"]
+__all__ = ["CELL_RUNNER", "VolunteerWorker", "guard_nanny"]
 
 logger = logging.getLogger("depin.volunteer")
 
 # Dask internals used below (named by tests/test_dask_contract.py):
 #   Worker.status (property: fget/fset), .state.total_resources / .available_resources / .running /
 #   .executing_count / .tasks (TaskState.state, .run_spec, .key), .handle_stimulus + PauseEvent,
-#   .batched_send with the op "reschedule", .periodic_callbacks, .handle_comm, comm.read, comm.extra_info.
+#   .batched_send with the op "reschedule", .periodic_callbacks, .handle_comm, .execute(key, stimulus_id),
+#   ExecuteFailureEvent.from_exception, TaskState.run_spec.func / .run_id; Nanny.handle_comm (an instance
+#   attribute set before the nanny listens); comm.extra_info["peercert"].
 
 
-# What a peer worker may ask of this worker when it dials in: the data of finished tasks, nothing else.
-_PEER_WORKER_OPS = frozenset({"get_data", "identity", "close-stream"})
+# The only function a volunteer's worker runs: depin's sandboxed cell runner, as the coordinator's gateway
+# builds the task (`worker.entry.run_cell_gateway`). Anything else is refused before it runs.
+CELL_RUNNER = ("depin_jupyter.worker.entry", "run_cell_gateway")
+
+
+def _only_the_coordinator(owner: str, own_name: str, handle: Any) -> Any:
+    """A ``handle_comm`` that drops every connection not made with the coordinator's certificate (or this
+    volunteer's own: its worker reports to its nanny), before anything it sends is read (so nothing of a
+    peer is ever decoded, let alone unpickled)."""
+    def handle_comm(comm: Any) -> Any:
+        name, roles, _ = peer_identity(comm.extra_info.get("peercert"))
+        if roles != {"scheduler"} and not (roles == {"worker"} and own_name and name == own_name):
+            logger.warning("%s refused a connection from %s (%s): only the coordinator may dial a volunteer",
+                           owner, comm.peer_address, ", ".join(sorted(roles)) or "no depin role")
+            comm.abort()
+            return NoOpAwaitable()
+        return handle(comm)
+
+    return handle_comm
+
+
+def guard_nanny(nanny: Any) -> Any:
+    """Make a volunteer's nanny (ours, or one dask-cuda's CUDAWorker built) accept only the coordinator.
+
+    Set before the nanny starts listening (its listener takes ``self.handle_comm`` then)."""
+    nanny.handle_comm = _only_the_coordinator("nanny", _own_cert(nanny.security, "name"), nanny.handle_comm)
+    return nanny
+
+
+def _is_cell_runner(run_spec: Any) -> bool:
+    func = getattr(run_spec, "func", None)
+    return (getattr(func, "__module__", None), getattr(func, "__qualname__", None)) == CELL_RUNNER
 
 
 class VolunteerWorker(Worker):
-    """A Dask worker that only lets the coordinator command it; peer workers may only fetch data.
+    """A Dask worker that only lets the coordinator dial it and runs only depin's sandboxed cell runner.
 
     It installs the depin worker plugins itself: on a volunteer network nobody dials in to add them.
 
@@ -57,7 +89,7 @@ class VolunteerWorker(Worker):
         from depin_jupyter.worker.plugins import CancelOnRelease
 
         super().__init__(*args, plugins=(*(plugins or ()), CancelOnRelease()), **kwargs)
-        self.depin_pool = _own_pool(self.security)
+        self.depin_pool = _own_cert(self.security, "pool")
         if self.depin_pool:  # the coordinator grants it (from the certificate) only if asked for
             self.state.total_resources[pool_resource(self.depin_pool)] = POOL_CAPACITY
             self.state.available_resources[pool_resource(self.depin_pool)] = POOL_CAPACITY
@@ -149,35 +181,31 @@ class VolunteerWorker(Worker):
         return await super().close(*args, **kwargs)
 
     def handle_comm(self, comm: Any) -> Any:
-        _, roles, _ = peer_identity(comm.extra_info.get("peercert"))
-        if "scheduler" in roles or "client" in roles:
-            return super().handle_comm(comm)
-        if "worker" not in roles:
-            logger.warning("refused a connection from %s without a depin role", comm.peer_address)
-            comm.abort()
-            return NoOpAwaitable()
-        read = comm.read
+        return _only_the_coordinator("worker", _own_cert(self.security, "name"), super().handle_comm)(comm)
 
-        async def peer_read(deserializers: Any = None) -> Any:
-            msg = await read(deserializers)
-            for m in msg if isinstance(msg, (list, tuple)) else (msg,):
-                if isinstance(m, dict) and m.get("op") not in _PEER_WORKER_OPS:
-                    logger.warning("refused %r from peer worker %s", m.get("op"), comm.peer_address)
-                    raise PermissionError(f"a peer worker may not call {m.get('op')!r}")
-            return msg
+    async def execute(self, key: Any, *, stimulus_id: str) -> Any:
+        """Run a task only if it is depin's cell runner; anything else fails with a message, unrun."""
+        ts = self.state.tasks.get(key)
+        if ts is not None and not _is_cell_runner(ts.run_spec):
+            from distributed.worker_state_machine import ExecuteFailureEvent
 
-        comm.read = peer_read
-        return super().handle_comm(comm)
+            func = getattr(ts.run_spec, "func", None)
+            logger.warning("refused to run task %r (%r): a volunteer runs only depin's cell runner", key, func)
+            return ExecuteFailureEvent.from_exception(
+                PermissionError(f"volunteer {self.name} runs only depin's sandboxed cell runner, not "
+                                f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"),
+                key=key, run_id=ts.run_id, stimulus_id=f"depin-refused-{stimulus_id}")
+        return await super().execute(key, stimulus_id=stimulus_id)
 
 
-def _own_pool(security: Any) -> str:
-    """The pool named in this worker's own certificate ("" when it cannot be read)."""
-    from depin_jupyter.protocol.identity import cert_pool
+def _own_cert(security: Any, field: str) -> str:
+    """The ``name`` or ``pool`` in this worker's own certificate ("" when it cannot be read)."""
+    from depin_jupyter.protocol.identity import cert_info, cert_pool
 
     cert = getattr(security, "tls_worker_cert", None) or ""
     try:
         if not str(cert).lstrip().startswith("-----BEGIN"):
             cert = pathlib.Path(str(cert)).read_text()
-        return cert_pool(str(cert))
-    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): in no pool
+        return cert_pool(str(cert)) if field == "pool" else cert_info(str(cert)).name
+    except Exception:  # noqa: BLE001 - no certificate (tests without TLS): no name, in no pool
         return ""

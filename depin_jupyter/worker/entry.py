@@ -1,8 +1,8 @@
-"""What the notebook hands to Dask to run on workers: the cell tasks and the worker plugins, by reference.
+"""What is handed to Dask to run on workers: the cell tasks and the worker plugins, by reference.
 
-The one module of the worker side the kernel imports (import-linter allows exactly this crossing): Dask
-pickles these functions and classes by name, and each worker imports them there. Importing this module is
-cheap; the worker's machinery loads only when a task runs.
+The one module of the worker side the kernel and the coordinator's gateway import (import-linter allows
+exactly this crossing): Dask pickles these functions and classes by name, and each worker imports them
+there. Importing this module is cheap; the worker's machinery loads only when a task runs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from depin_jupyter.protocol.records import RunResult, RunSpec
 
-__all__ = ["cancel_on_release", "ignore_interrupt", "run_cell", "run_cell_relayed"]
+__all__ = ["cancel_on_release", "ignore_interrupt", "run_cell", "run_cell_gateway"]
 
 
 def run_cell(spec: RunSpec, inputs: dict[str, Any]) -> RunResult:
@@ -21,11 +21,12 @@ def run_cell(spec: RunSpec, inputs: dict[str, Any]) -> RunResult:
     return run(spec, inputs)
 
 
-def run_cell_relayed(spec: RunSpec, inputs: dict[str, Any]) -> str:
-    """The `%%depin` task on a volunteer: its result goes to the coordinator's relay (`worker.relayed`)."""
-    from depin_jupyter.worker.relayed import run_cell_relayed as run
+def run_cell_gateway(spec: bytes, inputs: bytes, blob: bytes | None) -> str:
+    """The `%%depin` task on a volunteer, as the coordinator's gateway builds it: pickle-free bytes in, the
+    result pushed to the coordinator's relay (`worker.relayed`); the blob is opened only in the sandbox."""
+    from depin_jupyter.worker.relayed import run_cell_gateway as run
 
-    return run(spec, inputs)
+    return run(spec, inputs, blob)
 
 
 def cancel_on_release() -> Any:

@@ -23,7 +23,7 @@ from depin_jupyter import config
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
 from depin_jupyter.protocol.identity import Token
 from depin_jupyter.worker import controls
-from depin_jupyter.worker._dask import VolunteerWorker
+from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny
 
 __all__ = ["VolunteerWorker", "run", "wait_for_scheduler", "volunteer_info"]
 
@@ -143,6 +143,9 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
     common: dict[str, Any] = dict(security=security, nthreads=nthreads, memory_limit=memory_limit,
                                   worker_class=VolunteerWorker, contact_address=contact_address,
                                   startup_information={"depin": volunteer_info}, dashboard=False,
+                                  # Worker addresses must be unique on the coordinator, so each listens where
+                                  # its machine can be named; only the coordinator may connect (guard_nanny,
+                                  # VolunteerWorker.handle_comm), and nothing needs to (results are relayed).
                                   host=None if contact_address is None else "127.0.0.1")
     wanted = _gpu_list(gpus)
     exclude = controls.parse_gpu_indices(config.get("volunteer.exclude-gpus"))
@@ -164,6 +167,8 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
             for line in controls.set_power_limits(devices, float(power)):
                 say(f"depin worker: {line}.")
         cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
+        for nanny in cw.nannies:
+            guard_nanny(nanny)
         await cw
         say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with {len(cw.nannies)} GPU worker(s).")
         return list(cw.nannies)
@@ -171,7 +176,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
         raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
     if config.get("volunteer.max-power") is not None:
         say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
-    nanny = Nanny(token.address, name=name, **common)
+    nanny = guard_nanny(Nanny(token.address, name=name, **common))
     await nanny
     say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with a CPU worker ({why}); cells use numpy here.")
     return [nanny]
@@ -210,16 +215,27 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await wait_for_scheduler(token, say)
-    nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
-    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        await _leave(token, nannies, say)
-        return 0
-    say("depin worker: the coordinator closed this worker.")
-    return 1
+    joined = False
+    while True:
+        try:
+            await wait_for_scheduler(token, say)
+        except ClusterConnectionError as e:  # refused (revoked, another coordinator): final
+            say(f"depin worker: {e}")
+            return 1
+        nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
+        if joined:
+            say(f"depin worker: rejoined {token.address}.")
+        joined = True
+        finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+        await asyncio.wait([finished, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            await _leave(token, nannies, say)
+            return 0
+        # The coordinator went away (restarted, crashed, the network dropped): join it again when it is back.
+        say("depin worker: lost the coordinator; rejoining when it answers again.")
+        await asyncio.gather(*(n.close(timeout=5, reason="coordinator-lost") for n in nannies),
+                             return_exceptions=True)
 
 
 def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: str | None = None,

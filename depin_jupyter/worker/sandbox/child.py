@@ -181,8 +181,12 @@ def main(argv: list[str]) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        inputs = pickle.loads(blob)  # noqa: S301 - the scientist's inputs, in the scientist's cell's sandbox
+        received = pickle.loads(blob)  # noqa: S301 - the scientist's inputs, in the scientist's cell's sandbox
         del blob
+        inputs = dict(received["inputs"])
+        if received.get("blob") is not None:  # what only pickle can carry, opened here and nowhere else
+            inputs.update(pickle.loads(received["blob"]))  # noqa: S301 - ditto
+        del received
     except MemoryError as e:
         result: dict[str, Any] = {"status": "error", "worker": control["where"][0], "worker_name": control["where"][1],
                   "run_id": spec.get("run_id"), "stream_count": 0,

@@ -298,7 +298,8 @@ def _feed(fd: int, pending: list[memoryview]) -> None:
 
 
 def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict[str, Any]], None],
-                  limits: Limits | None = None, stats: dict[str, Any] | None = None) -> bytes:
+                  limits: Limits | None = None, stats: dict[str, Any] | None = None,
+                  blob: bytes | None = None) -> bytes:
     """Run the cell ``spec`` with ``inputs`` in a sandboxed child; return its `protocol.payloads` bytes.
 
     ``emit(msg)`` receives the cell's stream events (stdout, stderr, display, start), decoded with
@@ -309,6 +310,9 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
     wall time), ``wall_seconds``, ``max_rss`` (bytes); and ``energy``, the child's own `energy.measure`
     figures (numbers and short text only, decoded with `safe_codec`), so the coordinator's ledger can total
     energy per volunteer without decoding the result.
+
+    ``blob``: more inputs as pickle bytes, opened only inside the child (what a client sent that only
+    pickle can carry: the worker itself never unpickles it).
 
     Limits that stop the cell, and a sandbox that cannot start, come back as a payload with status
     "error" and a message naming the setting. A cancel of the run (`worker.cancel.cancel_run`, the worker's
@@ -324,7 +328,7 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
     active.add(run_id, ActiveRun(_NoOutput(), threading.get_ident(), worker), key)
     try:
         try:
-            blob = _cloudpickle(inputs)
+            stream = _cloudpickle({"inputs": inputs, "blob": blob})
         except Exception as e:  # noqa: BLE001 - reported to the scientist
             return child.error(f"the cell's inputs could not be passed to the sandbox on volunteer {child.label}: "
                                f"{type(e).__name__}: {e}", type_name="SandboxError")
@@ -333,8 +337,8 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
         except (TypeError, ValueError) as e:
             return child.error(f"the cell's spec is not plain data: {e}", type_name="SandboxError")
         out_r, log_r = child.start()
-        to_child = [memoryview(struct.pack(">Q", len(head)) + head + struct.pack(">Q", len(blob))), memoryview(blob)]
-        del blob
+        to_child = [memoryview(struct.pack(">Q", len(head)) + head + struct.pack(">Q", len(stream))), memoryview(stream)]
+        del stream
         payload = child.pump(out_r, log_r, to_child)
         if payload is None:
             return child.no_result()
@@ -349,12 +353,12 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
         child.close()
 
 
-def _cloudpickle(inputs: dict[str, Any]) -> bytes:
-    """The inputs as one pickle stream the child loads with plain `pickle` (cloudpickle: notebook
-    functions and classes travel by value)."""
+def _cloudpickle(obj: Any) -> bytes:
+    """``obj`` as one pickle stream the child loads with plain `pickle` (cloudpickle: functions and classes
+    a trusted caller passes travel by value)."""
     from distributed.protocol import pickle as dpickle
 
-    return bytes(dpickle.dumps(inputs, protocol=5))
+    return bytes(dpickle.dumps(obj, protocol=5))
 
 
 def _payload_cap() -> int:
