@@ -43,7 +43,7 @@ def test_unchanged_cell_is_served_from_the_cache(shell, store_url, tmp_path):
     first = shell.user_ns["smooth"]
     with capture_output() as cap:
         value = run_ok(shell, cell)
-    assert "cached (run" in cap.stderr
+    assert "cached (run" in cap.stdout
     assert marker.read_text() == "x"  # the cell did not run again
     assert value == 1000
     np.testing.assert_allclose(np.asarray(shell.user_ns["smooth"]), first)
@@ -62,7 +62,7 @@ def test_mutated_input_is_replayed_on_a_hit(shell, store_url):
     run_ok(shell, "L = [3, 1, 2]\nalias = L")
     with capture_output() as cap:
         run_ok(shell, f"%%depin --store {store_url}\nL.sort()\nm = max(L)")
-    assert "cached" in cap.stderr
+    assert "cached" in cap.stdout
     assert shell.user_ns["L"] == [1, 2, 3] and shell.user_ns["alias"] is shell.user_ns["L"]
 
 
@@ -149,7 +149,7 @@ def test_functions_imported_from_packages_do_not_spoil_the_cache(shell, store_ur
     shell.user_ns.pop("dumps")
     with capture_output() as cap:
         run_ok(shell, cell)
-    assert "cached" in cap.stderr and marker.read_text() == "x"
+    assert "cached" in cap.stdout and marker.read_text() == "x"
     import json
 
     assert shell.user_ns["dumps"] is json.dumps  # rebound by import on the hit
@@ -163,7 +163,7 @@ def test_a_cache_hit_replays_printed_output_displays_and_figures(shell, store_ur
         run_ok(shell, cell)
     with capture_output() as again:
         run_ok(shell, cell)
-    assert "cached (run" in again.stderr
+    assert "cached (run" in again.stdout
     assert "hello from the run" in again.stdout
     bundles = lambda cap: [sorted(o.data) for o in cap.outputs]  # noqa: E731
     assert bundles(again) == bundles(first) and any("image/png" in b for b in bundles(again))

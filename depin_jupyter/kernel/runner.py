@@ -52,6 +52,7 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
     they are not sent unless the user rebound them.
     """
     __tracebackhide__ = True
+    config.check()  # a misspelt or mistyped setting is an error naming it, not silently ignored
     label = options.name or "cell"
     run_id = new_run_id()
     filename = f"<depin {label} {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
@@ -218,8 +219,8 @@ def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tu
         emit(msg)
     for warning in apply_results(namespace, result):
         print(f"depin: {warning}", file=sys.stderr)
-    persist.say_cached(run_id, prep.options.name)
     progress.update("cached", f"run {run_id}")
+    progress.note(persist.cached_note(run_id, prep.options.name, result.get("lazy") or {}))
     outcome = CellOutcome(run_id=run_id, worker=result.get("worker"), cached=True,
                           timings={"total": time.perf_counter() - prep.started})
     if "value" in result:
