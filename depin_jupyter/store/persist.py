@@ -114,6 +114,7 @@ def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, 
         "modules": bindings.get("modules", {}),
         "worker": (manifest.worker or {}).get("address"),
         "lazy": {n: size for n, size in lazy.items() if n not in mutated},
+        **{k: bindings[k] for k in ("views", "parts", "kept") if bindings.get(k)},
     }
     for name, (module, qualname) in bindings.get("imports", {}).items():
         result["outputs"][name] = _import(module, qualname)
@@ -175,11 +176,13 @@ def _concrete(value: Any) -> Any:
 def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, str], key: str,
            options: Any, result: RunResult, client: Any = None,
            timings: dict[str, float] | None = None, pool: str | None = None,
-           private: Any = ()) -> str | None:
+           private: Any = (), views: dict[str, Any] | None = None) -> str | None:
     """Write a finished run into ``store``; returns a warning to show, or None.
 
     ``pool``: the pool the run was restricted to (None: any worker); ``private``: the inputs that carried
-    private data (the manifest keeps their names and content hashes, never their values).
+    private data (the manifest keeps their names and content hashes, never their values); ``views``: the
+    values of the outputs that came back as views (``result["views"]`` describes them), stored as arrays
+    and rebuilt as views on a hit.
 
     Never raises for an output it cannot store: the run is then stored without it and is not
     cacheable, and the warning names the output.
@@ -188,7 +191,7 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     from depin_jupyter.store import output_kind as classify
 
     mutated = {n: unbox(v) for n, v in result.get("mutated", {}).items()}
-    outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **mutated}
+    outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **(views or {}), **mutated}
     # Functions and classes of installed packages are stored by reference: they are importable anywhere.
     imports = {n: [v.__module__, v.__qualname__] for n, v in outputs.items() if _importable(v)}
     for n in imports:
@@ -219,7 +222,9 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
                                           "modules": result.get("modules", {}),
                                           "imports": imports,
                                           "mutated": sorted(mutated),
-                                          "lazy": sorted(n for n, v in outputs.items() if _is_lazy(v))}}
+                                          "lazy": sorted(n for n, v in outputs.items() if _is_lazy(v)),
+                                          **{k: result[k] for k in ("views", "parts", "kept")  # type: ignore[literal-required]
+                                             if result.get(k)}}}
     if result.get("status") != "ok":
         err = result.get("error") or {}
         extra["error"] = {"type": err.get("type"), "message": err.get("message")}
