@@ -197,8 +197,10 @@ class DepinMagics(Magics):
         if args.command == "status":
             session = cluster.current_session()
             if session is None:
-                print("depin: not connected (the next %%depin starts the embedded cluster, "
-                      "or use %depin connect)")
+                failed = cluster.failed_connect()
+                print(f"depin: not connected: `%depin connect {failed[0]}` failed ({failed[1].rstrip('.')}); "
+                      f"connect again, or `%depin connect local` for the embedded cluster" if failed else
+                      "depin: not connected (the next %%depin starts the embedded cluster, or use %depin connect)")
                 return None
             print(format_status(session))
             return None

@@ -241,7 +241,8 @@ def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped:
     __tracebackhide__ = True
     progress = progress or Progress()
     for name in result.get("mutated", {}):
-        session.inputs.discard(shipped.hashes.get(name, ""))  # the cluster's copy changed in place
+        # The cluster's copy changed in place (for a view: the copy of the array it is a view of).
+        session.inputs.discard(shipped.hashes.get(shipped.views.get(name, name), ""))
     for warning in apply_results(namespace, result, keep, trusted=not session.untrusted):
         print(f"depin: {warning}", file=sys.stderr)
     outcome = CellOutcome(

@@ -20,6 +20,7 @@ from depin_jupyter.errors import CellInputError
 from depin_jupyter.protocol.bundles import ModuleBundle
 from depin_jupyter.protocol.constants import MODULES_ARG
 from depin_jupyter.protocol.values import box, content_hash
+from depin_jupyter.protocol.views import InputView, windows
 
 __all__ = ["InputCache", "ShippedInputs", "ship_inputs"]
 
@@ -36,6 +37,7 @@ class ShippedInputs:
     hashes: dict[str, str] = field(default_factory=dict)     # name -> content hash
     sent_bytes: int = 0                                      # bytes scattered by this run
     reused: list[str] = field(default_factory=list)          # names found on the cluster already
+    views: dict[str, str] = field(default_factory=dict)      # name -> the input it is sent as a view of
 
 
 class InputCache:
@@ -157,10 +159,16 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
         else:
             to_send[modules.key] = (MODULES_ARG, modules.files, modules.nbytes)
         shipped.hashes[MODULES_ARG] = modules.key
+    # An input that is a view of another input travels as that: the worker rebuilds it on its copy.
+    views = windows({n: namespace[n] for n in names}, "input")
     for name in names:
         value = namespace[name]
         if isinstance(value, types.ModuleType):
             shipped.modules[name] = value.__name__
+            continue
+        if name in views:
+            shipped.args[name] = InputView(views[name])
+            shipped.views[name] = views[name]["of"]
             continue
         if _is_inline(value):
             shipped.args[name] = value

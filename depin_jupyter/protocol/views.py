@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, TypedDict
 
-__all__ = ["ViewRecord", "describe", "memory_root", "rebuild", "shares_window"]
+__all__ = ["InputView", "ViewRecord", "describe", "memory_root", "rebuild", "shares_window", "windows"]
 
 _TYPES = ("ndarray", "recarray", "matrix")
 
@@ -160,3 +160,34 @@ def rebuild(local: Any, rec: ViewRecord) -> Any:
 def _contiguous(shape: list[int], itemsize: int) -> list[int]:
     """C-order strides of ``shape``."""
     return [itemsize * math.prod(shape[k + 1:]) for k in range(len(shape))]
+
+
+class InputView:
+    """An input sent as a window on another input of the same cell, because in the notebook it is one:
+    the worker rebuilds it on its copy of that input, so a change through either shows in both."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: ViewRecord) -> None:
+        self.record = record
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (InputView, (self.record,))
+
+
+def windows(arrays: dict[str, Any], source_kind: str) -> dict[str, ViewRecord]:
+    """Which of ``arrays`` are views of another of them: the largest array holding another's memory carries
+    it (so no view is described on a view)."""
+    np = _np()
+    found: dict[str, ViewRecord] = {}
+    carriers: list[tuple[str, Any]] = []
+    ordered = sorted(((n, a) for n, a in arrays.items() if isinstance(a, np.ndarray) and a.size),
+                     key=lambda kv: -kv[1].nbytes)
+    for name, a in ordered:
+        rec = None if a.base is None else \
+            next((r for n, c in carriers if (r := describe(a, c, n, source_kind)) is not None), None)
+        if rec is not None:
+            found[name] = rec
+        else:
+            carriers.append((name, a))
+    return found

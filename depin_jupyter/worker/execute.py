@@ -22,6 +22,7 @@ from typing import Any
 from depin_jupyter.protocol.constants import MODULES_ARG
 from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.values import RichValue, box, rebind_globals, unbox
+from depin_jupyter.protocol.views import InputView, rebuild
 from depin_jupyter.worker.cancel import CellCancelled, CellMaxRuntime, CellTimedOut, cancel_run
 from depin_jupyter.worker.modules import use_local_modules
 from depin_jupyter.worker.mutation import changed, fingerprint
@@ -74,6 +75,11 @@ def _namespace(spec: RunSpec, inputs: dict[str, Any], sandboxed: bool = False) -
                 if not (gname.startswith("__") and gname.endswith("__")):
                     ns.setdefault(gname, gvalue)
     inputs = {name: unbox(value) for name, value in inputs.items()}
+    for name, value in inputs.items():  # views of other inputs, as in the notebook: rebuilt on this copy
+        if isinstance(value, InputView):
+            inputs[name] = rebuild(inputs.get(value.record["of"]), value.record)
+            if inputs[name] is None:
+                raise ValueError(f"input {name!r} could not be rebuilt as a view of {value.record['of']!r}")
     for name, value in inputs.items():
         ns[name] = rebind_globals(value, ns)
     seeded = {n: v for n, v in ns.items() if n not in ("__name__", "__builtins__")}

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from depin_jupyter.protocol.parts import children, is_identity_worthy
-from depin_jupyter.protocol.views import ViewRecord, describe
+from depin_jupyter.protocol.views import ViewRecord, describe, windows
 
 __all__ = ["MAX_NODES", "Parts", "kept", "parts_of", "views"]
 
@@ -77,13 +77,7 @@ def views(outputs: dict[str, Any], parts: Parts) -> dict[str, ViewRecord]:
                 found[name] = rec
                 break
     # Among the rest, the largest array holding another's memory carries it; the other is its view.
-    carriers: list[tuple[str, Any]] = []
-    for name, v in sorted(((n, a) for n, a in arrays.items() if n not in found), key=lambda kv: -kv[1].nbytes):
-        rec = next((r for n, a in carriers if (r := describe(v, a, n, "output")) is not None), None)
-        if rec is not None:
-            found[name] = rec
-        else:
-            carriers.append((name, v))
+    found.update(windows({n: a for n, a in arrays.items() if n not in found}, "output"))
     return found
 
 
