@@ -233,9 +233,10 @@ def _rebind_methods(klass: type, namespace: dict[str, Any]) -> None:
                 continue
         elif isinstance(member, property) and isinstance(member.fget, types.FunctionType) and \
                 member.fget.__module__ == "__main__" and member.fget.__globals__ is not namespace:
-            parts = [rebind_globals(f, namespace) if isinstance(f, types.FunctionType) else f
-                     for f in (member.fget, member.fset, member.fdel)]
+            funcs: list[Any] = [rebind_globals(f, namespace) if isinstance(f, types.FunctionType) else f
+                                for f in (member.fget, member.fset, member.fdel)]
+            fget, fset, fdel = funcs
             try:
-                setattr(klass, attr, property(*parts, doc=member.__doc__))
+                setattr(klass, attr, property(fget, fset, fdel, member.__doc__))
             except (AttributeError, TypeError):
                 continue

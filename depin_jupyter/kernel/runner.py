@@ -19,6 +19,7 @@ from depin_jupyter import config
 from depin_jupyter.cell import analyze
 from depin_jupyter.errors import RemoteExecutionError, WorkerLostError
 from depin_jupyter.kernel import replication
+from depin_jupyter.kernel.binding import adopt_classes, apply_results, view_values
 from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.modules import bundle_local_modules
 from depin_jupyter.kernel.placement import check_environment, module_candidates, route
@@ -32,7 +33,6 @@ from depin_jupyter.kernel.records import (
     RunOptions,
     WorkerDied,
 )
-from depin_jupyter.kernel.binding import adopt_classes, apply_results, view_values
 from depin_jupyter.kernel.shipping import fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.kernel.submit import raise_remote

@@ -42,9 +42,11 @@ def _np() -> Any:
 
 def _bounds(a: Any) -> tuple[int, int]:
     np = _np()
-    fn = getattr(np, "byte_bounds", None)
-    if fn is None:
-        from numpy.lib.array_utils import byte_bounds as fn
+    fn: Any = getattr(np, "byte_bounds", None)
+    if fn is None:  # numpy 2 moved it
+        from numpy.lib.array_utils import byte_bounds
+
+        fn = byte_bounds
     lo, hi = fn(a)
     return int(lo), int(hi)
 

@@ -101,10 +101,11 @@ _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 def _encode_rng(obj: Any, where: str) -> Any:
     """A numpy random generator as ``{"$rng": {"type", "state"}}``: its bit generator's state, arrays as lists."""
+    state: dict[str, Any]
     if isinstance(obj, np.random.RandomState):
-        state = obj.get_state(legacy=False)
+        state = dict(obj.get_state(legacy=False))
     else:
-        state = (obj.bit_generator if isinstance(obj, np.random.Generator) else obj).state
+        state = dict((obj.bit_generator if isinstance(obj, np.random.Generator) else obj).state)
     if state.get("bit_generator") not in _BIT_GENERATORS:
         raise UnsupportedValue(obj, where)
     return {"$rng": {"type": type(obj).__name__, "state": encode(_plain_state(state), where)}}

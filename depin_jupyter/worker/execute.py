@@ -23,11 +23,11 @@ from depin_jupyter.protocol.constants import MODULES_ARG
 from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.values import RichValue, box, rebind_globals, unbox
 from depin_jupyter.protocol.views import InputView, rebuild
+from depin_jupyter.worker import sharing
 from depin_jupyter.worker.cancel import CellCancelled, CellMaxRuntime, CellTimedOut, cancel_run
 from depin_jupyter.worker.modules import use_local_modules
 from depin_jupyter.worker.mutation import changed, fingerprint
 from depin_jupyter.worker.output import RunOutput, fallback_display, format_mime, install, show_figures
-from depin_jupyter.worker import sharing
 from depin_jupyter.worker.runs import ActiveRun, active, set_current
 from depin_jupyter.worker.sharing import Parts
 
