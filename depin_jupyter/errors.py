@@ -11,6 +11,10 @@ class DepinUsageError(DepinError):
     """A malformed magic/CLI argument or a request that cannot be satisfied as asked."""
 
 
+class DepinConfigError(DepinUsageError):
+    """A `depin` setting is misspelt or has the wrong type; the message names it, its source and the right spelling."""
+
+
 class CellInputError(DepinError):
     """A cell's inputs cannot be shipped: undefined, or not serializable."""
 

@@ -15,7 +15,7 @@ def test_background_returns_at_once_and_wait_binds(shell):
     with capture_output() as cap:
         run_ok(shell, "%depin wait slow")
     assert shell.user_ns["ans"] == 42
-    assert "slept" in cap.stdout and "finished" in cap.stderr
+    assert "slept" in cap.stdout and "finished" in cap.stdout and "finished" not in cap.stderr
 
 
 def test_finished_run_is_bound_before_the_next_cell(shell):

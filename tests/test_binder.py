@@ -38,7 +38,8 @@ for cell in nb.cells:  # small sizes, as tests/test_notebooks.py does
                                  if ln.split("=")[0].strip() in small else ln for ln in cell.source.splitlines())
 NotebookClient(nb, timeout=300, kernel_name="python3",
                resources={"metadata": {"path": str(pathlib.Path(sys.argv[1]).parent)}}).execute()
-out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+out = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")  # notes are on the progress line
+              for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 import depin_jupyter
 print(json.dumps({"module": depin_jupyter.__file__, "cached": "cached (run" in out}))
 """

@@ -105,3 +105,50 @@ def test_interrupt_frees_the_cluster_from_a_cell_stuck_in_a_c_call(kernel_manage
     reply, _ = execute(kc, "%%depin --no-store\nafter = 2\nafter")
     assert reply["status"] == "ok"
     execute(kc, "%depin close")
+
+
+def _texts(msgs, kind):
+    """Stream text of one kind, and the text/plain of displays (the progress line) of a cell's messages."""
+    if kind in ("stdout", "stderr"):
+        return "".join(m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == kind)
+    return "".join(m["content"]["data"].get("text/plain", "") for _, m in msgs
+                   if m["msg_type"] in ("display_data", "update_display_data"))
+
+
+def test_notes_are_not_errors_and_a_repr_with_the_notebooks_names_is_shown(kernel):
+    reply, _ = execute(kernel, "%load_ext depin_jupyter\n%depin close")
+    assert reply["status"] == "ok"
+    reply, msgs = execute(kernel, "%%depin\nimport pandas as pd\ndf1 = pd.DataFrame({'A': [1, 2]})\n"
+                                  "df2 = pd.DataFrame({'B': [30]})")
+    assert reply["status"] == "ok"
+    # "started ..." is information: on the progress line, never in the red stderr style
+    assert "started CPU LocalCluster" in _texts(msgs, "display") and "started" not in _texts(msgs, "stderr")
+    from test_as_if_local import HELPER
+
+    reply, _ = execute(kernel, "%%depin --no-store\n" + HELPER)
+    assert reply["status"] == "ok"
+    reply, msgs = execute(kernel, "%%depin --no-store\ndisplay('df1', 'df2')")
+    assert reply["status"] == "ok"
+    [result] = [m["content"]["data"] for _, m in msgs if m["msg_type"] == "execute_result"]
+    assert "<table" in result["text/html"] and "df2" in result["text/html"]  # formatted here, with df1 and df2
+    assert "30" in result["text/plain"] and not _texts(msgs, "stderr")
+    execute(kernel, "%depin close")
+
+
+def test_a_failed_connect_is_not_followed_by_a_quiet_local_cluster(kernel):
+    from conftest import free_port
+
+    port = free_port()
+    reply, _ = execute(kernel, "%load_ext depin_jupyter\n%depin close\nimport dask\n"
+                               "dask.config.set({'depin.connect-timeout': '1s'})")
+    assert reply["status"] == "ok"
+    reply, _ = execute(kernel, f"%depin connect tcp://127.0.0.1:{port}")
+    assert reply["status"] == "error" and reply["ename"] == "ClusterConnectionError"
+    reply, _ = execute(kernel, "%%depin\nz = 1")
+    assert reply["status"] == "error" and reply["ename"] == "ClusterConnectionError"
+    assert f"127.0.0.1:{port}" in reply["evalue"] and "%depin connect local" in reply["evalue"]
+    reply, msgs = execute(kernel, "from depin_jupyter.kernel.cluster import current_session\n"
+                                  "print(current_session() is None)")
+    assert _texts(msgs, "stdout").strip() == "True"
+    reply, _ = execute(kernel, "%depin connect local\n%%depin\nz = 2")  # the way back that the error names
+    execute(kernel, "%depin close")

@@ -254,6 +254,53 @@ def test_unreachable_scheduler_names_the_address(shell, depin_session):
     from depin_jupyter.kernel import cluster
 
     assert cluster.current_session() is depin_session  # a failed connect keeps the working session
+    assert "Still connected to CPU LocalCluster" in str(err)  # ...and says so: cells keep running there
+    _assert_kernel_still_works(shell)
+
+
+def test_a_failed_connect_leaves_the_kernel_not_connected(shell, depin_session, capsys):
+    """With no session to fall back on, the next cell must not quietly start a cluster on this machine."""
+    import dask
+    from conftest import free_port
+    from IPython.core.error import UsageError
+
+    from depin_jupyter.errors import ClusterConnectionError
+    from depin_jupyter.kernel import cluster
+
+    port = free_port()
+    cluster._session = None  # keep the suite's cluster out of it
+    try:
+        with dask.config.set({"depin.connect-timeout": "1s"}):
+            assert isinstance(run(shell, f"%depin connect tcp://127.0.0.1:{port}").error_in_exec, ClusterConnectionError)
+        err = run(shell, "%%depin\nz = 1").error_in_exec
+        assert isinstance(err, ClusterConnectionError) and cluster.current_session() is None  # nothing started
+        assert f"%depin connect tcp://127.0.0.1:{port}` failed" in str(err) and "%depin connect local" in str(err)
+        shell.run_line_magic("depin", "status")
+        assert "not connected" in capsys.readouterr().out
+        assert isinstance(run(shell, "%depin connect depin1-notatoken-at-all").error_in_exec, UsageError)
+        err = run(shell, "%%depin\nz = 1").error_in_exec
+        assert isinstance(err, ClusterConnectionError) and "depin1-notato... (a client token)" in str(err)
+        assert "notatoken-at-all" not in str(err)  # a token is a secret: not repeated in full
+    finally:
+        cluster.close_session()  # forgets the failed connect
+        cluster._session = depin_session
+    _assert_kernel_still_works(shell)
+
+
+def test_a_misspelt_setting_stops_the_cell_and_names_the_right_key(shell, monkeypatch, tmp_path):
+    from IPython.core.error import UsageError
+
+    from depin_jupyter import config
+
+    marker = tmp_path / "ran"
+    shell.user_ns["marker"] = str(marker)
+    monkeypatch.setenv("DASK_DEPIN__STORE", str(tmp_path / "mine.zarr"))  # meant: DASK_DEPIN__STORE__URL
+    monkeypatch.setattr(config, "_sources_checked", False)  # as in a kernel started with it
+    res = run(shell, "%%depin\nopen(marker, 'w').write('x')")
+    assert isinstance(res.error_in_exec, UsageError) and not marker.exists()
+    assert f"DASK_DEPIN__STORE__URL={tmp_path / 'mine.zarr'}" in str(res.error_in_exec)
+    monkeypatch.delenv("DASK_DEPIN__STORE")
+    monkeypatch.setattr(config, "_sources_checked", False)
     _assert_kernel_still_works(shell)
 
 

@@ -43,7 +43,7 @@ def test_unchanged_cell_is_served_from_the_cache(shell, store_url, tmp_path):
     first = shell.user_ns["smooth"]
     with capture_output() as cap:
         value = run_ok(shell, cell)
-    assert "cached (run" in cap.stderr
+    assert "cached (run" in cap.stdout
     assert marker.read_text() == "x"  # the cell did not run again
     assert value == 1000
     np.testing.assert_allclose(np.asarray(shell.user_ns["smooth"]), first)
@@ -62,7 +62,7 @@ def test_mutated_input_is_replayed_on_a_hit(shell, store_url):
     run_ok(shell, "L = [3, 1, 2]\nalias = L")
     with capture_output() as cap:
         run_ok(shell, f"%%depin --store {store_url}\nL.sort()\nm = max(L)")
-    assert "cached" in cap.stderr
+    assert "cached" in cap.stdout
     assert shell.user_ns["L"] == [1, 2, 3] and shell.user_ns["alias"] is shell.user_ns["L"]
 
 
@@ -149,7 +149,7 @@ def test_functions_imported_from_packages_do_not_spoil_the_cache(shell, store_ur
     shell.user_ns.pop("dumps")
     with capture_output() as cap:
         run_ok(shell, cell)
-    assert "cached" in cap.stderr and marker.read_text() == "x"
+    assert "cached" in cap.stdout and marker.read_text() == "x"
     import json
 
     assert shell.user_ns["dumps"] is json.dumps  # rebound by import on the hit
@@ -163,7 +163,7 @@ def test_a_cache_hit_replays_printed_output_displays_and_figures(shell, store_ur
         run_ok(shell, cell)
     with capture_output() as again:
         run_ok(shell, cell)
-    assert "cached (run" in again.stderr
+    assert "cached (run" in again.stdout
     assert "hello from the run" in again.stdout
     bundles = lambda cap: [sorted(o.data) for o in cap.outputs]  # noqa: E731
     assert bundles(again) == bundles(first) and any("image/png" in b for b in bundles(again))
@@ -246,3 +246,88 @@ def test_a_chunk_changed_between_write_and_seal_leaves_the_run_incomplete(depin_
     with pytest.raises(RunIncompleteError):
         store.load(writer.run_id)
     assert store.lookup_cache("k") is None
+
+
+# ---------------------------------------------------------------- a hit binds what the fresh run bound
+
+
+def test_a_cache_hit_binds_the_types_the_fresh_run_bound(shell, store_url):
+    xr = pytest.importorskip("xarray")
+    cell = (f"%%depin --store {store_url}\nimport numpy as np\nimport xarray as xr\nsq = np.arange(5) ** 2\n"
+            "rec = np.rec.array([(1, 2.0)], dtype=[('a', 'i4'), ('b', 'f8')])\nmat = np.asmatrix(np.eye(2))\n"
+            "field = xr.DataArray(np.ones((2, 3)), dims=('y', 'x'), name='field')\nsq")
+    fresh = run_ok(shell, cell)
+    first = {n: type(shell.user_ns[n]) for n in ("sq", "rec", "mat", "field")}
+    with capture_output() as cap:
+        again = run_ok(shell, cell)
+    assert "cached (run" in cap.stdout and "lazily" not in cap.stdout
+    assert type(again) is type(fresh) is np.ndarray and again.tolist() == fresh.tolist()  # Out, not dask
+    assert {n: type(shell.user_ns[n]) for n in first} == first == {
+        "sq": np.ndarray, "rec": np.recarray, "mat": np.matrix, "field": xr.DataArray}
+    assert shell.user_ns["field"].chunks is None  # loaded, as the fresh run's was
+    assert shell.user_ns["rec"].b[0] == 2.0
+
+
+def test_outputs_above_lazy_bytes_are_bound_lazily_and_named(shell, store_url):
+    import dask
+
+    cell = f"%%depin --store {store_url}\nimport numpy as np\nbig = np.ones((256, 256))\nsmall = np.zeros(3)"
+    run_ok(shell, cell)
+    with dask.config.set({"depin.store.lazy-bytes": "64KiB"}), capture_output() as cap:
+        run_ok(shell, cell)
+    assert hasattr(shell.user_ns["big"], "dask") and type(shell.user_ns["small"]) is np.ndarray
+    assert "bound lazily" in cap.stdout and "big (512.00 kiB)" in cap.stdout and "small" not in cap.stdout
+
+
+def test_a_view_made_in_a_cell_is_a_view_again_on_a_hit(shell, store_url):
+    run_ok(shell, "import numpy as np\nx2 = np.arange(12).reshape(3, 4)")
+    cell = f"%%depin --store {store_url}\nx2_sub = x2[:2, :2]"
+    run_ok(shell, cell)
+    run_ok(shell, "x2 = np.arange(12).reshape(3, 4)")  # a new array, the same content: a hit
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "cached (run" in cap.stdout
+    run_ok(shell, "x2_sub[0, 0] = 99")
+    assert shell.user_ns["x2"][0, 0] == 99
+    store = open_store(store_url, create=False)
+    stored = store.load(store.runs()[-1].run_id, ["x2_sub"], lazy=False)["x2_sub"]
+    assert stored.tolist() == [[0, 1], [4, 5]]  # the store holds its values, for plain zarr readers
+
+
+def test_a_seeded_generator_drawn_from_in_a_cell_is_stored_and_replayed(shell, store_url, tmp_path):
+    marker = tmp_path / "ran"
+    shell.user_ns["marker"] = str(marker)
+    setup = "import numpy as np\nrng = np.random.default_rng(42)"
+    cell = (f"%%depin --store {store_url}\nopen(marker, 'a').write('x')\nsample = rng.normal(size=3)\n"
+            "legacy = np.random.RandomState(7)\nfirst = legacy.randint(100)\ng = np.random.Generator(np.random.MT19937(3))")
+    run_ok(shell, setup)
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "not portable" not in cap.stderr, cap.stderr
+    fresh = {n: shell.user_ns[n] for n in ("sample", "legacy", "g")}
+    after = shell.user_ns["rng"].random()
+    run_ok(shell, setup)  # the same seed again: the same inputs, a hit
+    with capture_output() as cap:
+        run_ok(shell, cell)
+    assert "cached (run" in cap.stdout and marker.read_text() == "x"
+    ns = shell.user_ns
+    np.testing.assert_array_equal(ns["sample"], fresh["sample"])
+    assert ns["rng"].random() == after  # advanced by the hit as by the run
+    assert type(ns["legacy"]) is np.random.RandomState and ns["legacy"].randint(100) == fresh["legacy"].randint(100)
+    assert type(ns["g"].bit_generator) is np.random.MT19937 and ns["g"].random() == fresh["g"].random()
+    run_id = open_store(store_url, create=False).runs()[-1].run_id
+    run_ok(shell, f"del g\n%depin load {run_id} g --store {store_url}")
+    assert type(shell.user_ns["g"]) is np.random.Generator  # restored as the same type by a load
+
+
+def test_the_main_job_stores_every_output_portably(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DASK_DEPIN__STORE__URL=str(tmp_path / "demo.zarr"))
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "depin"), "demo"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "not portable" not in proc.stdout + proc.stderr
+    assert "started CPU LocalCluster" in proc.stdout and "started" not in proc.stderr
+    assert all(r.complete for r in open_store(str(tmp_path / "demo.zarr"), create=False).runs())

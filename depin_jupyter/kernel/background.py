@@ -167,8 +167,8 @@ def _bind(session: Session, run: BackgroundRun, namespace: dict[str, Any]) -> No
         time.sleep(0.01)
         run._pump()
     session.streams.close(run.run_id)
-    print(f"depin: background run {run.name!r} ({run.run_id}) finished"
-          + (f" on {run.worker}" if run.worker else "") + ":", file=sys.stderr)
+    print(f"depin: background run {run.name!r} ({run.run_id}) finished"  # information: stdout, not stderr
+          + (f" on {run.worker}" if run.worker else "") + ":")
     for msg in run._printed:
         emit(msg)
     run._printed.clear()

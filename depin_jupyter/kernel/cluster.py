@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from depin_jupyter import config
-from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
+from depin_jupyter.errors import ClusterConnectionError, DepinError, DepinUsageError
 
 __all__ = ["Session", "WorkerInfo", "connect", "get_session", "close_session", "current_session",
-           "published_sessions"]
+           "failed_connect", "published_sessions"]
 
 _session: Session | None = None
+_failed: tuple[str, str] | None = None   # (target, why) of a failed connect that left no session
 _session_lock = threading.Lock()
 
 
@@ -276,30 +277,57 @@ def _connect_token(text: str) -> Session:
 def connect(target: str | None = None) -> Session:
     """Connect this kernel to ``target`` (None/"local": embedded default; an address).
 
-    The previous session is closed only once the new one is up, so a failed connect loses nothing.
+    The previous session is closed only once the new one is up, so a failed connect loses nothing; with
+    no previous session, a failed connect leaves the kernel not connected (`get_session` then refuses to
+    start the embedded cluster behind the user's back).
     """
-    global _session
+    global _session, _failed
+    config.check()
     target = target if target is not None else config.get("scheduler-address")
-    from depin_jupyter.protocol.identity import TOKEN_PREFIX
-
-    if target in (None, "", "local"):
-        new = _start_local()
-    elif target.startswith(TOKEN_PREFIX) or (os.path.isfile(os.path.expanduser(target))
-                                             and "://" not in target):
-        new = _connect_token(target)
-    elif "://" in target or ":" in target:
-        new = _connect_address(target if "://" in target else f"tcp://{target}")
-    else:
-        raise DepinUsageError(
-            f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
-            f"a scheduler address such as tcp://host:8786, or a volunteer network's client token (or a "
-            f"file holding it)."
-        )
+    try:
+        new = _open(target)
+    except DepinError as e:
+        old = _session
+        if old is None:
+            _failed = (_shown_target(target), str(e))
+            raise
+        try:
+            still = type(e)(f"{e} Still connected to {old.description}: cells run there until a connect succeeds.")
+        except TypeError:  # an error type with other arguments: keep it as it is
+            raise e from None
+        raise still from None
     with _session_lock:
-        old, _session = _session, new
+        old, _session, _failed = _session, new, None
     if old is not None:
         old.close()
     return new
+
+
+def _open(target: str | None) -> Session:
+    from depin_jupyter.protocol.identity import TOKEN_PREFIX
+
+    if target in (None, "", "local"):
+        return _start_local()
+    assert target is not None
+    if target.startswith(TOKEN_PREFIX) or (os.path.isfile(os.path.expanduser(target)) and "://" not in target):
+        return _connect_token(target)
+    if "://" in target or ":" in target:
+        return _connect_address(target if "://" in target else f"tcp://{target}")
+    raise DepinUsageError(
+        f"cannot connect to {target!r}: give nothing or 'local' for a cluster on this machine, or "
+        f"a scheduler address such as tcp://host:8786, or a volunteer network's client token (or a "
+        f"file holding it)."
+    )
+
+
+def _shown_target(target: str | None) -> str:
+    """The target as error messages may show it: a token's secret part is cut."""
+    from depin_jupyter.protocol.identity import TOKEN_PREFIX
+
+    if target in (None, "", "local"):
+        return "local"
+    assert target is not None
+    return f"{target[:len(TOKEN_PREFIX) + 6]}... (a client token)" if target.startswith(TOKEN_PREFIX) else target
 
 
 def current_session() -> Session | None:
@@ -307,17 +335,32 @@ def current_session() -> Session | None:
     return _session
 
 
+def failed_connect() -> tuple[str, str] | None:
+    """(target, why) of the connect that failed and left the kernel not connected, else None."""
+    return _failed
+
+
 def get_session() -> Session:
-    """The session, starting the embedded default on first use (as the first `%%depin` does)."""
+    """The session, starting the embedded default on first use (as the first `%%depin` does).
+
+    After a failed connect with no session to fall back on, this raises instead: the user asked for
+    another cluster, and quietly running cells on this machine would be a surprise.
+    """
     if _session is None:
+        if _failed is not None:
+            target, why = _failed
+            raise ClusterConnectionError(
+                f"not connected: `%depin connect {target}` failed ({why.rstrip('.')}). Connect again once "
+                f"that is fixed, or run `%depin connect local` for the embedded cluster on this machine.")
         return connect()
     return _session
 
 
 def close_session() -> bool:
-    """Close the session's client and any embedded cluster; True if there was one."""
-    global _session
+    """Close the session's client and any embedded cluster; True if there was one. Forgets a failed connect."""
+    global _session, _failed
     with _session_lock:
+        _failed = None
         if _session is None:
             return False
         _session.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -115,15 +114,18 @@ class DepinMagics(Magics):
                              private=tuple(sorted(_PRIVATE | set(args.private or ()))))
         fresh = current_session() is None
         session = _usage(get_session)
-        if fresh:
-            print(f"depin: started {session.description}", file=sys.stderr)
+        started = f"started {session.description}" if fresh else None
         if args.background:
             from depin_jupyter.kernel import background
 
+            if started:
+                print(f"depin: {started}")
             return _usage(background.submit, session, cell, self._shell.user_ns, options, self._shell.user_ns_hidden)
         from depin_jupyter.kernel.widgets import make_progress
 
         progress = make_progress(options.name or "cell")
+        if started:
+            progress.note(started)  # information, not an error: stdout or the progress line, never stderr
         try:
             outcome = _usage(run_cell, session, cell, self._shell.user_ns, options, self._shell.user_ns_hidden,
                              progress)
@@ -195,8 +197,10 @@ class DepinMagics(Magics):
         if args.command == "status":
             session = cluster.current_session()
             if session is None:
-                print("depin: not connected (the next %%depin starts the embedded cluster, "
-                      "or use %depin connect)")
+                failed = cluster.failed_connect()
+                print(f"depin: not connected: `%depin connect {failed[0]}` failed ({failed[1].rstrip('.')}); "
+                      f"connect again, or `%depin connect local` for the embedded cluster" if failed else
+                      "depin: not connected (the next %%depin starts the embedded cluster, or use %depin connect)")
                 return None
             print(format_status(session))
             return None

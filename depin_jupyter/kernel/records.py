@@ -48,6 +48,11 @@ class Progress:
     def update(self, stage: str, detail: str = "") -> None:
         pass
 
+    def note(self, text: str) -> None:
+        """Tell the user something about the run that is neither output nor a warning: on stdout (warnings
+        and errors go to stderr); a widget shows it in its own line instead."""
+        print(f"depin: {text}")
+
     def close(self) -> None:
         """Stop any timers; called once the run is over, whatever happened."""
 

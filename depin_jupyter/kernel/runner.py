@@ -19,6 +19,7 @@ from depin_jupyter import config
 from depin_jupyter.cell import analyze
 from depin_jupyter.errors import RemoteExecutionError, WorkerLostError
 from depin_jupyter.kernel import replication
+from depin_jupyter.kernel.binding import adopt_classes, apply_results, view_values
 from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.modules import bundle_local_modules
 from depin_jupyter.kernel.placement import check_environment, module_candidates, route
@@ -32,10 +33,11 @@ from depin_jupyter.kernel.records import (
     RunOptions,
     WorkerDied,
 )
-from depin_jupyter.kernel.shipping import apply_results, fingerprints, ship_inputs
+from depin_jupyter.kernel.shipping import fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.kernel.submit import raise_remote
 from depin_jupyter.protocol.records import RunResult, RunSpec, new_run_id
+from depin_jupyter.protocol.values import RichValue
 from depin_jupyter.store import persist
 
 _DEFAULTS = RunOptions()
@@ -52,6 +54,7 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
     they are not sent unless the user rebound them.
     """
     __tracebackhide__ = True
+    config.check()  # a misspelt or mistyped setting is an error naming it, not silently ignored
     label = options.name or "cell"
     run_id = new_run_id()
     filename = f"<depin {label} {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
@@ -163,7 +166,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                "run_s": result.get("timings", {}).get("run", 0.0)}
     if store is not None:
         progress.update("storing", store.url)
-        _record(store, prep, hashes, key, result, session, timings)
+        _record(store, prep, hashes, key, result, session, timings, view_values(namespace, result))
         _ask_for_deps(session, result.get("opened", []), options.deps)
     outcome = finish(session, namespace, prep, shipped, spec, result, progress)
     outcome.attempts = attempt
@@ -172,12 +175,12 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
 
 
 def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None, result: RunResult,
-            session: Session, timings: dict[str, float]) -> None:
+            session: Session, timings: dict[str, float], views: dict[str, Any]) -> None:
     """Store the run; a failure to store is reported, never allowed to lose the results just computed."""
     try:
         warning = persist.record(store, run_id=prep.run_id, label=prep.label, code=prep.code, hashes=hashes,
                                  key=key or "", options=prep.options, result=result, client=session.client,
-                                 timings=timings, pool=prep.pool, private=prep.private)
+                                 timings=timings, pool=prep.pool, private=prep.private, views=views)
     except Exception as e:  # noqa: BLE001 - the namespace still gets the results
         warning = (f"the run's results are bound here but could not be stored in {store.url}: "
                    f"{type(e).__name__}: {e}")
@@ -216,10 +219,10 @@ def _cached(session: Session, namespace: dict[str, Any], prep: Prepared, hit: tu
     run_id, result = hit
     for msg in result.get("shown", []):  # what the run printed and displayed, as it first appeared
         emit(msg)
-    for warning in apply_results(namespace, result):
+    for warning in apply_results(namespace, result, trusted=not session.untrusted):
         print(f"depin: {warning}", file=sys.stderr)
-    persist.say_cached(run_id, prep.options.name)
     progress.update("cached", f"run {run_id}")
+    progress.note(persist.cached_note(run_id, prep.options.name, result.get("lazy") or {}))
     outcome = CellOutcome(run_id=run_id, worker=result.get("worker"), cached=True,
                           timings={"total": time.perf_counter() - prep.started})
     if "value" in result:
@@ -238,8 +241,9 @@ def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped:
     __tracebackhide__ = True
     progress = progress or Progress()
     for name in result.get("mutated", {}):
-        session.inputs.discard(shipped.hashes.get(name, ""))  # the cluster's copy changed in place
-    for warning in apply_results(namespace, result, keep):
+        # The cluster's copy changed in place (for a view: the copy of the array it is a view of).
+        session.inputs.discard(shipped.hashes.get(shipped.views.get(name, name), ""))
+    for warning in apply_results(namespace, result, keep, trusted=not session.untrusted):
         print(f"depin: {warning}", file=sys.stderr)
     outcome = CellOutcome(
         run_id=prep.run_id,
@@ -249,7 +253,7 @@ def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped:
         timings={"total": time.perf_counter() - prep.started, **result.get("timings", {})},
     )
     if "value" in result:
-        outcome.value, outcome.has_value = result["value"], True
+        outcome.value, outcome.has_value = _shown_value(result["value"], namespace)
     outcome.energy = result.get("energy")
     session.last_energy = (prep.run_id, outcome.energy) if outcome.energy else None  # for %depin status
     if result["status"] != "ok":
@@ -259,3 +263,15 @@ def finish(session: Session, namespace: dict[str, Any], prep: Prepared, shipped:
     return outcome
 
 
+
+
+def _shown_value(value: Any, namespace: dict[str, Any]) -> tuple[Any, bool]:
+    """(value, whether to show it) for the cell's last expression, as IPython would show it here.
+
+    A value that travelled is formatted by this kernel, with the notebook's names (`adopt_classes`); one
+    formatted on the worker brings the tracebacks of its failed formatters, which are shown on stderr."""
+    if not isinstance(value, RichValue):
+        return adopt_classes(value, namespace), True
+    for text in getattr(value, "errors", None) or ():
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+    return value, bool(value.data)

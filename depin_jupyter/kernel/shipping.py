@@ -3,19 +3,15 @@
 Inputs are classified: modules travel as their import path and are re-imported on the worker;
 small immutable values ride inside the task; everything else is scattered once under a key made
 of its content hash and kept on the cluster (LRU, `depin.input-cache-bytes`), so a cell that reads
-the same 1 GiB array again ships nothing. Results come back as values, aliases of inputs, modules
-to import, and inputs changed in place — the last applied to the existing local objects so that
-views and other references see the change, as they would if the cell ran locally.
+the same 1 GiB array again ships nothing. Results are bound back by `kernel.binding`.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
 import sys
 import threading
 import types
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +19,10 @@ from depin_jupyter import config
 from depin_jupyter.errors import CellInputError
 from depin_jupyter.protocol.bundles import ModuleBundle
 from depin_jupyter.protocol.constants import MODULES_ARG
-from depin_jupyter.protocol.values import box, content_hash, rebind_globals, unbox
+from depin_jupyter.protocol.values import box, content_hash
+from depin_jupyter.protocol.views import InputView, windows
 
-__all__ = ["InputCache", "ShippedInputs", "ship_inputs", "apply_results"]
+__all__ = ["InputCache", "ShippedInputs", "ship_inputs"]
 
 _INLINE_TYPES = (int, float, complex, bool, str, bytes, type(None))
 _INLINE_MAX_BYTES = 64 * 1024
@@ -40,6 +37,7 @@ class ShippedInputs:
     hashes: dict[str, str] = field(default_factory=dict)     # name -> content hash
     sent_bytes: int = 0                                      # bytes scattered by this run
     reused: list[str] = field(default_factory=list)          # names found on the cluster already
+    views: dict[str, str] = field(default_factory=dict)      # name -> the input it is sent as a view of
 
 
 class InputCache:
@@ -161,10 +159,16 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
         else:
             to_send[modules.key] = (MODULES_ARG, modules.files, modules.nbytes)
         shipped.hashes[MODULES_ARG] = modules.key
+    # An input that is a view of another input travels as that: the worker rebuilds it on its copy.
+    views = windows({n: namespace[n] for n in names}, "input")
     for name in names:
         value = namespace[name]
         if isinstance(value, types.ModuleType):
             shipped.modules[name] = value.__name__
+            continue
+        if name in views:
+            shipped.args[name] = InputView(views[name])
+            shipped.views[name] = views[name]["of"]
             continue
         if _is_inline(value):
             shipped.args[name] = value
@@ -233,80 +237,3 @@ def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str,
             shipped.sent_bytes += len(data)
         shipped.hashes[name] = key
         shipped.args[name] = InputRef(key, sizes.get(key, int(value.nbytes)))
-
-
-def apply_results(namespace: dict[str, Any], result: Mapping[str, Any], keep: Any = None) -> list[str]:
-    """Bind a run's results into ``namespace``; returns warnings to show the user.
-
-    ``keep(name) -> bool`` may veto binding a name (it was rebound meanwhile); vetoed names are reported.
-    """
-    warnings: list[str] = []
-    vetoed: list[str] = []
-
-    def allowed(name: str) -> bool:
-        if keep is None or keep(name):
-            return True
-        vetoed.append(name)
-        return False
-
-    for name, modpath in result.get("modules", {}).items():
-        if not allowed(name):
-            continue
-        try:
-            namespace[name] = sys.modules.get(modpath) or importlib.import_module(modpath)
-        except ImportError as e:
-            warnings.append(f"the cell imported {modpath!r} on the worker, but it cannot be imported here ({e})")
-    for name, value in result.get("mutated", {}).items():
-        if not allowed(name):
-            continue
-        value = unbox(value)
-        local = namespace.get(name)
-        if local is None or not _update_in_place(local, value):
-            namespace[name] = value
-    for name, value in result.get("outputs", {}).items():
-        if allowed(name):
-            namespace[name] = rebind_globals(unbox(value), namespace)
-    for name, source in result.get("aliases", {}).items():
-        if allowed(name):
-            namespace[name] = namespace[source]
-    for name in result.get("deleted", []):
-        if allowed(name):
-            namespace.pop(name, None)
-    for name, why in result.get("skipped", {}).items():
-        warnings.append(f"output {name!r} of type {why} could not be brought back from the worker; "
-                        f"it is not bound here")
-    if vetoed:
-        warnings.append(f"kept your current value of {', '.join(vetoed)}: rebound or changed since the run "
-                        f"was submitted (the run's values are in its handle's .outputs)")
-    return warnings
-
-
-def _update_in_place(local: Any, new: Any) -> bool:
-    """Make ``local`` equal to ``new`` without replacing it; False when that is not possible."""
-    if type(local) is not type(new):
-        return False
-    mod = type(local).__module__
-    if mod.startswith(("numpy", "cupy")) and hasattr(local, "shape"):
-        if local.shape != new.shape or local.dtype != new.dtype or not local.flags.writeable:
-            return False
-        local[...] = new
-        return True
-    if isinstance(local, (list, bytearray)):
-        local[:] = new
-        return True
-    if isinstance(local, (dict, collections.OrderedDict)):
-        local.clear()
-        local.update(new)
-        return True
-    if isinstance(local, set):
-        local.clear()
-        local.update(new)
-        return True
-    if mod.startswith("numpy.random") and hasattr(local, "bit_generator"):
-        local.bit_generator.state = new.bit_generator.state  # a seeded Generator advanced by the cell
-        return True
-    if hasattr(local, "__dict__") and not isinstance(local, type):
-        local.__dict__.clear()
-        local.__dict__.update(new.__dict__)
-        return True
-    return False

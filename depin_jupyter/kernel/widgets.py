@@ -148,6 +148,7 @@ class WidgetProgress(Progress):
         self._handle: Any = None
         self._ticker: list[Any] | None = None  # the clock's handle of the next tick
         self._stop = threading.Event()
+        self.notes: list[str] = []  # informational notes, shown under the line (never on stderr)
 
     @property
     def elapsed(self) -> float:
@@ -156,7 +157,8 @@ class WidgetProgress(Progress):
     def text(self) -> str:
         """The plain-text form: ``depin: running on w (addr) · 1.2 s``."""
         head = f"depin [{self.label}]" if self.label else "depin"
-        return f"{head}: {_stage_text(self.stage, self.detail)} · {_elapsed(self.elapsed)}"
+        return "\n".join([f"{head}: {_stage_text(self.stage, self.detail)} · {_elapsed(self.elapsed)}",
+                          *(f"depin: {n}" for n in self.notes)])
 
     def html(self) -> str:
         color = _COLORS.get(self.stage, "var(--jp-ui-font-color1, #333)")
@@ -167,7 +169,9 @@ class WidgetProgress(Progress):
             f"<b>depin</b>{label} · "
             f'<b class="depin-progress-stage" style="color: {color}">{html.escape(STAGES.get(self.stage, self.stage))}</b>'
             f' <span class="depin-progress-detail">{html.escape(self.detail)}</span>'
-            f' · <span class="depin-progress-elapsed">{_elapsed(self.elapsed)}</span></div>'
+            f' · <span class="depin-progress-elapsed">{_elapsed(self.elapsed)}</span>'
+            + "".join(f'<div class="depin-progress-note">{html.escape(n)}</div>' for n in self.notes)
+            + "</div>"
         )
 
     def _bundle(self) -> dict[str, Any]:
@@ -179,24 +183,33 @@ class WidgetProgress(Progress):
         }
 
     def update(self, stage: str, detail: str = "") -> None:
-        from IPython.display import display
-
         with self._lock:
             self.stage, self.detail = stage, detail
             if stage in TERMINAL:
                 self.t_end = time.monotonic()
                 self._stop.set()
-            if self._widget is None:
-                import ipywidgets
-
-                self._widget = ipywidgets.HTML(value=self.html())
-                self._handle = display(self._bundle(), raw=True, display_id=True)
-            else:
-                self._widget.value = self.html()
-                if self._handle is not None:
-                    self._handle.update(self._bundle(), raw=True)
+            self._render()
             if self._ticker is None and not self._stop.is_set():
                 self._ticker = _clock.call_later(self._tick_s, self._tick)
+
+    def note(self, text: str) -> None:
+        """Show ``text`` under the progress line (and in its text/plain form), not on stdout or stderr."""
+        with self._lock:
+            self.notes.append(text)
+            self._render()
+
+    def _render(self) -> None:
+        from IPython.display import display
+
+        if self._widget is None:
+            import ipywidgets
+
+            self._widget = ipywidgets.HTML(value=self.html())
+            self._handle = display(self._bundle(), raw=True, display_id=True)
+        else:
+            self._widget.value = self.html()
+            if self._handle is not None:
+                self._handle.update(self._bundle(), raw=True)
 
     def _tick(self) -> None:
         with self._lock:

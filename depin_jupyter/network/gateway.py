@@ -28,6 +28,15 @@ logger = logging.getLogger("depin.coordinator")
 _TERMINAL = frozenset({"finished", "error", "cancelled", "lost"})
 
 
+def _settle_future(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
+
+
 async def _in_thread(func: Any, *args: Any) -> Any:
     """``func(*args)`` in a thread of its own (a replicated cell blocks one for as long as it runs, so the
     loop's small shared executor is not used), awaited from the loop."""
@@ -40,10 +49,9 @@ async def _in_thread(func: Any, *args: Any) -> Any:
         try:
             result = func(*args)
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            error = e
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(error))
+            loop.call_soon_threadsafe(_settle_future, done, None, e)
         else:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+            loop.call_soon_threadsafe(_settle_future, done, result, None)
 
     threading.Thread(target=go, name="depin-replicas", daemon=True).start()
     return await done

@@ -11,6 +11,8 @@ import datetime
 import uuid
 from typing import Any, Literal, TypedDict
 
+from depin_jupyter.protocol.views import ViewRecord
+
 __all__ = [
     "LocalModules", "RecordSpec", "RunError", "RunResult", "RunSpec", "RunStatus", "error_result", "new_run_id",
 ]
@@ -95,6 +97,10 @@ class RunResult(_RunResultRequired, total=False):
     stream_count: int                # how many stream events the worker sent (the kernel waits for each)
     energy: dict[str, Any]
     record_warning: str
+    views: dict[str, ViewRecord]     # outputs that are numpy views of an input or another output: their layout
+    parts: dict[str, list[Any]]      # outputs bound to an object inside an input -> [input, path] (`protocol.parts`)
+    kept: dict[str, list[list[Any]]]  # changed inputs and outputs -> [[path, input, input path]] of what they hold
+    lazy: dict[str, int | None]      # kernel side: a cache hit's outputs bound lazily -> their size
     shown: list[dict[str, Any]]      # kernel side: what the run printed and displayed, for a cache hit's replay
     replication: dict[str, Any]      # kernel side: the replicas and their verdicts
 

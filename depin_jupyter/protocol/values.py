@@ -87,10 +87,15 @@ def _hash_buffer(h: Any, buf: memoryview) -> None:
 
 
 class RichValue:
-    """A last-expression value that cannot travel itself: shown through its MIME bundle."""
+    """A last-expression value that cannot travel itself: shown through its MIME bundle.
 
-    def __init__(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    ``errors``: the tracebacks of formatters that failed where it was formatted (shown with it, as IPython
+    shows a failing formatter's; with no bundle left, that is all there is to show).
+    """
+
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any], errors: list[str] | None = None) -> None:
         self.data, self.metadata = data, metadata
+        self.errors = list(errors or [])
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
         data = dict(self.data)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import sys
 import types
 from typing import Any
 
@@ -90,13 +89,20 @@ def cache_key(code: str, hashes: dict[str, str], modules_key: str | None, option
 
 
 def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """If a complete run has this key, bind its outputs (lazily) and return (run id, result dict)."""
+    """If a complete run has this key, return (run id, result dict) to bind as the run bound its names.
+
+    Outputs come back with the types the fresh run bound: numpy arrays (and subclasses), xarray objects
+    and values as themselves, loaded now, up to ``depin.store.lazy-bytes`` each; bigger ones, and those the
+    run itself bound lazily (dask arrays), as dask arrays over the store (``result["lazy"]`` names them).
+    """
     run_id = store.lookup_cache(key)
     if run_id is None:
         return None
     manifest = store.manifest(run_id)
     bindings = (manifest.extra or {}).get("bindings", {})
-    values = store.load(run_id)
+    lazy = lazy_outputs(manifest.outputs, bindings.get("lazy"), config.nbytes("store.lazy-bytes"))
+    values = {**store.load(run_id, [n for n in manifest.outputs if n not in lazy], lazy=False),
+              **(store.load(run_id, sorted(lazy), lazy=True) if lazy else {})}
     mutated = set(bindings.get("mutated", []))
     result: dict[str, Any] = {
         "status": "ok",
@@ -107,6 +113,8 @@ def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, 
         "deleted": bindings.get("deleted", []),
         "modules": bindings.get("modules", {}),
         "worker": (manifest.worker or {}).get("address"),
+        "lazy": {n: size for n, size in lazy.items() if n not in mutated},
+        **{k: bindings[k] for k in ("views", "parts", "kept") if bindings.get(k)},
     }
     for name, (module, qualname) in bindings.get("imports", {}).items():
         result["outputs"][name] = _import(module, qualname)
@@ -114,6 +122,25 @@ def serve_cached(store: Any, key: str, namespace: dict[str, Any]) -> tuple[str, 
     if VALUE_NAME in values:
         result["value"] = values[VALUE_NAME]
     return run_id, result
+
+
+def lazy_outputs(records: dict[str, Any], was_lazy: list[str] | None, limit: int) -> dict[str, int | None]:
+    """Name -> bytes of the outputs a hit binds lazily: bigger than ``limit``, or lazy in the fresh run."""
+    out: dict[str, int | None] = {}
+    for name, rec in records.items():
+        size = _stored_bytes(rec)
+        fresh_lazy = name in was_lazy if was_lazy is not None else rec.pytype.startswith("dask.")
+        if rec.kind in ("array", "xarray") and (fresh_lazy or (size is not None and size > limit)):
+            out[name] = size
+    return out
+
+
+def _stored_bytes(rec: Any) -> int | None:
+    """The in-memory size of a stored array or xarray object (None: unknown, e.g. strings)."""
+    if rec.kind == "xarray" and rec.variables:
+        sizes = [_stored_bytes(v) for v in rec.variables.values()]
+        return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+    return rec.nbytes if rec.kind == "array" else None
 
 
 def _importable(value: Any) -> bool:
@@ -135,6 +162,13 @@ def _import(module: str, qualname: str) -> Any:
     return obj
 
 
+def _is_lazy(value: Any) -> bool:
+    """A dask array, or an xarray object holding one: the fresh run bound it lazily, so a hit does too."""
+    if hasattr(value, "dask") and hasattr(value, "compute") and type(value).__module__.startswith("dask"):
+        return True
+    return type(value).__module__.startswith("xarray") and bool(getattr(value, "chunks", None))
+
+
 def _concrete(value: Any) -> Any:
     return value.compute() if hasattr(value, "compute") and hasattr(value, "dask") else value
 
@@ -142,11 +176,13 @@ def _concrete(value: Any) -> Any:
 def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, str], key: str,
            options: Any, result: RunResult, client: Any = None,
            timings: dict[str, float] | None = None, pool: str | None = None,
-           private: Any = ()) -> str | None:
+           private: Any = (), views: dict[str, Any] | None = None) -> str | None:
     """Write a finished run into ``store``; returns a warning to show, or None.
 
     ``pool``: the pool the run was restricted to (None: any worker); ``private``: the inputs that carried
-    private data (the manifest keeps their names and content hashes, never their values).
+    private data (the manifest keeps their names and content hashes, never their values); ``views``: the
+    values of the outputs that came back as views (``result["views"]`` describes them), stored as arrays
+    and rebuilt as views on a hit.
 
     Never raises for an output it cannot store: the run is then stored without it and is not
     cacheable, and the warning names the output.
@@ -155,7 +191,7 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     from depin_jupyter.store import output_kind as classify
 
     mutated = {n: unbox(v) for n, v in result.get("mutated", {}).items()}
-    outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **mutated}
+    outputs = {**{n: unbox(v) for n, v in result.get("outputs", {}).items()}, **(views or {}), **mutated}
     # Functions and classes of installed packages are stored by reference: they are importable anywhere.
     imports = {n: [v.__module__, v.__qualname__] for n, v in outputs.items() if _importable(v)}
     for n in imports:
@@ -185,7 +221,10 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
                                           "deleted": list(result.get("deleted", [])),
                                           "modules": result.get("modules", {}),
                                           "imports": imports,
-                                          "mutated": sorted(mutated)}}
+                                          "mutated": sorted(mutated),
+                                          "lazy": sorted(n for n, v in outputs.items() if _is_lazy(v)),
+                                          **{k: result[k] for k in ("views", "parts", "kept")  # type: ignore[literal-required]
+                                             if result.get(k)}}}
     if result.get("status") != "ok":
         err = result.get("error") or {}
         extra["error"] = {"type": err.get("type"), "message": err.get("message")}
@@ -211,6 +250,13 @@ def record(store: Any, *, run_id: str, label: str, code: str, hashes: dict[str, 
     return None
 
 
-def say_cached(run_id: str, label: str | None) -> None:
-    print(f"depin: cached (run {run_id}{', ' + label if label else ''}): the cell was not run again; "
-          f"outputs are loaded lazily from the store. Use --no-cache to recompute.", file=sys.stderr)
+def cached_note(run_id: str, label: str | None, lazy: dict[str, int | None]) -> str:
+    """What a cache hit tells the user: which run stood in, and which names are bound lazily."""
+    from dask.utils import format_bytes
+
+    text = f"cached (run {run_id}{', ' + label if label else ''}): the cell was not run again"
+    if lazy:
+        listed = ", ".join(f"{n} ({format_bytes(b)})" if b is not None else n for n, b in sorted(lazy.items()))
+        text += (f"; bound lazily, as dask arrays over the store (bigger than depin.store.lazy-bytes, or lazy "
+                 f"in the run itself): {listed}")
+    return text + ". Use --no-cache to recompute."

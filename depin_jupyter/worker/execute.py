@@ -10,6 +10,7 @@ import ast
 import builtins
 import importlib
 import linecache
+import logging
 import os
 import threading
 import time
@@ -21,11 +22,14 @@ from typing import Any
 from depin_jupyter.protocol.constants import MODULES_ARG
 from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.values import RichValue, box, rebind_globals, unbox
+from depin_jupyter.protocol.views import InputView, rebuild
+from depin_jupyter.worker import sharing
 from depin_jupyter.worker.cancel import CellCancelled, CellMaxRuntime, CellTimedOut, cancel_run
 from depin_jupyter.worker.modules import use_local_modules
 from depin_jupyter.worker.mutation import changed, fingerprint
 from depin_jupyter.worker.output import RunOutput, fallback_display, format_mime, install, show_figures
 from depin_jupyter.worker.runs import ActiveRun, active, set_current
+from depin_jupyter.worker.sharing import Parts
 
 __all__ = ["cell_builtins", "hardware", "run_cell"]
 
@@ -39,6 +43,7 @@ class _Namespace:
     before: dict[str, Any]               # fingerprints of the inputs the cell may change in place
     input_objects: dict[int, str]        # id of an input object -> its name (aliases made in the cell)
     opened: list[str] = field(default_factory=list)  # files the cell reads with open()
+    parts: Parts | None = None           # what aliases may hold inside the inputs (trusted clusters only)
 
 
 def _current_worker(worker: Any) -> tuple[Any, str | None]:
@@ -54,7 +59,7 @@ def _current_worker(worker: Any) -> tuple[Any, str | None]:
         return None, None
 
 
-def _namespace(spec: RunSpec, inputs: dict[str, Any]) -> _Namespace:
+def _namespace(spec: RunSpec, inputs: dict[str, Any], sandboxed: bool = False) -> _Namespace:
     """The namespace the cell runs in: its modules, its inputs, the globals its notebook functions use."""
     opened: list[str] = []
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": cell_builtins(opened)}
@@ -70,13 +75,20 @@ def _namespace(spec: RunSpec, inputs: dict[str, Any]) -> _Namespace:
                 if not (gname.startswith("__") and gname.endswith("__")):
                     ns.setdefault(gname, gvalue)
     inputs = {name: unbox(value) for name, value in inputs.items()}
+    for name, value in inputs.items():  # views of other inputs, as in the notebook: rebuilt on this copy
+        if isinstance(value, InputView):
+            inputs[name] = rebuild(inputs.get(value.record["of"]), value.record)
+            if inputs[name] is None:
+                raise ValueError(f"input {name!r} could not be rebuilt as a view of {value.record['of']!r}")
     for name, value in inputs.items():
         ns[name] = rebind_globals(value, ns)
     seeded = {n: v for n, v in ns.items() if n not in ("__name__", "__builtins__")}
     before = {n: fingerprint(seeded[n]) for n in spec["maybe_mutated"] if n in inputs}
     input_objects = {id(v): n for n, v in seeded.items()
                      if n in inputs and not isinstance(v, (int, float, str, bool, type(None)))}
-    return _Namespace(ns, seeded, before, input_objects, opened)
+    # On a volunteer the results go back as plain data only: views and shared sub-objects are not described.
+    parts = None if sandboxed else Parts({n: ns[n] for n in inputs})
+    return _Namespace(ns, seeded, before, input_objects, opened, parts)
 
 
 def _start_timers(spec: RunSpec, run_id: str) -> list[threading.Timer]:
@@ -133,7 +145,7 @@ def run_cell(spec: RunSpec, inputs: dict[str, Any], *, worker: Any = None, sandb
     run_id, filename, code = spec["run_id"], spec["filename"], spec["code"]
     out = RunOutput(run_id, worker, spec.get("flush_interval") or 0.05)
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    cell = _namespace(spec, inputs)
+    cell = _namespace(spec, inputs, sandboxed)
     result: RunResult = {"status": "ok", "worker": worker_addr, "run_id": run_id,
                          "worker_name": None if worker is None else str(worker.name), "hardware": hardware()}
     key = worker.get_current_task() if worker is not None else None
@@ -162,7 +174,7 @@ def run_cell(spec: RunSpec, inputs: dict[str, Any], *, worker: Any = None, sandb
     result["timings"] = {"setup": t1 - t0, "run": t2 - t1, "collect": time.time() - t2}
     result["opened"] = cell.opened[:100]  # files read with open(): the notebook asks for --deps on them
     if spec.get("record"):
-        _record_here(spec, result)
+        _record_here(spec, result, {n: cell.ns[n] for n in result.get("views", {})})
     result["stream_count"] = out.seq
     return result
 
@@ -195,11 +207,27 @@ def _serializable(value: Any, sandboxed: bool) -> str | None:
         return None  # safe_codec decides, and names what it cannot encode
     from distributed.protocol import serialize
 
+    quiet = _ThisThread()
+    logger = logging.getLogger("distributed.protocol.pickle")  # it logs every failure, with a traceback
+    logger.addFilter(quiet)
     try:
         serialize(value, serializers=("cuda", "dask", "pickle"), on_error="raise")
         return None
     except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
         return f"{type(e).__name__}: {e}"
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _ThisThread(logging.Filter):
+    """Drops the records of the thread that made it (a check whose failure is an answer, not an error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
 
 
 def _energy_meter(result: RunResult, worker: Any) -> tuple[Any, dict[str, Any]]:
@@ -225,7 +253,7 @@ def _stop_meter(meter: Any, used: dict[str, Any], result: RunResult) -> None:
         result["energy"] = {"energy_j": "not measured", "reason": f"measurement failed: {e}"}
 
 
-def _record_here(spec: RunSpec, result: RunResult) -> None:
+def _record_here(spec: RunSpec, result: RunResult, views: dict[str, Any]) -> None:
     """Store the run from the worker (background runs: the results must not depend on the kernel)."""
     from distributed import rejoin, secede
 
@@ -238,7 +266,7 @@ def _record_here(spec: RunSpec, result: RunResult) -> None:
         warning = persist.record(store, run_id=spec["run_id"], label=rec["label"], code=spec["code"],
                                  hashes=rec["hashes"], key=rec["key"], options=rec["options"], result=result,
                                  timings={"run_s": result["timings"]["run"]}, pool=rec.get("pool"),
-                                 private=rec.get("private") or ())
+                                 private=rec.get("private") or (), views=views)
     except Exception as e:  # noqa: BLE001 - reported to the notebook; the outputs still travel back
         warning = f"the worker could not store the run in {rec['url']}: {type(e).__name__}: {e}"
     finally:
@@ -307,10 +335,13 @@ def cell_builtins(opened: list[str] | None = None) -> dict[str, Any]:
 
 
 def _shippable_value(value: Any, sandboxed: bool) -> Any:
+    """The last expression's value itself when it can travel (the notebook formats it, with its own names),
+    else its MIME bundle formatted here, with the traceback of any formatter that failed."""
     if _serializable(value, sandboxed) is None:
         return value
-    data, md = format_mime(value)
-    return RichValue(data, md)
+    errors: list[str] = []
+    data, md = format_mime(value, errors)
+    return RichValue(data, md, errors)
 
 
 def _classify(name: str, value: Any, cell: _Namespace, into: dict[str, dict[str, Any]]) -> None:
@@ -331,6 +362,15 @@ def _classify(name: str, value: Any, cell: _Namespace, into: dict[str, dict[str,
     into["outputs"][name] = value
 
 
+def _shared(result: RunResult, into: dict[str, dict[str, Any]], parts: Parts) -> None:
+    """Note what the results share with the inputs; views travel as their layout, not their values."""
+    result["views"] = sharing.views(into["outputs"], parts)
+    for name in result["views"]:
+        del into["outputs"][name]
+    result["parts"] = sharing.parts_of(into["outputs"], parts)
+    result["kept"] = sharing.kept({**into["mutated"], **into["outputs"]}, parts)
+
+
 def _collect(result: RunResult, cell: _Namespace, spec: RunSpec, sandboxed: bool) -> None:
     """Fill ``result`` with the names the cell bound, changed in place, aliased or deleted."""
     wanted = spec.get("outputs")
@@ -339,6 +379,8 @@ def _collect(result: RunResult, cell: _Namespace, spec: RunSpec, sandboxed: bool
         if (name.startswith("__") and name.endswith("__")) or (wanted is not None and name not in wanted):
             continue
         _classify(name, value, cell, into)
+    if cell.parts is not None:
+        _shared(result, into, cell.parts)
     skipped: dict[str, str] = {}
     for group in (into["outputs"], into["mutated"]):
         for name in list(group):

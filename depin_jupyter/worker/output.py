@@ -96,6 +96,10 @@ class _Router(io.TextIOBase):
         self.original = original
 
     def write(self, s: str) -> int:
+        held = getattr(_held, "text", None)
+        if held is not None and self.kind == "stderr":  # a formatter's traceback, kept for the caller
+            held.append(s)
+            return len(s)
         ctx = current()
         if ctx is None:
             return self.original.write(s)
@@ -126,10 +130,13 @@ def _display_hook(original: Any) -> Any:
         for obj in objs:
             if kwargs.get("raw"):
                 ctx.display(dict(obj), {})
-            else:
-                data, md = format_mime(obj)
-                if data:
-                    ctx.display(data, md)
+                continue
+            errors: list[str] = []
+            data, md = format_mime(obj, errors)
+            if errors:  # as IPython does: the formatter's traceback, then what could be formatted
+                ctx.write("stderr", "".join(errors))
+            if data:
+                ctx.display(data, md)
         return None
 
     display.__doc__ = original.__doc__
@@ -141,8 +148,15 @@ def _display_hook(original: Any) -> Any:
 _formatter = None
 
 
-def format_mime(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The MIME bundle IPython would show for ``obj`` (figures rendered to PNG)."""
+_held = threading.local()  # stderr text held back while `format_mime` runs (its formatters' tracebacks)
+
+
+def format_mime(obj: Any, errors: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The MIME bundle IPython would show for ``obj`` (figures rendered to PNG).
+
+    A formatter that raises prints its traceback, as IPython's do; with ``errors`` given, that text is
+    appended there instead, for the caller to show where it belongs.
+    """
     global _formatter
     if type(obj).__name__ == "Figure" and type(obj).__module__.startswith("matplotlib"):
         return figure_bundle(obj), {}
@@ -150,7 +164,14 @@ def format_mime(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from IPython.core.formatters import DisplayFormatter
 
         _formatter = DisplayFormatter()
-    data, md = _formatter.format(obj)
+    held: list[str] = []
+    _held.text = held if errors is not None else None
+    try:
+        data, md = _formatter.format(obj)
+    finally:
+        _held.text = None
+    if errors is not None and held:
+        errors.append("".join(held))
     return _jsonable(data), _jsonable(md)
 
 
@@ -217,8 +238,12 @@ def fallback_display(*objs: Any, **kwargs: Any) -> None:
         if ctx is None:
             print(repr(obj))
         else:
-            data, md = format_mime(obj)
-            ctx.display(data, md)
+            errors: list[str] = []
+            data, md = format_mime(obj, errors)
+            if errors:
+                ctx.write("stderr", "".join(errors))
+            if data:
+                ctx.display(data, md)
 
 
 def show_figures(ctx: RunOutput, close: bool = True) -> None:
