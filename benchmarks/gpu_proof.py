@@ -548,7 +548,9 @@ def step_embedded(c: Checks, work: Path) -> None:
                       "from distributed import get_worker\n"
                       "worker_gpus = get_worker().state.total_resources.get('GPU', 0)\n"
                       "g = m.arange(1_000_000, dtype=m.float64) * 2\non_worker = type(g).__module__", timeout=120)
-        started = next((ln for ln in first.stderr.splitlines() if "depin: started" in ln), "")
+        # the note is information: on the progress line (a display's text/plain), or stdout in a terminal
+        started = next((ln for ln in (first.stdout + first.stderr).splitlines() if "started" in ln
+                        and "Cluster" in ln), "")
         c.figure("started", started)
         c.check("the first %%depin cell ran", first.ok, first.text)
         if gpu:
