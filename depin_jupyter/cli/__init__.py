@@ -5,7 +5,7 @@ Imports stay lazy: each command imports dask/zarr inside its body, so `depin --h
 
 from __future__ import annotations
 
-from depin_jupyter.cli import demo, jobs, keys, network, reproduce, store  # noqa: F401  (each adds its commands)
+from depin_jupyter.cli import demo, doctor, jobs, keys, network, reproduce, store  # noqa: F401  (each adds its commands)
 from depin_jupyter.cli.group import main
 
 __all__ = ["main"]

@@ -241,6 +241,12 @@ class DepinScheduler(Scheduler):
     async def depin_credits(self) -> dict[str, Any]:
         return self.credits
 
+    async def depin_hello(self) -> dict[str, Any]:
+        """This coordinator's wall clock and the versions a worker or notebook should match."""
+        from depin_jupyter.protocol.versions import stack_versions
+
+        return {"time": time.time(), "versions": stack_versions()}
+
     @staticmethod
     def _who(comm: Any) -> str:
         return str(getattr(comm, "depin_identity", ("?", "?"))[0])

@@ -24,6 +24,7 @@ logger = logging.getLogger("depin.coordinator")
 WORKER_RPC_OPS = frozenset({
     "register-worker", "heartbeat_worker", "retire_workers", "unregister", "identity",
     "depin_relay_put", "depin_input_get", "close-stream", "close", "connection_stream", "register_nanny",
+    "depin_hello",
 })
 
 # Stream operations only a worker may send (results and state of tasks it runs).
@@ -39,6 +40,7 @@ CLIENT_RPC_OPS = frozenset({
     "register-client", "identity", "close", "close-stream", "depin_submit_cell", "depin_wait_cell",
     "depin_cancel_cell", "depin_jobs", "depin_input_put", "depin_input_has", "depin_identities", "depin_pools",
     "depin_reputation", "depin_credits", "depin_lab_status", "depin_input_stats",
+    "depin_hello",
 })
 CLIENT_STREAM_OPS = frozenset({"heartbeat-client", "close-client", "subscribe-topic", "unsubscribe-topic",
                                "close-stream", "keep-alive"})

@@ -28,6 +28,7 @@ OPS: dict[str, str] = {
     "depin_cancel_cell": "a client cancels one of its cells",
     "depin_jobs": "the cells a client (an educator: its lab) has queued or running",
     "depin_lab_status": "the educator's view of a virtual lab",
+    "depin_hello": "the coordinator's clock and package versions (`depin doctor`: skew and version checks)",
 }
 
 

@@ -25,7 +25,7 @@ from depin_jupyter.protocol.identity import Token
 from depin_jupyter.worker import controls
 from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny
 
-__all__ = ["VolunteerWorker", "run", "wait_for_scheduler", "volunteer_info"]
+__all__ = ["VolunteerWorker", "advertised_versions", "run", "volunteer_info", "wait_for_scheduler"]
 
 logger = logging.getLogger("depin.volunteer")
 
@@ -34,7 +34,7 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     from depin_jupyter.gpu import describe
 
     info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid(),
-                            "versions": _versions()}
+                            "versions": advertised_versions()}
     # self-reported, like everything here: the coordinator turns it into a speed factor for credit
     info["benchmark"] = getattr(worker, "depin_benchmark", None) or controls.cached_benchmark(False)
     try:
@@ -48,12 +48,15 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     return info
 
 
-def _versions() -> dict[str, str]:
+def advertised_versions() -> dict[str, str]:
     """Installed package versions by top-level module: notebooks check theirs against these."""
     import importlib.metadata
 
+    unimportable = set(config.get("volunteer.unimportable") or ())  # the start probe's finding
     out = {}
     for module, dists in importlib.metadata.packages_distributions().items():
+        if module in unimportable:
+            continue
         for dist in dists:
             try:
                 out[module] = importlib.metadata.version(dist)
@@ -209,8 +212,48 @@ async def _leave(token: Token, nannies: list[Nanny], say: Callable[[str], None])
     say("depin worker: left gracefully.")
 
 
+def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> bool:
+    """Run the sandboxed probe (`worker.probe`); False when cells could not run here (said, with the fix).
+
+    Modules a sandboxed cell cannot find are left out of what the workers advertise."""
+    import dask.config
+
+    from depin_jupyter.worker import probe
+    from depin_jupyter.worker.sandbox import Limits
+
+    if not config.get("volunteer.probe"):
+        return True
+    if not Limits.from_config().is_enabled(volunteer=True):
+        say("depin worker: the sandbox is off (depin.sandbox.enabled: false): cells run in the worker process.")
+        return True
+    from depin_jupyter.gpu import detect
+
+    modules = set(advertised_versions())
+    gpu = gpus != "none" and bool(detect()[0])
+    report = probe.probe(modules, gpu=gpu)
+    if not report.usable:
+        why = report.failure or report.errors.get("numpy", "")
+        say(f"depin worker: refusing to start: a sandboxed cell cannot run here ({why}). Fix: "
+            f"{probe.fix_for(report)}. (`depin doctor` checks this machine; depin.volunteer.probe: false skips "
+            f"this check.)")
+        return False
+    dask.config.set({"depin.volunteer.unimportable": sorted(report.missing)})
+    line = f"depin worker: sandbox probe (cells run as uid {report.uid}): numpy and numpy.random work"
+    if gpu:
+        line += f"; cupy does not ({report.errors['cupy']}): cells get numpy" if "cupy" in report.errors \
+            else "; cupy works"
+    if report.missing:
+        shown = ", ".join(sorted(report.missing)[:8]) + (" ..." if len(report.missing) > 8 else "")
+        line += (f"; {len(report.missing)} of {len(modules)} installed modules cannot be imported by a cell "
+                 f"and are not advertised ({shown})")
+    say(line + ".")
+    return True
+
+
 async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
                 contact_address: str | None, say: Callable[[str], None]) -> int:
+    # The probe runs while the coordinator is first reached (neither waits on the other).
+    probing = asyncio.ensure_future(asyncio.to_thread(_probe_sandbox, gpus, say))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -218,10 +261,17 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
     stopping = asyncio.ensure_future(stop.wait())
     joined = False
     while True:
+        waiting = asyncio.ensure_future(wait_for_scheduler(token, say))
+        await asyncio.wait([waiting, probing], return_when=asyncio.FIRST_COMPLETED)
+        if probing.done() and not probing.result():
+            waiting.cancel()
+            return 1
         try:
-            await wait_for_scheduler(token, say)
+            await waiting
         except ClusterConnectionError as e:  # refused (revoked, another coordinator): final
             say(f"depin worker: {e}")
+            return 1
+        if not await probing:
             return 1
         nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
         if joined:

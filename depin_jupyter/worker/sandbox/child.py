@@ -84,6 +84,40 @@ def _drop_privileges(uid: int, gid: int) -> None:
         raise SandboxError("the sandbox could switch back to root after dropping privileges")
 
 
+def _open_ways(paths: list[str]) -> dict[str, str]:
+    """Directories of the Python installation the sandbox user cannot reach (e.g. under a 0700 /root),
+    opened while the child is still the worker's user: after the switch it imports through
+    ``/proc/self/fd/N`` (a process may always use its own descriptors), which skips the closed ancestors
+    and nothing else: the rest of /root stays closed, and the directories themselves keep their modes."""
+    ways = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by what the cell starts
+        except OSError:
+            continue
+        ways[path.rstrip("/") or "/"] = f"/proc/self/fd/{fd}"
+    return ways
+
+
+def _route_imports(ways: dict[str, str]) -> None:
+    """Point sys.path and the loaded packages' __path__ at the opened directories."""
+    import importlib
+
+    def route(entry: Any) -> Any:
+        if not isinstance(entry, str):
+            return entry
+        best = max((p for p in ways if entry == p or entry.startswith(p + "/")), key=len, default=None)
+        return entry if best is None else ways[best] + entry[len(best):]
+
+    sys.path[:] = [route(p) for p in sys.path]
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__path__", None)
+        if isinstance(path, list):
+            path[:] = [route(p) for p in path]
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+
+
 def _no_new_privs() -> None:
     """prctl(PR_SET_NO_NEW_PRIVS): setuid programs (sudo, ...) give the cell nothing."""
     try:
@@ -166,8 +200,11 @@ def main(argv: list[str]) -> None:
     install(cluster_scheduler=False)
     execute.hardware()
     execute.cell_builtins()
+    ways = _open_ways(control.get("unreadable") or []) if control.get("ids") else {}
     if control.get("ids"):
         _drop_privileges(*control["ids"])
+    if ways:
+        _route_imports(ways)
     _no_new_privs()
     os.chdir(control["scratch"])
     if sys.path and sys.path[0] in ("", "/"):

@@ -90,8 +90,8 @@ def _needed_mounts() -> list[str]:
 
 
 def unreadable_by_others() -> list[str]:
-    """Parts of the Python installation a switched-to user cannot read without bubblewrap (e.g. a
-    Python under /root): cells can then use only the modules the sandbox imported beforehand."""
+    """Parts of the Python installation a switched-to user cannot reach by path without bubblewrap (e.g. a
+    Python under a 0700 /root): the child opens them before it switches user (`child._open_ways`)."""
     bad = []
     for p in _needed_mounts():
         path = p
@@ -323,8 +323,9 @@ def describe(limits: Limits | None = None) -> dict[str, Any]:
                      + ("no network" if not limits.network else "network allowed (depin.sandbox.network)"))
     lines.append(f"user: {user_why}")
     if ids and not bw and unreadable_by_others():
-        lines.append(f"  warning: uid {ids[0]} cannot read {', '.join(unreadable_by_others()[:3])}: cells can "
-                     f"import only what the sandbox preloads; install bubblewrap or Python where others can read it")
+        lines.append(f"  uid {ids[0]} cannot reach {', '.join(unreadable_by_others()[:3])} by path: the sandbox "
+                     f"opens those directories before it switches user and cells import through them (the rest "
+                     f"stays closed); bubblewrap isolates better")
     mem = "no limit" if limits.memory is None else f"{human_bytes(limits.memory)} of address space"
     if limits.memory is None and gpu_host():
         mem += " (a GPU is present: CUDA needs a large address space, so RLIMIT_AS is off)"

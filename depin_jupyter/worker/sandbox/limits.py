@@ -67,7 +67,13 @@ class Limits:
         import dask
         import dask.config
 
-        cfg = dask.config.get("depin.sandbox", default={}) or {}
+        class _Settings:  # each key looked up by its dotted path: DASK_DEPIN__SANDBOX__WALL_TIME sets
+            # "wall_time", which only dask.config.get's own key matching finds for "wall-time"
+            @staticmethod
+            def get(key: str, default: Any = None) -> Any:
+                return dask.config.get(f"depin.sandbox.{key}", default=default)
+
+        cfg = _Settings()
         memory = cfg.get("memory", "auto")
         if memory == "auto":
             memory_b = _auto_memory()
