@@ -192,3 +192,37 @@ def test_doctor_is_on_the_command_line():
     out = subprocess.run([sys.executable, "-m", "depin_jupyter.cli", "doctor", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--scheduler" in out.stdout
+
+
+# ------------------------------------------------------------------ large inputs are not "changed in place"
+
+@pytest.mark.parametrize("bwrap", [False, "auto"], ids=["no-bwrap", "auto"])
+def test_reading_one_element_of_a_large_input_changes_nothing(bwrap):
+    """From 16 MiB inputs are hashed in pieces on threads: a sandbox where that failed reported them changed."""
+    for mib in (15, 16, 64):
+        a = np.arange(mib * 2**20 // 8, dtype=np.float64)
+        spec = {"run_id": uuid.uuid4().hex, "name": "t", "code": "s = float(a[0])\na[1] = a[1]\n", "filename": "<t>",
+                "modules": {}, "maybe_mutated": ["a"], "outputs": ["s"], "last_expr": False}
+        payload = sandbox.run_sandboxed(spec, {"a": a}, emit=lambda m: None, limits=sandbox.Limits(bubblewrap=bwrap))
+        result = payloads.from_payload(payload)
+        assert result["status"] == "ok", result.get("error")
+        assert result["outputs"]["s"] == 0.0 and result.get("mutated", {}) == {}, mib
+    changed = {**spec, "run_id": uuid.uuid4().hex, "code": "a[-1] = -1.0\n", "outputs": None}
+    result = payloads.from_payload(sandbox.run_sandboxed(changed, {"a": a}, emit=lambda m: None,
+                                                         limits=sandbox.Limits(bubblewrap=bwrap)))
+    assert list(result.get("mutated", {})) == ["a"]  # a real change is still seen
+
+
+def test_a_large_array_s_content_hash_does_not_depend_on_threads_or_cores(monkeypatch):
+    from depin_jupyter.protocol import values
+
+    a = np.random.default_rng(0).random(5 * 2**20)  # 40 MiB
+    threaded = values.content_hash(a)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert values.content_hash(a) == threaded
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(values, "_hash_pool", None)
+    assert values.content_hash(a) == threaded
+    b = a.copy()
+    b[-1] += 1
+    assert values.content_hash(b) != threaded

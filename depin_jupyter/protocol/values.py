@@ -60,29 +60,39 @@ def content_hash(obj: Any) -> str:
 
 
 _PARALLEL_HASH_BYTES = 16 * 2**20
+_PIECE_BYTES = 4 * 2**20  # large buffers are hashed in pieces of this size, whatever the core count
 
 
 _hash_pool = None
 
 
 def _hash_buffer(h: Any, buf: memoryview) -> None:
-    """Feed ``buf`` to ``h``; large buffers are hashed in parallel pieces (xxhash releases the GIL)."""
+    """Feed ``buf`` to ``h``; large buffers as the digests of fixed-size pieces, hashed in parallel where
+    threads can start (xxhash releases the GIL) and one after another otherwise: the same digest either way,
+    so a fingerprint taken before a cell matches the one taken after it (a sandbox that cannot start threads
+    or import concurrent.futures once reported every large input as changed in place), and two machines
+    with different core counts agree on a content key."""
     global _hash_pool
     import os
 
-    workers = min(8, os.cpu_count() or 1)
-    if buf.nbytes < _PARALLEL_HASH_BYTES or workers == 1:
+    if buf.nbytes < _PARALLEL_HASH_BYTES:
         h.update(buf)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     import xxhash
 
-    if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(workers, thread_name_prefix="depin-hash")
-    step = -(-buf.nbytes // workers)
-    pieces = [buf[i:i + step] for i in range(0, buf.nbytes, step)]
-    for digest in _hash_pool.map(xxhash.xxh3_128_digest, pieces):
+    pieces = [buf[i:i + _PIECE_BYTES] for i in range(0, buf.nbytes, _PIECE_BYTES)]
+    digests = None
+    workers = min(8, os.cpu_count() or 1)
+    if workers > 1:
+        try:
+            if _hash_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _hash_pool = ThreadPoolExecutor(workers, thread_name_prefix="depin-hash")
+            digests = list(_hash_pool.map(xxhash.xxh3_128_digest, pieces))
+        except (ImportError, RuntimeError, OSError):  # no threads here (a limit, a sandbox): hash in line
+            digests = None
+    for digest in digests if digests is not None else map(xxhash.xxh3_128_digest, pieces):
         h.update(digest)
 
 
