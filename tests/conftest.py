@@ -90,9 +90,10 @@ def _embedded_workers(session) -> int:
     return len(session.cluster.worker_spec) if session.cluster is not None else 2
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def depin_session(ip):
-    """The embedded default cluster (2 CPU worker processes here, one per GPU on a GPU machine), shared."""
+    """The embedded default cluster (2 CPU worker processes here, one per GPU on a GPU machine), one per test
+    module: what a module's tests leave on it (cached inputs, a restarted worker) never meets another's."""
     from depin_jupyter.kernel import cluster
 
     session = cluster.connect("local")

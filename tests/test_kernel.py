@@ -9,8 +9,9 @@ from conftest import kernel_execute
 from jupyter_client.manager import start_new_kernel
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def kernel_manager():
+    """A fresh kernel per test: an interrupted cell or a closed session must not decide the next test."""
     km, kc = start_new_kernel(kernel_name="python3")
     try:
         yield km, kc
@@ -19,7 +20,7 @@ def kernel_manager():
         km.shutdown_kernel(now=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def kernel(kernel_manager):
     return kernel_manager[1]
 

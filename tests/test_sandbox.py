@@ -316,3 +316,54 @@ def test_inside_bubblewrap_the_python_installation_stays_importable_and_display_
     assert result["outputs"]["f"] == "1/3"
     shown = [e for e in events if e["kind"] == "display"]
     assert shown and shown[0]["data"]["text/html"] == "<b>shown</b>"
+
+
+# ------------------------------------------------------------------ warm children
+
+def _warm_run(code: str, limits: sandbox.Limits, **spec_kw):
+    stats: dict = {}
+    payload = sandbox.run_sandboxed(make_spec(code, **spec_kw), {}, emit=lambda m: None, limits=limits,
+                                    stats=stats, warm=True)
+    return payloads.from_payload(payload), stats
+
+
+def test_a_warm_child_serves_the_next_cell_once_and_carries_nothing_of_the_last():
+    from depin_jupyter.worker.sandbox import parent
+
+    limits = sandbox.Limits(bubblewrap="auto")
+    try:
+        first, stats1 = _warm_run("import os, json\njson.left_behind = 'secret'\n"
+                                  "open(os.path.join(os.environ['HOME'], 'note'), 'w').write('x')\n"
+                                  "marker = os.environ['DEPIN_SANDBOX_RUN']\nhome = os.environ['HOME']\n", limits)
+        assert first["status"] == "ok", first.get("error")
+        deadline = time.monotonic() + 60
+        while parent._WARM._child is None and time.monotonic() < deadline:  # the next child is starting
+            time.sleep(0.05)
+        second, stats2 = _warm_run("import os, json\nmarker = os.environ['DEPIN_SANDBOX_RUN']\nhome = os.environ['HOME']\n"
+                                   "leftover = getattr(json, 'left_behind', None)\nnotes = os.listdir(home)\n", limits)
+        assert second["status"] == "ok", second.get("error")
+        assert stats2["warm"] is True
+        out1, out2 = first["outputs"], second["outputs"]
+        assert out2["marker"] != out1["marker"] and out2["home"] != out1["home"]  # its own process and scratch
+        assert out2["leftover"] is None and out2["notes"] == []
+        assert not os.path.exists(out1["home"])  # the first cell's scratch is gone
+    finally:
+        parent._WARM.clear()
+
+
+def test_a_warm_child_for_other_limits_is_not_used_and_its_wait_is_not_the_cells_wall_time():
+    from depin_jupyter.worker.sandbox import parent
+
+    limits = sandbox.Limits(bubblewrap="auto", wall_time=1.0)
+    try:
+        _warm_run("x = 1", limits)
+        deadline = time.monotonic() + 60
+        while parent._WARM._child is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the warm child waits longer than the wall time: its wall time starts with its cell
+        result, stats = _warm_run("x = 2", limits)
+        assert result["status"] == "ok" and stats["warm"] is True, result.get("error")
+        other, stats = _warm_run("x = 3", sandbox.Limits(bubblewrap="auto", memory=500 * 2**20))
+        assert other["status"] == "ok" and stats["warm"] is False  # started for other limits: not used
+    finally:
+        parent._WARM.clear()

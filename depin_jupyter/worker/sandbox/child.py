@@ -184,6 +184,8 @@ def _annotate(result: dict[str, Any], control: dict[str, Any]) -> None:
 def main(argv: list[str]) -> None:
     out_fd = int(argv[0])
     os.set_inheritable(out_fd, False)  # what the cell starts does not get the protocol pipe
+    # Two frames from the worker: how this child is confined (sent at its start, possibly long before a cell:
+    # a warm child), then the cell (spec, where) once there is one; the inputs follow.
     control = json.loads(_read_exact(0, struct.unpack(">Q", _read_exact(0, 8))[0]))
     # Imported (as the worker's user) before the switch and the limits: they are the sandbox's, not the
     # cell's, and without bubblewrap the sandbox user may not be able to read the Python installation.
@@ -209,9 +211,11 @@ def main(argv: list[str]) -> None:
     os.chdir(control["scratch"])
     if sys.path and sys.path[0] in ("", "/"):
         sys.path[0] = control["scratch"]
-    relay_ = _Relay(out_fd, *control["where"])
+    relay_ = _Relay(out_fd, None, None)
     _set_limits(control)
     relay_.send(READY, b"")
+    control.update(json.loads(_read_exact(0, struct.unpack(">Q", _read_exact(0, 8))[0])))
+    relay_.address, relay_.name = control["where"]
     spec = control["spec"]
     try:
         blob = _read_exact(0, struct.unpack(">Q", _read_exact(0, 8))[0])

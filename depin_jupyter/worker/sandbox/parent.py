@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -83,26 +84,43 @@ def _signal_name(sig: int) -> str:
 
 
 class _Child:
-    """One cell's child process seen from the worker: what it was sent, what it sent back, how it ended."""
+    """One cell's child process seen from the worker: how it is confined, what it was sent, what it sent back,
+    how it ended. Started (`start`) before or when its cell is known (`assign`); it serves that one cell."""
 
-    def __init__(self, spec: RunSpec, limits: Limits, where: tuple[Any, Any], label: str,
-                 emit: Callable[[dict[str, Any]], None], stats: dict[str, Any] | None) -> None:
-        self.spec, self.limits, self.where, self.label = spec, limits, where, label
-        self.emit, self.stats = emit, stats
-        self.run_id = spec.get("run_id")
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.key = _warm_key(limits)
+        self.spec: RunSpec = {}  # type: ignore[typeddict-item]  # set by assign
+        self.where: tuple[Any, Any] = (None, None)
+        self.label = socket.gethostname()
+        self.emit: Callable[[dict[str, Any]], None] = lambda msg: None
+        self.stats: dict[str, Any] | None = None
+        self.run_id: Any = None
         self.bw, _ = use_bwrap(limits)
         self.ids = target_ids(limits)
         self.scratch = make_scratch(limits, self.ids)
         self.marker = os.urandom(8).hex()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pipes: tuple[int, int] | None = None
         self.fds: list[int] = []
         self.forwarded = 0          # stream events passed on to the notebook
         self.log_tail = bytearray()
         self.logged = 0
         self.t0 = time.monotonic()
+        self.boot_cpu = 0.0         # what a warm child spent starting before its cell (not the cell's)
         self.tree_cpu = 0.0
         self.ready_at: float | None = None
         self.reason: str | None = None  # why the pump stopped without a payload: wall, start, oversize:...
+
+    def assign(self, spec: RunSpec, limits: Limits, where: tuple[Any, Any], label: str,
+               emit: Callable[[dict[str, Any]], None], stats: dict[str, Any] | None) -> None:
+        """Give this child its cell (``limits``: the cell's own, which may cap the wall time further)."""
+        self.spec, self.limits, self.where, self.label = spec, limits, where, label
+        self.emit, self.stats = emit, stats
+        self.run_id = spec.get("run_id")
+        self.t0 = time.monotonic()
+        if self.proc is not None:
+            self.boot_cpu = _tree_cpu(self.proc.pid)
 
     def error(self, message: str, **kwargs: Any) -> bytes:
         """A payload reporting a failure outside the cell's code, counting the events already forwarded."""
@@ -110,18 +128,25 @@ class _Child:
         return to_payload(error_result(self.spec, self.where, message, module=__name__, **kwargs))
 
     def control(self) -> dict[str, Any]:
-        """What the child needs to know besides the inputs (plain JSON)."""
+        """How the child is confined (plain JSON), sent when it starts; the cell follows in `cell_head`."""
         ids, limits = self.ids, self.limits
         return {
-            "spec": self.spec, "where": list(self.where), "label": self.label,
             "ids": list(ids) if ids else None, "scratch": self.scratch,
             "unreadable": unreadable_by_others() if ids and not self.bw else [],
             "memory": limits.memory, "cpu_time": limits.cpu_time, "max_processes": limits.max_processes,
             "nproc_base": tasks_of(ids[0] if ids else os.getuid()) if limits.max_processes is not None else 0,
         }
 
+    def cell_head(self) -> bytes:
+        """The cell's frame: its spec, and where and as whom it runs."""
+        head = json.dumps({"spec": self.spec, "where": list(self.where), "label": self.label}).encode()
+        return struct.pack(">Q", len(head)) + head
+
     def start(self) -> tuple[int, int]:
-        """Start the child (in bubblewrap when used); returns (result pipe, log pipe) to read from."""
+        """Start the child (in bubblewrap when used) and send it how it is confined; returns (result pipe,
+        log pipe) to read from. Its imports run now: a warm child is ready when its cell comes."""
+        if self.pipes is not None:
+            return self.pipes
         out_r, out_w = os.pipe()
         log_r, log_w = os.pipe()
         self.fds += [out_r, log_r]
@@ -138,7 +163,18 @@ class _Child:
             os.close(log_w)
         for fd in (out_r, log_r):
             os.set_blocking(fd, False)
+        head = json.dumps(self.control()).encode()
+        assert self.proc.stdin is not None
+        try:  # small: the pipe takes it at once
+            self.proc.stdin.write(struct.pack(">Q", len(head)) + head)
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child died at once: the pump finds out and says why
+        self.pipes = (out_r, log_r)
         return out_r, log_r
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def _wall_left(self) -> float | None:
         if self.limits.wall_time is None:
@@ -279,7 +315,8 @@ class _Child:
         own = (stats.get("energy") or {}).get("cpu_seconds")
         own = min(float(own), stats["wall_seconds"] * (os.cpu_count() or 1)) \
             if isinstance(own, (int, float)) and own > 0 else 0.0
-        stats["cpu_seconds"] = max(usage.ru_utime + usage.ru_stime, self.tree_cpu, own)
+        stats["cpu_seconds"] = max(usage.ru_utime + usage.ru_stime - self.boot_cpu, self.tree_cpu - self.boot_cpu,
+                                   own, 0.0)
         stats["max_rss"] = usage.ru_maxrss * 1024
 
 
@@ -299,7 +336,7 @@ def _feed(fd: int, pending: list[memoryview]) -> None:
 
 def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict[str, Any]], None],
                   limits: Limits | None = None, stats: dict[str, Any] | None = None,
-                  blob: bytes | None = None) -> bytes:
+                  blob: bytes | None = None, warm: bool | None = None) -> bytes:
     """Run the cell ``spec`` with ``inputs`` in a sandboxed child; return its `protocol.payloads` bytes.
 
     ``emit(msg)`` receives the cell's stream events (stdout, stderr, display, start), decoded with
@@ -314,15 +351,26 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
     ``blob``: more inputs as pickle bytes, opened only inside the child (what a client sent that only
     pickle can carry: the worker itself never unpickles it).
 
+    ``warm``: take a child started ahead for these limits (imports done, never used by any cell) and start
+    the next one beside this cell, so a child's start leaves the cell's path; None: in a Dask worker when
+    ``depin.sandbox.warm`` is on (the default). ``stats["warm"]`` says whether this cell got one.
+
     Limits that stop the cell, and a sandbox that cannot start, come back as a payload with status
     "error" and a message naming the setting. A cancel of the run (`worker.cancel.cancel_run`, the worker's
     cancel plugin) kills the child and returns status "cancelled". Raises `SandboxError` only for a
     configuration that cannot work (``bubblewrap: true`` without bwrap, an unknown ``user``, an
     unwritable ``scratch-root``).
     """
-    limits = (limits or Limits.from_config()).for_spec(spec)
+    base = limits or Limits.from_config()
+    limits = base.for_spec(spec)
     address, name, worker = _where()
-    child = _Child(spec, limits, (address, name), name or address or socket.gethostname(), emit, stats)
+    use_warm = _warm_wanted(warm, worker)
+    child = (_WARM.take(base) if use_warm else None) or _Child(base)
+    if stats is not None:
+        stats["warm"] = child.pipes is not None
+    child.assign(spec, limits, (address, name), name or address or socket.gethostname(), emit, stats)
+    if use_warm:
+        _WARM.refill(base)  # the next cell's child starts now, beside this one
     key = worker.get_current_task() if worker is not None else None
     run_id = str(spec.get("run_id"))
     active.add(run_id, ActiveRun(_NoOutput(), threading.get_ident(), worker), key)
@@ -333,11 +381,11 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
             return child.error(f"the cell's inputs could not be passed to the sandbox on volunteer {child.label}: "
                                f"{type(e).__name__}: {e}", type_name="SandboxError")
         try:
-            head = json.dumps(child.control()).encode()
+            head = child.cell_head()
         except (TypeError, ValueError) as e:
             return child.error(f"the cell's spec is not plain data: {e}", type_name="SandboxError")
         out_r, log_r = child.start()
-        to_child = [memoryview(struct.pack(">Q", len(head)) + head + struct.pack(">Q", len(stream))), memoryview(stream)]
+        to_child = [memoryview(head + struct.pack(">Q", len(stream))), memoryview(stream)]
         del stream
         payload = child.pump(out_r, log_r, to_child)
         if payload is None:
@@ -351,6 +399,83 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
     finally:
         active.remove(run_id, key)
         child.close()
+
+
+def _warm_key(limits: Limits) -> Limits:
+    """What a warm child must share with a cell to serve it: everything but the wall time (the parent's)."""
+    return dataclasses.replace(limits, wall_time=None, wall_source="")
+
+
+def _warm_wanted(warm: bool | None, worker: Any) -> bool:
+    if warm is not None:
+        return warm
+    import dask.config
+
+    setting = dask.config.get("depin.sandbox.warm", default=True)
+    return bool(setting) and worker is not None  # in a worker process: cells keep coming
+
+
+class _WarmSlot:
+    """One child started ahead for the next cell: imports done, confined, nothing of any cell in it.
+
+    A child serves exactly one cell and is never reused, so no run meets another's state, whoever sent it.
+    Children are started on one long-lived thread: PR_SET_PDEATHSIG (and bwrap's --die-with-parent) fire
+    when the *thread* that started the child ends, so a short-lived thread would kill them at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._child: _Child | None = None
+        self._wanted: Limits | None = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, limits: Limits) -> _Child | None:
+        """The warm child if it was started for these limits and is alive, else None (it is discarded)."""
+        with self._lock:
+            child, self._child = self._child, None
+        if child is None:
+            return None
+        if child.key != _warm_key(limits) or not child.alive():
+            child.close()
+            return None
+        return child
+
+    def refill(self, limits: Limits) -> None:
+        with self._lock:
+            self._wanted = limits
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="depin-warm-sandbox", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                limits, self._wanted = self._wanted, None
+                current = self._child
+            if limits is None or (current is not None and current.key == _warm_key(limits) and current.alive()):
+                continue
+            try:
+                child = _Child(limits)
+                child.start()
+            except Exception:  # noqa: BLE001 - no warm child: the next cell starts its own, and says why
+                continue
+            with self._lock:
+                old, self._child = self._child, child
+            if old is not None:
+                old.close()
+
+    def clear(self) -> None:
+        """Stop the warm child (tests; a worker that closes lets it die with the process)."""
+        with self._lock:
+            child, self._child, self._wanted = self._child, None, None
+        if child is not None:
+            child.close()
+
+
+_WARM = _WarmSlot()
 
 
 def _cloudpickle(obj: Any) -> bytes:
