@@ -3,7 +3,8 @@ sandbox on), against the same cells on the embedded local cluster, measured in o
 
     python benchmarks/volunteer.py [--reps 20] [--input-mib 64]
 
-Rows: a trivial cell; a cell reading a ``--input-mib`` MiB array for the first time and again. The input
+Rows: a trivial cell (on a volunteer with warm sandboxes, `depin.sandbox.warm`, and on one without them: a
+new sandbox process started per cell, the baseline); a cell reading a ``--input-mib`` MiB array for the first time and again. The input
 cache (`relay.InputRef`: the notebook puts an array on the coordinator once, the volunteer keeps what it
 fetched) is measured against its baseline in the same run: the same cells with every input inside the task
 (``depin.coordinator.input-ref-min-bytes`` set above the array's size), which is how volunteer cells
@@ -78,18 +79,27 @@ def main() -> None:
                                        "--gpus", "none"],
                                       stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))
         _wait_for(wlog, "depin worker: joined", procs[-1])
+        clog = root / "worker-cold.log"
+        procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "bench-cold").encode(),
+                                       "--gpus", "none"], stdout=subprocess.DEVNULL, stderr=open(clog, "w"),
+                                      env={**env, "DASK_DEPIN__SANDBOX__WARM": "false"}))
+        _wait_for(clog, "depin worker: joined", procs[-1])
         vol = cluster._connect_token(state.issue_token("client", "bench-sci").encode())
-        vol.client.wait_for_workers(1, timeout=60)
+        vol.client.wait_for_workers(2, timeout=60)
         local = cluster.connect("local")
         local.client.wait_for_workers(1, timeout=60)
 
         n = args.input_mib * 2**20 // 8
         trivial = "y = 1"
         big = "s = big.shape[0]"
-        for name, session in (("local", local), ("volunteer", vol)):
-            runner.run_cell(session, trivial, {}, one)  # warm-up
-            rows[f"{name}: trivial"] = stats(timed(lambda s=session: runner.run_cell(s, trivial, {}, one),
+        warm = runner.RunOptions(replicas=1, no_store=True, worker="bench-vol")
+        cold = runner.RunOptions(replicas=1, no_store=True, worker="bench-cold")
+        for name, session, opts in (("local", local, one), ("volunteer", vol, warm),
+                                    ("volunteer, no warm sandbox (baseline)", vol, cold)):
+            runner.run_cell(session, trivial, {}, opts)  # warm-up
+            rows[f"{name}: trivial"] = stats(timed(lambda s=session, o=opts: runner.run_cell(s, trivial, {}, o),
                                                    args.reps, warmup=False))
+        one = warm  # the input rows: on the warm volunteer
         for mode, ref_min in (("input cache", "1MiB"), ("inline (baseline)", f"{args.input_mib * 2}MiB")):
             with dask.config.set({"depin.coordinator.input-ref-min-bytes": ref_min}):
                 first, second = [], []
@@ -114,6 +124,8 @@ def main() -> None:
     inline = rows[f"volunteer, inline (baseline): {args.input_mib} MiB input, reused"]["median_ms"]
     ratios = {
         "volunteer trivial / local trivial": rows["volunteer: trivial"]["median_ms"] / rows["local: trivial"]["median_ms"],
+        "volunteer trivial: warm / no warm sandbox": rows["volunteer: trivial"]["median_ms"]
+        / rows["volunteer, no warm sandbox (baseline): trivial"]["median_ms"],
         f"{args.input_mib} MiB reused: input cache / inline": reused / inline,
     }
     print(f"{'case':<58} {'median ms':>10} {'p90 ms':>10}")

@@ -526,3 +526,20 @@ def test_cluster_scheduler_outside_a_cell_does_what_dask_would():
     t.start()
     t.join(60)
     assert out.get("v") == 4950.0, out
+
+
+def test_a_cells_time_counts_its_routing_and_environment_check(shell, depin_session, monkeypatch):
+    """The progress line's time is the whole cell's: it once started after the scheduler was asked where to run."""
+    import time
+
+    from depin_jupyter.kernel import runner
+
+    real = runner.route
+
+    def slow_route(session, options):
+        time.sleep(0.4)  # a slow link to the scheduler
+        return real(session, options)
+
+    monkeypatch.setattr(runner, "route", slow_route)
+    outcome = runner.run_cell(depin_session, "y = 1", {}, runner.RunOptions(no_store=True))
+    assert outcome.timings["total"] >= 0.4

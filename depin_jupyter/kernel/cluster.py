@@ -70,6 +70,7 @@ class Session:
         self.background: dict[str, Any] = {}   # name -> background.BackgroundRun
         self.last_workers: list[WorkerInfo] = []
         self._workers_at = 0.0
+        self._info: dict[str, Any] = {}  # the scheduler's last answer about its workers (volunteers' adverts)
         self.session_file = _publish(self)
         if not untrusted:
             from depin_jupyter.worker.entry import cancel_on_release
@@ -89,7 +90,7 @@ class Session:
 
         if self.last_workers and time.monotonic() - self._workers_at < max_age:
             return self.last_workers
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = self._info = self.client.scheduler_info(n_workers=-1)["workers"]
         self._workers_at = time.monotonic()
         out = []
         for addr, w in sorted(info.items()):
@@ -118,7 +119,7 @@ class Session:
 
         unknown = [a for a in addresses if a not in self._gpus]
         if unknown and self.untrusted:  # what volunteers advertised when they joined; never dial them
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            info = self._advertised(unknown)
             self._gpus.update({a: ((info.get(a) or {}).get("depin") or {}).get("gpu") for a in unknown})
         elif unknown:
             self._gpus.update(self.client.run(describe, workers=unknown, on_error="return"))
@@ -128,13 +129,20 @@ class Session:
         """Package versions on ``workers``: asked of each worker, or as volunteers advertised them."""
         if not self.untrusted:
             return self.env.versions(self.client, workers, packages)
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = self._advertised(workers)
         out = {}
         for w in workers:
             advertised = ((info.get(w) or {}).get("depin") or {}).get("versions")
             if isinstance(advertised, dict):
                 out[w] = {p: advertised.get(p) for p in packages}
         return out
+
+    def _advertised(self, workers: list[str]) -> dict[str, Any]:
+        """What volunteers advertised when they joined (fixed for a worker's life): the answer `workers` just
+        got when it names them all, else asked again (one round trip fewer per cell on a volunteer network)."""
+        if not all(w in self._info for w in workers):
+            self._info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return self._info
 
     def close(self) -> None:
         if self.session_file is not None:

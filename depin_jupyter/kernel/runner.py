@@ -54,6 +54,7 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
     they are not sent unless the user rebound them.
     """
     __tracebackhide__ = True
+    started = time.perf_counter()  # the cell's time counts its routing and environment check too
     config.check()  # a misspelt or mistyped setting is an error naming it, not silently ignored
     label = options.name or "cell"
     run_id = new_run_id()
@@ -78,7 +79,7 @@ def prepare(session: Session, code: str, namespace: dict[str, Any], options: Run
     if placement.get("workers"):
         candidates = [w for w in candidates if w in placement["workers"]]
     return Prepared(run_id, label, code, filename, plan, names, bundle, placement, options, candidates,
-                    pool=effective_pool(options), private=private)
+                    started=started, pool=effective_pool(options), private=private)
 
 
 def make_spec(prep: Prepared, shipped: Any) -> RunSpec:
