@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from depin_jupyter.version import __version__
 
-__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", "xp"]
+__all__ = ["__version__", "load_ipython_extension", "map", "unload_ipython_extension", "xp"]
 
 
 def xp():  # type: ignore[no-untyped-def]
@@ -16,6 +16,32 @@ def xp():  # type: ignore[no-untyped-def]
     from depin_jupyter.gpu import array_module
 
     return array_module()
+
+
+def map(func, items, *, name=None, batch=None, retries=2, out=None, pool=None, replicas=None,  # type: ignore[no-untyped-def]  # noqa: A001
+        timeout=None, wait=True):
+    """Run ``func`` on every item on the pool, in batches (one `%%depin` cell each); a `MapHandle`.
+
+    On a volunteer network each batch runs sandboxed on a volunteer, replicated and judged as a cell is.
+    ``out``: a Zarr group path where numeric results stream in as they arrive (``values``, ``done``).
+    Items that fail are retried ``retries`` times, then named in ``handle.errors``. ``wait=False``
+    returns at once (``handle.result()`` waits). Connects to the embedded default cluster if no
+    `%depin connect` was made.
+    """
+    from depin_jupyter.kernel.cluster import get_session
+    from depin_jupyter.kernel.mapping import map_items
+    from depin_jupyter.kernel.records import RunOptions
+    from depin_jupyter.kernel.widgets import make_progress
+
+    label = name or getattr(func, "__name__", "map")
+    options = RunOptions(pool=pool, replicas=replicas, timeout=timeout)
+    progress = make_progress(label) if wait else None  # a map left running shows nothing by itself
+    try:
+        return map_items(get_session(), func, items, name=label, batch=batch, retries=retries, out=out,
+                         options=options, progress=progress, wait_done=wait)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]

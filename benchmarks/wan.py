@@ -1,0 +1,233 @@
+"""A volunteer network over a slow link: a delaying TCP proxy (TLS passes through it untouched) in front of a
+real `depin scheduler` on 127.0.0.1, measured in one run with the undelayed case beside it.
+
+    python benchmarks/wan.py [--delays 0,20,80,200] [--reps 5] [--big-mib 64] [--mbit 50]
+
+For each round-trip time: `%depin connect` (a client token pointing at the proxy), a trivial cell, a cell
+with a new 4 MiB input (first use) and the same input again, and a volunteer joining through the proxy
+(`depin worker` start to "joined"). At the bandwidth-capped delay (80 ms, ``--mbit``): a ``--big-mib`` MiB
+input on first use, a cell returning that many MiB, and a cell reading one element of a big input (second
+use: nothing should travel back). The kernel-coordinator path is delayed; coordinator and volunteer talk
+directly except in the join row. "round trips" = (time at delay - time at 0) / delay: how many round trips
+the operation waits on. Targets (issue #25): trivial <= local + 30 ms + 2 RTs; connect <= 3 RTs; join <= 2 s +
+3 RTs; 64 MiB <= 1.3x bytes*8/bandwidth. Prints a table, writes benchmarks/results/wan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from _results import save, stats, timed
+
+DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DelayProxy:
+    """TCP proxy on 127.0.0.1 adding ``rtt/2`` each way and, optionally, a bandwidth cap (bits/s)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = _free_port()
+        self.rtt = 0.0
+        self.bandwidth: float | None = None
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
+
+    async def _serve(self) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", self.port)
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer), return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            free_at = 0.0
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                now = self.loop.time()
+                if self.bandwidth:
+                    free_at = max(free_at, now) + len(data) * 8 / self.bandwidth
+                    due = max(due, free_at)
+                if due > now:
+                    await asyncio.sleep(due - now)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        sender = asyncio.ensure_future(send())
+        try:
+            while True:
+                data = await reader.read(256 * 1024)
+                queue.put_nowait((self.loop.time() + self.rtt / 2, data))
+                if not data:
+                    break
+        finally:
+            await sender
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float = 180) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return time.monotonic()
+        if proc.poll() is not None:
+            raise SystemExit(f"exited before {text!r}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.02)
+    raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
+
+
+def main() -> None:  # noqa: C901 - one measurement script, read top to bottom
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--delays", default="0,20,80,200", help="round-trip times in ms")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--big-mib", type=int, default=64)
+    ap.add_argument("--mbit", type=float, default=50.0)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "wan.json"))
+    args = ap.parse_args()
+    delays = [float(d) / 1000 for d in args.delays.split(",")]
+
+    import dask
+    import numpy as np
+
+    from depin_jupyter.kernel import cluster, runner
+    from depin_jupyter.network.coordinator import StateDir
+    from depin_jupyter.protocol.identity import Token
+
+    dask.config.set({"depin.store.enabled": False})
+    root = Path(tempfile.mkdtemp(prefix="depin-bench-wan-"))
+    port = _free_port()
+    env = {**os.environ, "DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS": "127.0.0.1:0"}
+    procs: list[subprocess.Popen[Any]] = []
+    rows: dict[str, Any] = {}
+    one = runner.RunOptions(replicas=1, no_store=True)
+    try:
+        log = root / "scheduler.log"
+        procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--state-dir", str(root / "state")],
+                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))
+        _wait_for(log, "listening at", procs[-1])
+        state = StateDir(root / "state")
+        proxy = DelayProxy(port)
+        via = f"tls://127.0.0.1:{proxy.port}"
+
+        def proxied(role: str, name: str) -> str:
+            return dataclasses.replace(Token.decode(state.issue_token(role, name).encode()), address=via).encode()
+
+        wlog = root / "worker.log"
+        procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "wan-vol").encode(),
+                                       "--gpus", "none"], stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))
+        _wait_for(wlog, "depin worker: joined", procs[-1])
+        local = cluster.connect("local")
+        local.client.wait_for_workers(1, timeout=60)
+        runner.run_cell(local, "y = 1", {}, one)
+        rows["local: trivial"] = stats(timed(lambda: runner.run_cell(local, "y = 1", {}, one), args.reps))
+        token = proxied("client", "wan-sci")
+        n4 = 4 * 2**20 // 8
+        for d in delays:
+            proxy.rtt, tag = d, f"{d * 1000:.0f} ms"
+            t = time.perf_counter()
+            session = cluster._connect_token(token)
+            rows[f"{tag}: connect"] = stats([time.perf_counter() - t])
+            session.client.wait_for_workers(1, timeout=60)
+            runner.run_cell(session, "y = 1", {}, one)  # warm-up: worker list, first dispatch
+            rows[f"{tag}: trivial cell"] = stats(timed(lambda s=session: runner.run_cell(s, "y = 1", {}, one),
+                                                       args.reps, warmup=False))
+            first, second = [], []
+            for i in range(max(2, args.reps // 2)):
+                ns = {"a": np.full(n4, d + i)}
+                first += timed(lambda ns=ns, s=session: runner.run_cell(s, "s = float(a[0])", ns, one), 1, warmup=False)
+                second += timed(lambda ns=ns, s=session: runner.run_cell(s, "s = float(a[0])", ns, one), 1,
+                                warmup=False)
+            rows[f"{tag}: 4 MiB input, first use"] = stats(first)
+            rows[f"{tag}: 4 MiB input, second use"] = stats(second)
+            session.close()
+            jlog = root / f"join-{d}.log"
+            t0 = time.monotonic()
+            joiner = subprocess.Popen([*DEPIN, "worker", proxied("worker", f"wan-join-{int(d * 1000)}"), "--gpus",
+                                       "none"], stdout=subprocess.DEVNULL, stderr=open(jlog, "w"), env=env)
+            procs.append(joiner)
+            rows[f"{tag}: volunteer join"] = stats([_wait_for(jlog, "depin worker: joined", joiner) - t0])
+            joiner.send_signal(signal.SIGTERM)
+            joiner.wait(60)
+        # Bandwidth: 80 ms and --mbit, one big transfer each way.
+        proxy.rtt, proxy.bandwidth = 0.08, args.mbit * 1e6
+        session = cluster._connect_token(token)
+        session.client.wait_for_workers(1, timeout=60)
+        nb = args.big_mib * 2**20 // 8
+        big = {"a": np.full(nb, 3.0)}
+        tag = f"80 ms, {args.mbit:g} Mbit/s"
+        rows[f"{tag}: {args.big_mib} MiB input, first use"] = stats(
+            timed(lambda: runner.run_cell(session, "s = float(a[0])", big, one), 1, warmup=False))
+        rows[f"{tag}: {args.big_mib} MiB input read a[0], second use"] = stats(
+            timed(lambda: runner.run_cell(session, "s = float(a[0])", big, one), 1, warmup=False))
+        rows[f"{tag}: {args.big_mib} MiB result"] = stats(
+            timed(lambda: runner.run_cell(session, f"import numpy as np\nb = np.ones({nb})", {}, one), 1,
+                  warmup=False))
+        session.close()
+        cluster.close_session()
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    base = {k.split(": ", 1)[1]: v["median_ms"] for k, v in rows.items() if k.startswith("0 ms: ")}
+    trips: dict[str, float] = {}
+    for d in delays:
+        if d == 0:
+            continue
+        tag = f"{d * 1000:.0f} ms"
+        for what in ("connect", "trivial cell", "4 MiB input, first use", "4 MiB input, second use",
+                     "volunteer join"):
+            trips[f"{tag}: {what}"] = (rows[f"{tag}: {what}"]["median_ms"] - base[what]) / (d * 1000)
+    one_hop_s = args.big_mib * 2**20 * 8 / (args.mbit * 1e6)
+    bw_tag = f"80 ms, {args.mbit:g} Mbit/s"
+    ratios = {f"{args.big_mib} MiB input / one hop": rows[f"{bw_tag}: {args.big_mib} MiB input, first use"]["median_ms"]
+              / 1000 / one_hop_s,
+              f"{args.big_mib} MiB result / one hop": rows[f"{bw_tag}: {args.big_mib} MiB result"]["median_ms"]
+              / 1000 / one_hop_s}
+    print(f"{'case':<52} {'median ms':>10} {'round trips':>12}")
+    for name, r in rows.items():
+        rt = trips.get(name)
+        print(f"{name:<52} {r['median_ms']:>10.1f} {'' if rt is None else f'{rt:>12.1f}'}")
+    for name, v in ratios.items():
+        print(f"{name:<52} {v:>9.2f}x  (one hop: {one_hop_s:.1f} s)")
+    save(args.out, {"benchmark": "wan", "rows": rows, "round_trips": trips, "ratios": ratios,
+                    "one_hop_s": one_hop_s, "machine": {"python": sys.version.split()[0],
+                                                        "platform": platform.platform(), "cpus": os.cpu_count()}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""`depin_jupyter.map(func, items)`: one function over many items, spread over the pool in batches.
+
+Each batch is a `%%depin` cell of its own (`runner.run_cell`), so it gets what a cell gets: on a volunteer
+network it goes through the coordinator, runs sandboxed on a volunteer and is replicated and judged as
+any cell is (nothing a volunteer sends is unpickled here); on a trusted cluster it is a Dask task. One
+sandbox process serves a whole batch (one submitter, one function). Items whose function raised, and
+batches that failed as a whole (a worker lost past its retries, a sandbox limit), go back into the queue
+up to ``retries`` times, then are named with their error; the others are usable meanwhile. Numeric
+results stream into one Zarr array as batches finish (``out``), readable by plain zarr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.kernel.records import Progress, RunOptions
+
+__all__ = ["MapHandle", "map_items"]
+
+_PROGRESS_EVERY_S = 1.0  # the progress line is redrawn at most this often
+
+_BATCH_CODE = """\
+depin_out = []
+for depin_x in depin_items:
+    try:
+        depin_out.append((True, depin_f(depin_x)))
+    except Exception as depin_e:
+        depin_out.append((False, f"{type(depin_e).__name__}: {depin_e}"))
+"""
+
+
+class MapHandle:
+    """A running (or finished) map: its results, errors and progress; `result()` waits for it."""
+
+    def __init__(self, name: str, n: int, out: str | None) -> None:
+        self.name, self.n, self.out = name, n, out
+        self.results: list[Any] = [None] * n
+        self.done = [False] * n
+        self.errors: dict[int, str] = {}       # item index -> its last error, once its retries are spent
+        self.attempts = [0] * n
+        self.workers: set[str] = set()          # who ran its batches
+        self.running = 0
+        self.finished = threading.Event()
+        self.cancelled = False
+        self.elapsed: float | None = None       # seconds, once finished
+        self._array: Any = None
+        self._mask: Any = None
+
+    @property
+    def n_done(self) -> int:
+        return sum(self.done)
+
+    def status(self) -> str:
+        return (f"{self.n_done}/{self.n} done, {self.running} batch(es) running, {len(self.errors)} failed, "
+                f"{len(self.workers)} worker(s) used")
+
+    def result(self, timeout: float | None = None) -> list[Any]:
+        """Every item's result in order once the map ends; raises naming the failed items if any failed."""
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"map {self.name!r} is still running ({self.status()})")
+        if self.errors:
+            first = min(self.errors)
+            raise RuntimeError(f"map {self.name!r}: {len(self.errors)} of {self.n} item(s) failed, e.g. item "
+                               f"{first}: {self.errors[first]}. Their results are None in .results; the "
+                               f"others are usable.")
+        return list(self.results)
+
+    def cancel(self) -> None:
+        """Submit no more batches (those running finish)."""
+        self.cancelled = True
+
+    def _store(self, index: int, value: Any) -> None:
+        """Write one numeric result into the Zarr array (created from the first one)."""
+        if self.out is None:
+            return
+        import numpy as np
+
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc" or arr.dtype.hasobject:
+            return
+        if self._array is None:
+            import zarr
+
+            group = zarr.open_group(self.out, mode="w")
+            group.attrs.update({"depin_map": self.name, "items": self.n})
+            self._array = group.create_array("values", shape=(self.n, *arr.shape), dtype=arr.dtype,
+                                             chunks=(max(1, min(self.n, 1024)), *arr.shape), fill_value=0)
+            self._mask = group.create_array("done", shape=(self.n,), dtype=bool, chunks=(max(1, min(self.n, 1024)),),
+                                            fill_value=False)
+        if arr.shape != self._array.shape[1:] or not np.can_cast(arr.dtype, self._array.dtype, "same_kind"):
+            return  # another shape or kind than the first result: kept in .results only
+        self._array[index] = arr
+        self._mask[index] = True
+
+
+def map_items(session: Any, func: Callable[[Any], Any], items: Iterable[Any], *, name: str = "map",
+              batch: int | None = None, retries: int = 2, out: str | None = None, options: RunOptions | None = None,
+              progress: Progress | None = None, wait_done: bool = True) -> MapHandle:
+    """Run ``func`` over ``items`` on ``session``'s pool; the handle (finished when ``wait_done``)."""
+    from depin_jupyter.kernel import runner
+
+    if not callable(func):
+        raise DepinUsageError(f"depin map: {func!r} is not callable; pass the function first, then the items")
+    values = list(items)
+    handle = MapHandle(name, len(values), out)
+    if not values:
+        handle.finished.set()
+        return handle
+    n_workers = max(1, len(session.workers(max_age=0)))
+    size = batch or max(1, min(64, math.ceil(len(values) / (4 * n_workers))))
+    base = options or RunOptions()
+    progress = progress or Progress()
+    queue: list[list[int]] = [list(range(i, min(i + size, len(values)))) for i in range(0, len(values), size)]
+    slots = 2 * n_workers
+
+    def run_batch(indices: list[int], serial: int) -> tuple[list[int], Any, str | None]:
+        ns: dict[str, Any] = {"depin_f": func, "depin_items": [values[i] for i in indices]}
+        opts = dataclasses.replace(base, name=f"{name}[{serial}]", outputs=("depin_out",), no_store=True,
+                                   inputs=("depin_f", "depin_items"))
+        try:
+            outcome = runner.run_cell(session, _BATCH_CODE, ns, opts)
+        except Exception as e:  # noqa: BLE001 - the whole batch failed: its items are retried
+            return indices, None, f"{type(e).__name__}: {e}"
+        return indices, (ns.get("depin_out"), outcome.worker), None
+
+    def collect(indices: list[int], got: Any, failure: str | None) -> None:
+        again = []
+        out_list, worker = got if got is not None else (None, None)
+        if worker:
+            handle.workers.add(str(worker))
+        for k, i in enumerate(indices):
+            handle.attempts[i] += 1
+            ok, value = (False, failure) if out_list is None or k >= len(out_list) else out_list[k]
+            if ok:
+                handle.results[i], handle.done[i] = value, True
+                handle.errors.pop(i, None)
+                handle._store(i, value)
+            elif handle.attempts[i] <= retries:
+                again.append(i)
+            else:
+                handle.errors[i] = str(value)
+        if again:
+            queue.append(again)
+
+    def drive() -> None:
+        serial, shown = 0, 0.0
+        with ThreadPoolExecutor(slots, thread_name_prefix=f"depin-map-{name}") as pool:
+            pending: set[Future[Any]] = set()
+            while (queue and not handle.cancelled) or pending:
+                while queue and len(pending) < slots and not handle.cancelled:
+                    pending.add(pool.submit(run_batch, queue.pop(0), serial))
+                    serial += 1
+                handle.running = len(pending)
+                if time.perf_counter() - shown >= _PROGRESS_EVERY_S:
+                    progress.update("running", f"map {name}: {handle.status()}")
+                    shown = time.perf_counter()
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    collect(*f.result())
+        handle.running = 0
+        handle.elapsed = time.perf_counter() - started
+        for i in range(handle.n):
+            if not handle.done[i] and i not in handle.errors:
+                handle.errors[i] = "cancelled before it ran"
+        progress.update("failed" if handle.errors else "done", f"map {name}: {handle.status()}")
+        handle.finished.set()
+
+    started = time.perf_counter()
+    if wait_done:
+        drive()
+    else:
+        threading.Thread(target=drive, name=f"depin-map-{name}", daemon=True).start()
+    return handle

@@ -1,0 +1,89 @@
+"""`depin_jupyter.map`: one function over many items in batches, on the embedded cluster and on a volunteer
+network of real `depin scheduler`/`depin worker` processes; results read back with plain zarr."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+import zarr
+from conftest import free_port
+from volunteer_net import Network, wait_for_workers
+
+from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.kernel import cluster
+from depin_jupyter.kernel.mapping import map_items
+from depin_jupyter.kernel.records import RunOptions
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("no_store")]
+
+
+def _notebook_function(source: str, name: str):
+    """A function as a notebook defines it (module __main__: it travels by value)."""
+    ns: dict = {"__name__": "__main__", "np": np}
+    exec(source, ns)  # noqa: S102 - the test's own function source
+    return ns[name]
+
+
+SQUARE = _notebook_function("def square(x):\n    if x == 13:\n        raise ValueError('unlucky 13')\n"
+                            "    return np.float64(x) ** 2\n", "square")
+
+
+def test_a_map_on_the_embedded_cluster_streams_into_zarr_and_names_failed_items(depin_session, tmp_path):
+    out = str(tmp_path / "squares.zarr")
+    handle = map_items(depin_session, SQUARE, range(200), name="squares", retries=1, out=out)
+    assert handle.finished.is_set() and handle.n_done == 199
+    assert handle.errors == {13: "ValueError: unlucky 13"} and handle.attempts[13] == 2  # retried once
+    assert handle.results[12] == 144.0 and handle.results[13] is None
+    with pytest.raises(RuntimeError, match="1 of 200 item.*item 13: ValueError: unlucky 13"):
+        handle.result()
+    group = zarr.open_group(out, mode="r")  # plain zarr, nothing of depin
+    values, done = group["values"][:], group["done"][:]
+    expected = np.arange(200, dtype=np.float64) ** 2
+    assert done.sum() == 199 and not done[13]
+    assert np.array_equal(values[done], expected[done])
+    assert group.attrs["depin_map"] == "squares" and group.attrs["items"] == 200
+
+
+def test_a_map_of_non_numbers_keeps_them_in_the_handle_and_a_bad_function_is_refused(depin_session):
+    label = _notebook_function("def label(x):\n    return {'n': x, 'name': f'item-{x}'}\n", "label")
+    handle = map_items(depin_session, label, range(10), batch=3)
+    assert handle.result() == [{"n": i, "name": f"item-{i}"} for i in range(10)]
+    with pytest.raises(DepinUsageError, match="not callable"):
+        map_items(depin_session, [1, 2], range(3))
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    n = Network(tmp_path_factory.mktemp("map-net"), free_port())
+    n.start_scheduler()
+    yield n
+    n.close()
+
+
+def test_a_map_over_two_volunteers_survives_one_killed_mid_map(net, tmp_path):
+    slow = _notebook_function("def slow(x):\n    import time\n    time.sleep(0.02)\n    return np.float64(x) * 3\n",
+                              "slow")
+    w1, _ = net.start_worker(net.token("worker", "map-v1"))
+    w2, _ = net.start_worker(net.token("worker", "map-v2"))
+    session = cluster._connect_token(net.token("client", "map-sci"))
+    out = str(tmp_path / "triples.zarr")
+    try:
+        wait_for_workers(session, 2)
+        handle = map_items(session, slow, range(200), name="triples", batch=10, out=out,
+                           options=RunOptions(replicas=1), wait_done=False)
+        deadline = time.monotonic() + 120
+        while handle.n_done < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.n_done >= 40, handle.status()
+        w2.send_signal(signal.SIGKILL)  # its in-flight batch is re-run elsewhere; nothing else is lost
+        assert handle.result(timeout=240) == [3.0 * i for i in range(200)]
+        assert handle.workers  # who ran them: volunteers
+    finally:
+        session.close()
+        w1.terminate()
+        w1.wait(60)
+    group = zarr.open_group(out, mode="r")
+    assert group["done"][:].all() and np.array_equal(group["values"][:], np.arange(200) * 3.0)
