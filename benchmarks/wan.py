@@ -105,7 +105,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float
     raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
 
 
-def main() -> None:  # noqa: C901 - one measurement script, read top to bottom
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--delays", default="0,20,80,200", help="round-trip times in ms")
     ap.add_argument("--reps", type=int, default=5)

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("no_store")]
 def _notebook_function(source: str, name: str):
     """A function as a notebook defines it (module __main__: it travels by value)."""
     ns: dict = {"__name__": "__main__", "np": np}
-    exec(source, ns)  # noqa: S102 - the test's own function source
+    exec(source, ns)
     return ns[name]
 
 
