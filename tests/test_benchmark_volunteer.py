@@ -22,4 +22,6 @@ def test_volunteer_benchmark_runs_small(tmp_path):
         for use in ("first use", "reused"):
             assert rows[f"volunteer, {mode}: 2 MiB input, {use}"]["median_ms"] > 0
     assert rows["volunteer: trivial"]["n"] == 2 and rows["local: trivial"]["median_ms"] > 0
-    assert set(result["ratios"]) == {"volunteer trivial / local trivial", "2 MiB reused: input cache / inline"}
+    assert rows["volunteer, no warm sandbox (baseline): trivial"]["n"] == 2
+    assert set(result["ratios"]) == {"volunteer trivial / local trivial", "volunteer trivial: warm / no warm sandbox",
+                                     "2 MiB reused: input cache / inline"}

@@ -226,3 +226,32 @@ def test_a_large_array_s_content_hash_does_not_depend_on_threads_or_cores(monkey
     b = a.copy()
     b[-1] += 1
     assert values.content_hash(b) != threaded
+
+
+# ------------------------------------------------------------------ slow links are not dead peers
+
+def test_a_slow_link_is_waited_for_and_a_dead_port_is_named(net, capsys):
+    """At 1.5 s round trips a join takes longer than the 3 s connect timeout: the kernel measures the link
+    and waits, instead of calling a reachable coordinator unreachable."""
+    import dataclasses
+
+    import dask.config
+    from delay_proxy import DelayProxy
+
+    from depin_jupyter.errors import ClusterConnectionError
+    from depin_jupyter.protocol.identity import Token
+
+    proxy = DelayProxy(net.port)
+    proxy.rtt = 1.5
+    token = dataclasses.replace(Token.decode(net.token("client", "far-away")), address=f"tls://127.0.0.1:{proxy.port}")
+    try:
+        with dask.config.set({"depin.connect-timeout": "3s"}):
+            session = cluster._connect_token(token.encode())
+        session.close()
+        assert "the link to" in capsys.readouterr().out  # said why it waited, on stdout: a note
+        dead = dataclasses.replace(token, address=f"tls://127.0.0.1:{free_port()}")
+        with dask.config.set({"depin.connect-timeout": "3s"}), \
+                pytest.raises(ClusterConnectionError, match="nothing answers there"):
+            cluster._connect_token(dead.encode())
+    finally:
+        proxy.close()

@@ -264,20 +264,40 @@ def _connect_token(text: str) -> Session:
 
     token = Token.decode(text)
     token.check_valid("client")
-    timeout = config.seconds("connect-timeout")
+    from depin_jupyter.protocol.reach import patient_timeout, tcp_probe
+
+    timeout = config.seconds("connect-timeout") or 10.0
     who = token.info.name
-    try:
-        client = Client(token.address, security=token.security("client"), timeout=timeout, set_as_default=False)
-    except ImportError as e:  # the coordinator's refusal arrives this way (stream-start error)
-        raise ClusterConnectionError(f"{e}. Ask the coordinator for a client token "
-                                     f"(`depin token issue --role client --name {who}`).") from None
-    except (OSError, TimeoutError) as e:
-        text_e = f"{type(e).__name__}: {e}"
-        hint = ("the coordinator refused this certificate (revoked, expired or from another coordinator): "
-                "ask for a new client token" if "SSL" in text_e or "closed" in text_e.lower()
-                else "check that `depin scheduler` runs there and that its port is reachable")
-        raise ClusterConnectionError(f"could not join the volunteer network at {token.address} as {who!r} "
-                                     f"within {timeout:g}s ({text_e}); {hint}.") from None
+    tried = timeout
+    while True:
+        try:
+            client = Client(token.address, security=token.security("client"), timeout=tried, set_as_default=False)
+            break
+        except ImportError as e:  # the coordinator's refusal arrives this way (stream-start error)
+            raise ClusterConnectionError(f"{e}. Ask the coordinator for a client token "
+                                         f"(`depin token issue --role client --name {who}`).") from None
+        except (OSError, TimeoutError) as e:
+            text_e = f"{type(e).__name__}: {e}"
+            if "SSL" in text_e or "closed" in text_e.lower():
+                raise ClusterConnectionError(
+                    f"could not join the volunteer network at {token.address} as {who!r} ({text_e}): the "
+                    f"coordinator refused this certificate (revoked, expired or from another coordinator): ask "
+                    f"for a new client token.") from None
+            rtt, why = tcp_probe(token.address)
+            if rtt is None:
+                raise ClusterConnectionError(
+                    f"could not join the volunteer network at {token.address} as {who!r}: nothing answers "
+                    f"there ({why}); check that `depin scheduler` runs there and that its port is reachable "
+                    f"from here.") from None
+            longer = patient_timeout(timeout, rtt)
+            if tried >= longer:  # waited as long as this link warrants: a busy or stuck coordinator
+                raise ClusterConnectionError(
+                    f"could not join the volunteer network at {token.address} as {who!r} within {tried:g}s: "
+                    f"it is reachable (round trip {rtt * 1000:.0f} ms) but did not finish the join "
+                    f"({text_e}); the coordinator may be overloaded, or raise depin.connect-timeout.") from None
+            print(f"depin: the link to {token.address} is slow (round trip {rtt * 1000:.0f} ms): "
+                  f"waiting up to {longer:.0f}s to join.")  # a note, not an error: stdout
+            tried = longer
     return Session(client, None, f"volunteer network at {token.address} as {who!r} (results relayed, "
                                  f"decoded without pickle)", untrusted=True, token=token.encode())
 

@@ -19,7 +19,7 @@ from depin_jupyter import config
 from depin_jupyter.errors import CellInputError
 from depin_jupyter.protocol.bundles import ModuleBundle
 from depin_jupyter.protocol.constants import MODULES_ARG
-from depin_jupyter.protocol.values import box, content_hash
+from depin_jupyter.protocol.values import ByValue, box, content_hash
 from depin_jupyter.protocol.views import InputView, windows
 
 __all__ = ["InputCache", "ShippedInputs", "ship_inputs"]
@@ -118,6 +118,14 @@ def fingerprints(namespace: dict[str, Any], names: list[str]) -> dict[str, str]:
                 else content_hash(namespace[n])) for n in names}
 
 
+def _carry(value: Any, local: frozenset[str]) -> Any:
+    """``value`` boxed for the trip; by value when it comes from one of the notebook's own modules."""
+    of = value if isinstance(value, (type, types.FunctionType)) else type(value)
+    if local and str(getattr(of, "__module__", "") or "").split(".")[0] in local:
+        return ByValue(value)
+    return box(value)
+
+
 def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache: InputCache,
                 modules: ModuleBundle | None = None, hashes: dict[str, str] | None = None,
                 inline: bool = False, via_coordinator: bool = False,
@@ -131,6 +139,7 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
     (`relay.InputRef`), except the names in ``keep_inline`` (private data: held by no one else).
     """
     shipped = ShippedInputs()
+    local = frozenset(modules.names) if modules is not None else frozenset()
     if inline:
         if modules is not None:
             shipped.args[MODULES_ARG] = modules.files
@@ -144,7 +153,7 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
             elif via_coordinator and name not in keep_inline and _ref_worthy(value, min_ref):
                 by_ref[name] = value
             else:
-                shipped.args[name] = box(value)
+                shipped.args[name] = _carry(value, local)
                 if not _is_inline(value):
                     shipped.sent_bytes += _serialized_size(name, value)
         if by_ref:
@@ -184,7 +193,7 @@ def ship_inputs(client: Any, namespace: dict[str, Any], names: list[str], cache:
         else:
             to_send[key] = (name, value, _serialized_size(name, value))
     if to_send:
-        futures = client.scatter({key: box(value) for key, (_, value, _) in to_send.items()}, hash=False)
+        futures = client.scatter({key: _carry(value, local) for key, (_, value, _) in to_send.items()}, hash=False)
         for key, (_, _, size) in to_send.items():
             cache.put(key, futures[key], size)
             shipped.sent_bytes += size

@@ -9,7 +9,7 @@ import sys
 import types
 from typing import Any
 
-__all__ = ["Boxed", "RichValue", "box", "content_hash", "rebind_globals", "unbox"]
+__all__ = ["Boxed", "ByValue", "RichValue", "box", "content_hash", "rebind_globals", "unbox"]
 
 
 class Boxed:
@@ -22,6 +22,22 @@ class Boxed:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Boxed, (self.value,))
+
+
+class ByValue:
+    """Carries an object of the notebook's own modules by value (cloudpickle). Dask pickles with plain
+    pickle first, which names a module-level function or class by its module; a worker receiving it
+    before the run's module bundle is installed could not import that module. Unpickles to the object."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import cloudpickle
+
+        return (pickle.loads, (cloudpickle.dumps(self.value, protocol=5),))
 
 
 def box(value: Any) -> Any:

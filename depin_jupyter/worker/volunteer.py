@@ -22,6 +22,7 @@ from distributed import Nanny, Worker
 from depin_jupyter import config
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
 from depin_jupyter.protocol.identity import Token
+from depin_jupyter.protocol.reach import patient_timeout, tcp_probe
 from depin_jupyter.worker import controls
 from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny
 
@@ -87,21 +88,33 @@ async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -
     longest = config.seconds("volunteer.join-retry-max") or 60.0
     tries = config.get("volunteer.join-tries")
     attempt = 0
+    patience = 5.0  # for the TLS handshake; grows with the round trip of a slow link (`protocol.reach`)
     while True:
         attempt += 1
         try:
-            comm = await connect(token.address, timeout=max(delay, 5.0), **args)
+            comm = await connect(token.address, timeout=max(delay, patience), **args)
         except (OSError, TimeoutError, CommClosedError) as e:
             reason = _reason(e)
             if isinstance(e.__cause__ or e, ssl.SSLError) or "SSL" in reason or "certificate" in reason:
                 raise ClusterConnectionError(
                     f"the coordinator at {token.address} refused this token's certificate ({reason}). It was "
                     f"issued by another coordinator or has expired: ask for a new worker token.") from None
+            rtt, why = await asyncio.to_thread(tcp_probe, token.address)
             if tries is not None and attempt >= int(tries):
-                raise ClusterConnectionError(f"the coordinator at {token.address} stayed unreachable after "
+                state = "stayed unreachable" if rtt is None else "answered TCP but never finished the handshake"
+                raise ClusterConnectionError(f"the coordinator at {token.address} {state} after "
                                              f"{attempt} tries ({reason}).") from None
-            say(f"depin worker: the coordinator at {token.address} is unreachable ({reason}); "
-                f"retrying in {delay:g}s (try {attempt + 1}).")
+            if rtt is not None and patient_timeout(patience, rtt) > patience:
+                patience = patient_timeout(patience, rtt)
+                say(f"depin worker: the link to {token.address} is slow (round trip {rtt * 1000:.0f} ms): "
+                    f"waiting up to {patience:.0f}s for the handshake.")
+                continue
+            if rtt is None:
+                say(f"depin worker: the coordinator at {token.address} is unreachable ({why}); "
+                    f"retrying in {delay:g}s (try {attempt + 1}).")
+            else:
+                say(f"depin worker: the coordinator at {token.address} answers TCP but did not finish the "
+                    f"handshake ({reason}): it may be busy; retrying in {delay:g}s (try {attempt + 1}).")
             await asyncio.sleep(delay)
             delay = min(longest, delay * 2)
             continue

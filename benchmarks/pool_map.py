@@ -1,0 +1,153 @@
+"""`depin_jupyter.map` over volunteers against `client.map` on a plain LocalCluster, in one run on 127.0.0.1.
+
+    python benchmarks/pool_map.py [--items 1000] [--ms 50] [--volunteers 4]
+
+The function burns ``--ms`` of CPU per item. Baseline: `client.map` of the same function on a LocalCluster
+of ``--volunteers`` single-threaded worker processes (results gathered). Then a real `depin scheduler` with
+that many `depin worker`s (sandboxed, mutual TLS): the map without replication (``replicas=1``) and with the
+default adaptive replication. Reports items/s, the ratio to the baseline and the notebook's CPU per item
+(this process's CPU time during the map, all threads). Targets (issue #25): >= 0.8x without replication,
+>= 0.6x with adaptive replication of trusted volunteers, <= 0.5 ms notebook CPU per item. Prints a table,
+writes benchmarks/results/pool_map.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _results import save
+
+DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
+
+BURN = """
+def burn(x, ms={ms}):
+    import time
+    end = time.process_time() + ms / 1000
+    acc = 0
+    while time.process_time() < end:
+        acc += 1
+    return float(x) * 2.0
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"exited before {text!r}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
+
+
+def _measure(fn: Any, n: int) -> dict[str, float]:
+    cpu, t = time.process_time(), time.perf_counter()
+    fn()
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"seconds": wall, "items_per_s": n / wall, "notebook_cpu_ms_per_item": cpu * 1000 / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1000)
+    ap.add_argument("--ms", type=float, default=50.0)
+    ap.add_argument("--volunteers", type=int, default=4)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pool_map.json"))
+    args = ap.parse_args()
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from depin_jupyter.kernel import cluster
+    from depin_jupyter.kernel.mapping import map_items
+    from depin_jupyter.kernel.records import RunOptions
+    from depin_jupyter.network.coordinator import StateDir
+
+    dask.config.set({"depin.store.enabled": False})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(BURN.format(ms=args.ms), ns)  # noqa: S102 - a notebook's function (module __main__): travels by value
+    burn = ns["burn"]
+    items = list(range(args.items))
+    expected = [2.0 * i for i in items]
+    rows: dict[str, Any] = {}
+
+    with LocalCluster(n_workers=args.volunteers, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            Client(lc) as client:
+        client.gather(client.map(burn, range(8), pure=False))  # warm-up
+
+        def baseline() -> None:
+            assert client.gather(client.map(burn, items, pure=False)) == expected
+        rows["client.map, LocalCluster (baseline)"] = _measure(baseline, args.items)
+
+    root = Path(tempfile.mkdtemp(prefix="depin-bench-map-"))
+    port = _free_port()
+    env = {**os.environ, "DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS": "127.0.0.1:0"}
+    procs: list[subprocess.Popen[Any]] = []
+    try:
+        log = root / "scheduler.log"
+        procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--state-dir", str(root / "state")],
+                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))
+        _wait_for(log, "listening at", procs[-1])
+        state = StateDir(root / "state")
+        for i in range(args.volunteers):
+            wlog = root / f"worker-{i}.log"
+            procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", f"map-vol-{i}").encode(),
+                                           "--gpus", "none"], stdout=subprocess.DEVNULL, stderr=open(wlog, "w"),
+                                          env=env))
+            _wait_for(wlog, "depin worker: joined", procs[-1])
+        session = cluster._connect_token(state.issue_token("client", "map-sci").encode())
+        session.client.wait_for_workers(args.volunteers, timeout=120)
+        map_items(session, burn, range(2 * args.volunteers), options=RunOptions(replicas=1))  # warm-up
+        for label, replicas in (("depin map, volunteers, no replication", 1),
+                                ("depin map, volunteers, adaptive replication", None)):
+            def run(replicas: int | None = replicas) -> None:
+                assert map_items(session, burn, items, options=RunOptions(replicas=replicas)).result() == expected
+            rows[label] = _measure(run, args.items)
+        session.close()
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    base = rows["client.map, LocalCluster (baseline)"]["items_per_s"]
+    for r in rows.values():
+        r["vs_baseline"] = r["items_per_s"] / base
+    no_rep = rows["depin map, volunteers, no replication"]
+    rep = rows["depin map, volunteers, adaptive replication"]
+    met = {"no replication >= 0.8x": no_rep["vs_baseline"] >= 0.8,
+           "adaptive replication >= 0.6x": rep["vs_baseline"] >= 0.6,
+           "notebook CPU <= 0.5 ms/item": no_rep["notebook_cpu_ms_per_item"] <= 0.5}
+    print(f"{'case':<46} {'s':>7} {'items/s':>9} {'x base':>7} {'nb CPU ms/item':>15}")
+    for name, r in rows.items():
+        print(f"{name:<46} {r['seconds']:>7.1f} {r['items_per_s']:>9.1f} {r['vs_baseline']:>7.2f} "
+              f"{r['notebook_cpu_ms_per_item']:>15.2f}")
+    save(args.out, {"benchmark": "pool_map", "items": args.items, "ms_per_item": args.ms,
+                    "volunteers": args.volunteers, "rows": rows, "met": met,
+                    "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                                "cpus": os.cpu_count()}})
+
+
+if __name__ == "__main__":
+    main()
