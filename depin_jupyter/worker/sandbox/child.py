@@ -153,6 +153,12 @@ def _set_limits(control: dict[str, Any]) -> None:
         used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
         soft = int(used + float(control["cpu_time"])) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 2))  # SIGXCPU at soft, SIGKILL at hard
+
+
+def _set_process_limit(control: dict[str, Any]) -> None:
+    """RLIMIT_NPROC: the user's processes when the cell came (sent with it: a warm child waited) plus its own."""
+    import resource
+
     if control.get("max_processes") is not None and os.getuid() != 0:
         own = len(listdir("/proc/self/task")) or 1
         n = int(control["nproc_base"]) + own + int(control["max_processes"])
@@ -215,6 +221,7 @@ def main(argv: list[str]) -> None:
     _set_limits(control)
     relay_.send(READY, b"")
     control.update(json.loads(_read_exact(0, struct.unpack(">Q", _read_exact(0, 8))[0])))
+    _set_process_limit(control)
     relay_.address, relay_.name = control["where"]
     spec = control["spec"]
     try:

@@ -133,13 +133,15 @@ class _Child:
         return {
             "ids": list(ids) if ids else None, "scratch": self.scratch,
             "unreadable": unreadable_by_others() if ids and not self.bw else [],
-            "memory": limits.memory, "cpu_time": limits.cpu_time, "max_processes": limits.max_processes,
-            "nproc_base": tasks_of(ids[0] if ids else os.getuid()) if limits.max_processes is not None else 0,
+            "memory": limits.memory, "cpu_time": limits.cpu_time,
         }
 
     def cell_head(self) -> bytes:
         """The cell's frame: its spec, and where and as whom it runs."""
-        head = json.dumps({"spec": self.spec, "where": list(self.where), "label": self.label}).encode()
+        limits, uid = self.limits, self.ids[0] if self.ids else os.getuid()
+        head = json.dumps({"spec": self.spec, "where": list(self.where), "label": self.label,
+                           "max_processes": limits.max_processes,
+                           "nproc_base": tasks_of(uid) if limits.max_processes is not None else 0}).encode()
         return struct.pack(">Q", len(head)) + head
 
     def start(self) -> tuple[int, int]:
