@@ -255,3 +255,28 @@ def test_a_slow_link_is_waited_for_and_a_dead_port_is_named(net, capsys):
             cluster._connect_token(dead.encode())
     finally:
         proxy.close()
+
+
+def test_a_leaving_worker_drops_only_its_connection_closed_tracebacks():
+    import logging
+
+    from distributed.comm.core import CommClosedError
+    from distributed.core import Status
+
+    from depin_jupyter.worker._dask import QuietWhileLeaving
+
+    class W:
+        status = Status.running
+
+    quiet = QuietWhileLeaving(W())
+
+    def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc is not None else None
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg, (), info)
+
+    closed = record("Failed to communicate with scheduler during heartbeat.", CommClosedError("in <TLS>"))
+    assert quiet.filter(closed)  # while working: every error is shown
+    W.status = Status.closing_gracefully
+    assert not quiet.filter(closed)  # leaving: the expected one is dropped
+    assert not quiet.filter(record("Connection closed: CommClosedError"))
+    assert quiet.filter(record("something else failed", ValueError("real")))  # the rest still is shown

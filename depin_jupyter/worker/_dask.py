@@ -24,9 +24,31 @@ from depin_jupyter.protocol.constants import POOL_CAPACITY, pool_resource
 from depin_jupyter.protocol.identity import peer_identity
 from depin_jupyter.worker import controls
 
-__all__ = ["CELL_RUNNER", "VolunteerWorker", "guard_nanny"]
+__all__ = ["CELL_RUNNER", "QuietWhileLeaving", "VolunteerWorker", "guard_nanny"]
 
 logger = logging.getLogger("depin.volunteer")
+
+_COMM_LOGGERS = ("distributed.worker", "distributed.core", "distributed.batched", "distributed.comm")
+_LEAVING = frozenset({Status.closing, Status.closed, Status.closing_gracefully, Status.failed})
+
+
+class QuietWhileLeaving(logging.Filter):
+    """Drops the connection-closed tracebacks of a worker that is leaving: a heartbeat in flight when the
+    coordinator retires it fails, expectedly, and the volunteer's terminal should say "left gracefully",
+    not print a CommClosedError. Everything else, and everything before the leave, is kept."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.worker, "status", None) not in _LEAVING:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        names = {type(exc).__name__} if exc is not None else set()
+        text = record.getMessage()
+        closed = ("CommClosedError", "StreamClosedError")
+        return not (names & set(closed) or any(c in text for c in closed))
 
 # Dask internals used below (named by tests/test_dask_contract.py):
 #   Worker.status (property: fget/fset), .state.total_resources / .available_resources / .running /
@@ -97,6 +119,9 @@ class VolunteerWorker(Worker):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         devices = [visible.split(",")[0].strip()] if gpu and visible.strip() else (["0"] if gpu else [])
         self.depin_controls = controls.Controls.from_config(devices)
+        self._depin_quiet = QuietWhileLeaving(self)
+        for name in _COMM_LOGGERS:
+            logging.getLogger(name).addFilter(self._depin_quiet)
         self.depin_benchmark = controls.cached_benchmark(gpu)
         self._depin_handed_back: dict[Any, float] = {}
         self._depin_paused_by_us = False
@@ -176,9 +201,12 @@ class VolunteerWorker(Worker):
             logger.warning("could not write the worker state to the control directory: %s", e)
 
     async def close(self, *args: Any, **kwargs: Any) -> Any:
-
         controls.remove_worker_state(self.depin_controls.directory)
-        return await super().close(*args, **kwargs)
+        try:
+            return await super().close(*args, **kwargs)
+        finally:
+            for name in _COMM_LOGGERS:
+                logging.getLogger(name).removeFilter(self._depin_quiet)
 
     def handle_comm(self, comm: Any) -> Any:
         return _only_the_coordinator("worker", _own_cert(self.security, "name"), super().handle_comm)(comm)
