@@ -87,3 +87,35 @@ def test_a_map_over_two_volunteers_survives_one_killed_mid_map(net, tmp_path):
         w1.wait(60)
     group = zarr.open_group(out, mode="r")
     assert group["done"][:].all() and np.array_equal(group["values"][:], np.arange(200) * 3.0)
+
+
+# ------------------------------------------------------------------ background cells on a volunteer network
+
+def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_connection(net):
+    from depin_jupyter.kernel import background
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    w, _ = net.start_worker(net.token("worker", "bg-v1"))
+    token = net.token("client", "bg-sci")
+    session = cluster._connect_token(token)
+    try:
+        wait_for_workers(session, 1)
+        ns: dict = {"a": 20}
+        run = background.submit(session, "import time\ntime.sleep(0.5)\nb = a + 1\nprint('half way')\n", ns,
+                                RunOptions(replicas=1, no_store=True, name="bgv"))
+        assert "b" not in ns  # returned at once
+        background.wait(session, ns, "bgv", timeout=120)
+        assert ns["b"] == 21 and run.bound and run.error is None
+        # A second one, left running while its kernel's connection goes away: the coordinator keeps it.
+        background.submit(session, "import time\ntime.sleep(4)\nc = 1\n", {}, RunOptions(replicas=1, no_store=True,
+                                                                                         name="left"))
+        session.close()
+        again = cluster._connect_token(token)  # the same identity, from a new kernel
+        try:
+            names = {j["name"] for j in Coordinator.of_client(again.client).jobs()}
+            assert "left" in names  # still queued or running: not cancelled with the old connection
+        finally:
+            again.close()
+    finally:
+        w.terminate()
+        w.wait(60)

@@ -17,10 +17,11 @@ from typing import Any
 
 from distributed import fire_and_forget
 
+from depin_jupyter.kernel.binding import view_values
 from depin_jupyter.kernel.cluster import Session
 from depin_jupyter.kernel.jobs import register as register_job
 from depin_jupyter.kernel.records import CellOutcome, Prepared, RunOptions
-from depin_jupyter.kernel.runner import finish, make_spec, prepare
+from depin_jupyter.kernel.runner import finish, make_spec, prepare, record_run
 from depin_jupyter.kernel.shipping import fingerprints, ship_inputs
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.protocol.records import RunSpec
@@ -48,6 +49,9 @@ class BackgroundRun:
     outcome: CellOutcome | None = None
     error: BaseException | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
+    clean: Any = None                        # a volunteer's events: made inert (None drops one)
+    store: Any = None                        # volunteer networks: the kernel stores the run when bound
+    hashes: dict[str, str] = field(default_factory=dict)
     _printed: list[dict[str, Any]] = field(default_factory=list)
     _seen: int = 0
 
@@ -77,6 +81,10 @@ class BackgroundRun:
                 msg = self.stream.get_nowait()
             except queue.Empty:
                 return
+            if self.clean is not None:
+                msg = self.clean(msg)
+                if msg is None:
+                    continue
             self._seen += 1
             if msg.get("kind") == "start":
                 self.worker = msg.get("worker")
@@ -94,12 +102,6 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
            hidden: dict[str, Any] | None = None) -> BackgroundRun:
     """Check, ship and submit the cell; return a handle without waiting for it."""
     __tracebackhide__ = True
-    if session.untrusted:
-        from depin_jupyter.errors import DepinUsageError
-
-        raise DepinUsageError("--background is not available on a volunteer network yet: its results are "
-                              "stored by the worker, which would need your store's credentials. Run the cell "
-                              "without --background.")
     if options.name and options.name in session.background and not session.background[options.name].bound:
         from depin_jupyter.errors import DepinUsageError
 
@@ -110,6 +112,8 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
     prep = prepare(session, code, namespace, options, hidden)
     store = persist.open_for(options)  # probed before any compute
     hashes = fingerprints(namespace, prep.names)
+    if session.untrusted:
+        return _submit_to_coordinator(session, namespace, prep, store, hashes)
     shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes)
     spec = make_spec(prep, shipped)
     if store is not None:
@@ -128,6 +132,26 @@ def submit(session: Session, code: str, namespace: dict[str, Any], options: RunO
     watched = set(prep.plan.binds) | set(prep.plan.deletes) | set(prep.names)
     snapshot = {n: namespace.get(n, _MISSING) for n in watched}
     run = BackgroundRun(prep, shipped, spec, future, stream, snapshot)
+    session.background[prep.label] = run
+    return run
+
+
+def _submit_to_coordinator(session: Session, namespace: dict[str, Any], prep: Prepared, store: Any,
+                           hashes: dict[str, str]) -> BackgroundRun:
+    """A background cell on a volunteer network: the coordinator keeps it when this kernel's connection
+    goes (a detached run) and holds its result; the kernel binds it, and stores it, when it is bound (a
+    volunteer never gets the store's credentials)."""
+    from depin_jupyter.kernel.replication import gateway_replication
+    from depin_jupyter.kernel.submit import inert_event, submit_detached
+
+    shipped = ship_inputs(session.client, namespace, prep.names, session.inputs, prep.bundle, hashes, inline=True,
+                          via_coordinator=True, keep_inline=frozenset(prep.private))
+    spec = make_spec(prep, shipped)
+    detached = submit_detached(session, spec, shipped.args, prep.placement, gateway_replication(session, prep))
+    watched = set(prep.plan.binds) | set(prep.plan.deletes) | set(prep.names)
+    snapshot = {n: namespace.get(n, _MISSING) for n in watched}
+    run = BackgroundRun(prep, shipped, spec, detached, detached.queue, snapshot, clean=inert_event, store=store,
+                        hashes=hashes)
     session.background[prep.label] = run
     return run
 
@@ -179,6 +203,12 @@ def _bind(session: Session, run: BackgroundRun, namespace: dict[str, Any]) -> No
 
     if result.get("record_warning"):
         print(f"depin: {result['record_warning']}", file=sys.stderr)
+    if run.store is not None and result.get("status") == "ok":
+        key = persist.cache_key(run.prep.code, run.hashes, run.prep.bundle.key if run.prep.bundle else None,
+                                run.prep.options, persist.deps_digests(run.prep.options.deps))
+        record_run(run.store, run.prep, run.hashes, key, result, session,
+                   {"ship_s": 0.0, "remote_s": time.time() - run.submitted,
+                    "run_s": result.get("timings", {}).get("run", 0.0)}, view_values(namespace, result))
     try:
         run.outcome = finish(session, namespace, run.prep, run.shipped, run.spec, result, keep=keep)
     except BaseException as e:  # noqa: BLE001 - the cell's exception: shown now, kept on the handle

@@ -19,7 +19,7 @@ from depin_jupyter.kernel.submit import submit_and_wait
 from depin_jupyter.protocol import quorum
 from depin_jupyter.protocol.records import RunResult, RunSpec
 
-__all__ = ["execute", "identities"]
+__all__ = ["execute", "gateway_replication", "identities"]
 
 
 def identities(session: Any, addresses: list[str]) -> dict[str, str]:
@@ -39,6 +39,15 @@ def _replicas(session: Session, options: RunOptions) -> tuple[int, bool]:
     return int(k), session.untrusted
 
 
+def gateway_replication(session: Session, prep: Prepared) -> dict[str, Any] | None:
+    """What a volunteer network's coordinator is asked to replicate a cell as (None: one run)."""
+    k, adaptive = _replicas(session, prep.options)
+    if k <= 1:
+        return None
+    return {"k": k, "adaptive": adaptive, "rtol": float(config.get("rtol", prep.options.rtol)),
+            "atol": float(config.get("atol", prep.options.atol)), "k_max": int(config.get("replicas-max"))}
+
+
 def execute(session: Session, spec: RunSpec, args: dict[str, Any], prep: Prepared,
             progress: Progress) -> RunResult:
     """Run the cell once, or replicated on distinct workers until a tolerant majority agrees.
@@ -50,9 +59,8 @@ def execute(session: Session, spec: RunSpec, args: dict[str, Any], prep: Prepare
     rtol = float(config.get("rtol", prep.options.rtol))
     atol = float(config.get("atol", prep.options.atol))
     if session.untrusted:
-        rep = None if k <= 1 else {"k": k, "adaptive": adaptive, "rtol": rtol, "atol": atol,
-                                   "k_max": int(config.get("replicas-max"))}
-        result = submit_and_wait(session, spec, args, prep.placement, progress, replication=rep)
+        result = submit_and_wait(session, spec, args, prep.placement, progress,
+                                 replication=gateway_replication(session, prep))
         record = result.get("replication") or {}
         if record.get("degraded_to") and not session.few_volunteers_said:
             print(f"depin: only {record['degraded_to']} volunteer(s) can run this cell: results are not "

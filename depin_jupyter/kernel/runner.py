@@ -43,7 +43,7 @@ from depin_jupyter.store import persist
 _DEFAULTS = RunOptions()
 
 __all__ = ["CellOutcome", "RemoteCellError", "RunOptions", "check_private", "finish", "make_spec", "prepare",
-           "run_cell"]
+           "record_run", "run_cell"]
 
 
 def prepare(session: Session, code: str, namespace: dict[str, Any], options: RunOptions = _DEFAULTS,
@@ -167,7 +167,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
                "run_s": result.get("timings", {}).get("run", 0.0)}
     if store is not None:
         progress.update("storing", store.url)
-        _record(store, prep, hashes, key, result, session, timings, view_values(namespace, result))
+        record_run(store, prep, hashes, key, result, session, timings, view_values(namespace, result))
         _ask_for_deps(session, result.get("opened", []), options.deps)
     outcome = finish(session, namespace, prep, shipped, spec, result, progress)
     outcome.attempts = attempt
@@ -175,7 +175,7 @@ def run_cell(session: Session, code: str, namespace: dict[str, Any], options: Ru
     return outcome
 
 
-def _record(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None, result: RunResult,
+def record_run(store: Any, prep: Prepared, hashes: dict[str, str], key: str | None, result: RunResult,
             session: Session, timings: dict[str, float], views: dict[str, Any]) -> None:
     """Store the run; a failure to store is reported, never allowed to lose the results just computed."""
     try:

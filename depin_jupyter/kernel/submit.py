@@ -28,7 +28,7 @@ from depin_jupyter.protocol.rpc import Coordinator
 from depin_jupyter.protocol.values import RichValue
 from depin_jupyter.worker.entry import run_cell as remote_run_cell
 
-__all__ = ["cancel", "raise_remote", "submit_and_wait"]
+__all__ = ["DetachedRun", "cancel", "inert_event", "raise_remote", "submit_and_wait", "submit_detached"]
 
 
 _DONE: Any = object()  # queue sentinel: the run's future finished
@@ -177,6 +177,7 @@ class _GatewaySubmission(_Submission):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.gateway = Coordinator.of_client(self.client)
+        self.detached = False  # a background run: the coordinator keeps it when this client leaves
         self.final: dict[str, Any] = {}
         self.replication: dict[str, Any] | None = None  # how many volunteers, how close (the coordinator judges)
         self._stop = threading.Event()
@@ -186,7 +187,8 @@ class _GatewaySubmission(_Submission):
 
         inputs, blob, _ = encode_inputs(args)
         self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
-                                 client_id=getattr(self.client, "id", None), replication=self.replication)
+                                 client_id=getattr(self.client, "id", None), detached=self.detached,
+                                 replication=self.replication)
         threading.Thread(target=self._watch, name=f"depin-wait-{self.run_id}", daemon=True).start()
 
     def _watch(self) -> None:
@@ -214,15 +216,9 @@ class _GatewaySubmission(_Submission):
         pass  # the coordinator lists gateway runs itself (`depin jobs` with a client token)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
-        """A volunteer's output event, made inert before anything shows it (`kernel.inert`)."""
-        if msg.get("kind") == "display":
-            from depin_jupyter.kernel.inert import inert_bundle
-
-            data, md = inert_bundle(msg.get("data"), msg.get("metadata"))
-            msg = {**msg, "data": data, "metadata": md}
-        elif msg.get("kind") in ("stdout", "stderr") and not isinstance(msg.get("text"), str):
-            return
-        super()._on_message(msg)
+        clean = inert_event(msg)
+        if clean is not None:
+            super()._on_message(clean)
 
     def result(self) -> RunResult:
         from depin_jupyter.protocol import safe_codec
@@ -255,6 +251,55 @@ class _GatewaySubmission(_Submission):
 
             result["value"] = RichValue(*inert_bundle(value.data, value.metadata))
         return result
+
+
+def inert_event(msg: Any) -> dict[str, Any] | None:
+    """A volunteer's output event made inert before anything shows it (`kernel.inert`); None to drop it."""
+    if not isinstance(msg, dict):
+        return None
+    if msg.get("kind") == "display":
+        from depin_jupyter.kernel.inert import inert_bundle
+
+        data, md = inert_bundle(msg.get("data"), msg.get("metadata"))
+        return {**msg, "data": data, "metadata": md}
+    if msg.get("kind") in ("stdout", "stderr") and not isinstance(msg.get("text"), str):
+        return None
+    return msg
+
+
+class DetachedRun:
+    """A background cell on a volunteer network, held by the coordinator (it outlives this kernel's
+    connection); the future-like face `kernel.background` needs: done, status, result, release."""
+
+    def __init__(self, run: _GatewaySubmission) -> None:
+        self._run = run
+        self.queue = run.queue
+
+    def done(self) -> bool:
+        return bool(self._run.final)
+
+    @property
+    def status(self) -> str:
+        state = self._run.final.get("state")
+        return "finished" if state == "finished" else "pending" if state is None else str(state)
+
+    def result(self) -> RunResult:
+        return self._run.result()
+
+    def release(self) -> None:
+        self._run.release()
+
+    def cancel(self) -> None:
+        self._run.cancel()
+
+
+def submit_detached(session: Session, spec: RunSpec, args: dict[str, Any], placement: dict[str, Any],
+                    replication: dict[str, Any] | None) -> DetachedRun:
+    """Submit a background cell to a volunteer network's coordinator without waiting for it."""
+    run = _GatewaySubmission(session, spec, placement, Progress(), False, None)
+    run.replication, run.detached = replication, True
+    run.submit(args, placement)
+    return DetachedRun(run)
 
 
 def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], placement: dict[str, Any],
