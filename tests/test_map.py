@@ -91,7 +91,7 @@ def test_a_map_over_two_volunteers_survives_one_killed_mid_map(net, tmp_path):
 
 # ------------------------------------------------------------------ background cells on a volunteer network
 
-def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_connection(net):
+def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_kernel(net):
     from depin_jupyter.kernel import background
     from depin_jupyter.protocol.rpc import Coordinator
 
@@ -114,6 +114,11 @@ def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_c
         try:
             names = {j["name"] for j in Coordinator.of_client(again.client).jobs()}
             assert "left" in names  # still queued or running: not cancelled with the old connection
+            later: dict = {}
+            background.wait(again, later, "left", timeout=120)  # the new kernel binds what the old one left
+            assert later["c"] == 1
+            with pytest.raises(DepinUsageError, match="no background run named 'gone'"):
+                background.wait(again, later, "gone", timeout=5)
         finally:
             again.close()
     finally:

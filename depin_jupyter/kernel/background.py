@@ -232,6 +232,9 @@ def wait(session: Session, namespace: dict[str, Any], name: str | None = None,
          timeout: float | None = None) -> list[BackgroundRun]:
     """Block until the named run (or every pending one) finishes, then bind it."""
     pending = [r for r in session.background.values() if not r.bound and (name is None or r.name == name)]
+    if name is not None and not pending and session.untrusted and name not in session.background:
+        _reattach(session, namespace, name, timeout)
+        return []
     if name is not None and not pending:
         from depin_jupyter.errors import DepinUsageError
 
@@ -246,3 +249,40 @@ def wait(session: Session, namespace: dict[str, Any], name: str | None = None,
             time.sleep(0.05)
         _bind(session, run, namespace)
     return pending
+
+
+def _reattach(session: Session, namespace: dict[str, Any], name: str, timeout: float | None) -> None:
+    """Bind a background run an earlier kernel of this identity left on a volunteer network's coordinator.
+
+    Its output went to that kernel and is gone; its outputs are bound (decoded without pickle, as any
+    volunteer's result), except names this kernel already has."""
+    from depin_jupyter.errors import DepinUsageError
+    from depin_jupyter.kernel.binding import apply_results
+    from depin_jupyter.protocol.payloads import from_payload
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    coordinator = Coordinator.of_client(session.client)
+    mine = [j for j in coordinator.jobs() if j.get("name") == name and j.get("detached") and not j.get("replica")]
+    if not mine:
+        raise DepinUsageError(f"no background run named {name!r}, here or left on the coordinator by an earlier "
+                              f"kernel of this identity (it may have been fetched, or expired after "
+                              f"depin.coordinator.result-ttl)")
+    job = max(mine, key=lambda j: float(j.get("submitted") or 0))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        answer = coordinator.wait_cell(str(job["key"]), 10.0)
+        if answer.get("state") not in ("queued", "pending"):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"background run {name!r} is still running")
+    if answer.get("state") != "finished" or answer.get("payload") is None:
+        raise DepinUsageError(f"background run {name!r} ended {answer.get('state')}: {answer.get('error') or ''}")
+    result = from_payload(answer["payload"])
+    kept = apply_results(namespace, result, keep=lambda n: n not in namespace, trusted=False)
+    print(f"depin: background run {name!r} ({job.get('run_id')}), left by an earlier kernel, finished; bound "
+          f"{', '.join(sorted(result.get('outputs', {}))) or 'nothing'}")
+    for warning in kept:
+        print(f"depin: {warning}", file=sys.stderr)
+    if result.get("status") != "ok":
+        err = result.get("error") or {}
+        print(f"depin: it raised {err.get('type')}: {err.get('message')}", file=sys.stderr)

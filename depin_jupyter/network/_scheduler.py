@@ -258,7 +258,7 @@ class DepinScheduler(Scheduler):
                                          detached, replication)
 
     async def depin_wait_cell(self, comm: Any, key: str, timeout: float = 10.0) -> dict[str, Any]:
-        return await self.gateway.wait(self._who(comm), key, timeout)
+        return await self.gateway.wait(self._who(comm), key, timeout, connected=lambda: not comm.closed())
 
     async def depin_cancel_cell(self, comm: Any, key: str) -> bool:
         return await self.gateway.cancel(self._who(comm), key)

@@ -209,8 +209,11 @@ class CellGateway:
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(ended.set))
         return future, ended
 
-    async def wait(self, name: str, key: str, timeout: float) -> dict[str, Any]:
-        """The run's state after waiting up to ``timeout`` s for it to end; a finished run's payload."""
+    async def wait(self, name: str, key: str, timeout: float, connected: Any = None) -> dict[str, Any]:
+        """The run's state after waiting up to ``timeout`` s for it to end; a finished run's payload.
+
+        ``connected()``: whether the asker is still there when the run ends. A long poll whose client went
+        away meanwhile must not take the result with it (a background run's new kernel fetches it)."""
         run = self.owned(name, key)
         deadline = time.monotonic() + max(0.0, min(float(timeout), 60.0))
         while run.future is None and run.done is None and run.state == "queued" and time.monotonic() < deadline:
@@ -229,6 +232,8 @@ class CellGateway:
                 await self._settle(run)
         answer: dict[str, Any] = {"state": run.state, "error": run.error, "worker": run.worker,
                                   "replication": run.replication}
+        if connected is not None and not connected():
+            return answer  # nobody to hand it to: the result stays for the next asker
         if run.state == "finished":
             answer["payload"] = run.payload if run.done is not None else self.sched.relay.get(key, pop=True)
         if run.state in _TERMINAL:
@@ -283,13 +288,16 @@ class CellGateway:
     def jobs(self, name: str) -> list[dict[str, Any]]:
         """The runs ``name`` may see: its own (an educator: everyone's), as plain records."""
         out = []
+        replicas = {k for run in self.runs.values() for k in run.replicas}
         for run in self.runs.values():
-            if self._may_see(name, run) and run.state in ("queued", "pending"):
+            # In flight, or a background run that ended with nobody fetching it yet (a new kernel may).
+            if self._may_see(name, run) and (run.state in ("queued", "pending")
+                                             or (run.detached and run.key not in replicas)):
                 ts = self.sched.tasks.get(run.key)
                 where = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
                 out.append({"key": run.key, "run_id": run.run_id, "name": run.name, "owner": run.owner,
                             "submitted": run.submitted, "state": "running" if where else run.state,
-                            "worker": where})
+                            "worker": where, "detached": run.detached, "replica": run.key in replicas})
         return out
 
     async def client_gone(self, client_id: str) -> None:
