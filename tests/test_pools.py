@@ -360,8 +360,24 @@ def test_a_worker_cannot_claim_a_pool_it_was_not_given(net):
         rec = open_store(str(store), create=False).manifest(out.run_id).extra["replication"]
         assert {r["worker"] for r in rec["replicas"]} == {claimer, _address(net, "home-pc")}
     finally:
-        proc.kill()
-        proc.wait(10)
+        _stop_and_wait_gone(net, proc, "claimer")
+
+
+def _stop_and_wait_gone(net, proc, name: str) -> None:
+    """Kill a worker's whole process tree and wait until the coordinator no longer lists it, so the next
+    test (in any order) sees the module's two workers only."""
+    import time
+
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 90
+    while name in {w.name for w in net.session.workers(max_age=0)} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert name not in {w.name for w in net.session.workers(max_age=0)}, f"{name} still listed"
 
 
 def test_a_certificate_whose_pool_was_changed_and_resigned_is_refused(net):
