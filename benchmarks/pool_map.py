@@ -16,18 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from _network import BenchNetwork
 from _results import save
-
-DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
 
 BURN = """
 def burn(x, ms={ms}):
@@ -38,23 +32,6 @@ def burn(x, ms={ms}):
         acc += 1
     return float(x) * 2.0
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise SystemExit(f"exited before {text!r}:\n{path.read_text()[-2000:]}")
-        time.sleep(0.1)
-    raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
 
 
 def _measure(fn: Any, n: int) -> dict[str, float]:
@@ -78,7 +55,6 @@ def main() -> None:
     from depin_jupyter.kernel import cluster
     from depin_jupyter.kernel.mapping import map_items
     from depin_jupyter.kernel.records import RunOptions
-    from depin_jupyter.network.coordinator import StateDir
 
     dask.config.set({"depin.store.enabled": False})
     ns: dict[str, Any] = {"__name__": "__main__"}
@@ -96,24 +72,11 @@ def main() -> None:
             assert client.gather(client.map(burn, items, pure=False)) == expected
         rows["client.map, LocalCluster (baseline)"] = _measure(baseline, args.items)
 
-    root = Path(tempfile.mkdtemp(prefix="depin-bench-map-"))
-    port = _free_port()
-    env = {**os.environ, "DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS": "127.0.0.1:0"}
-    procs: list[subprocess.Popen[Any]] = []
+    net = BenchNetwork("depin-bench-map-")
     try:
-        log = root / "scheduler.log"
-        procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--state-dir", str(root / "state")],
-                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))
-        _wait_for(log, "listening at", procs[-1])
-        state = StateDir(root / "state")
         for i in range(args.volunteers):
-            wlog = root / f"worker-{i}.log"
-            procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", f"map-vol-{i}").encode(),
-                                           "--gpus", "none"], stdout=subprocess.DEVNULL, stderr=open(wlog, "w"),
-                                          env=env))
-            _wait_for(wlog, "depin worker: joined", procs[-1])
-        session = cluster._connect_token(state.issue_token("client", "map-sci").encode())
+            net.start_worker(net.token("worker", f"map-vol-{i}"), f"map-vol-{i}")
+        session = cluster._connect_token(net.token("client", "map-sci"))
         session.client.wait_for_workers(args.volunteers, timeout=120)
         map_items(session, burn, range(2 * args.volunteers), options=RunOptions(replicas=1))  # warm-up
         for label, replicas in (("depin map, volunteers, no replication", 1),
@@ -123,13 +86,7 @@ def main() -> None:
             rows[label] = _measure(run, args.items)
         session.close()
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        net.close()
 
     base = rows["client.map, LocalCluster (baseline)"]["items_per_s"]
     for r in rows.values():

@@ -17,35 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
+from _network import BenchNetwork
 from _results import save, stats, timed
-
-DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[3]} exited before {text!r}:\n{path.read_text()[-2000:]}")
-        time.sleep(0.1)
-    raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
 
 
 def main() -> None:
@@ -59,32 +35,13 @@ def main() -> None:
     import numpy as np
 
     from depin_jupyter.kernel import cluster, runner
-    from depin_jupyter.network.coordinator import StateDir
-
-    root = Path(tempfile.mkdtemp(prefix="depin-bench-volunteer-"))
-    port = _free_port()
-    env = {**os.environ, "DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS": "127.0.0.1:0"}
-    procs: list[subprocess.Popen[Any]] = []
+    net = BenchNetwork("depin-bench-volunteer-")
     rows: dict[str, Any] = {}
     one = runner.RunOptions(replicas=1, no_store=True)
     try:
-        log = root / "scheduler.log"
-        procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--state-dir", str(root / "state")],
-                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))
-        _wait_for(log, "listening at", procs[-1])
-        state = StateDir(root / "state")
-        wlog = root / "worker.log"
-        procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "bench-vol").encode(),
-                                       "--gpus", "none"],
-                                      stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))
-        _wait_for(wlog, "depin worker: joined", procs[-1])
-        clog = root / "worker-cold.log"
-        procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "bench-cold").encode(),
-                                       "--gpus", "none"], stdout=subprocess.DEVNULL, stderr=open(clog, "w"),
-                                      env={**env, "DASK_DEPIN__SANDBOX__WARM": "false"}))
-        _wait_for(clog, "depin worker: joined", procs[-1])
-        vol = cluster._connect_token(state.issue_token("client", "bench-sci").encode())
+        net.start_worker(net.token("worker", "bench-vol"), "bench-vol")
+        net.start_worker(net.token("worker", "bench-cold"), "bench-cold", env={"DASK_DEPIN__SANDBOX__WARM": "false"})
+        vol = cluster._connect_token(net.token("client", "bench-sci"))
         vol.client.wait_for_workers(2, timeout=60)
         local = cluster.connect("local")
         local.client.wait_for_workers(1, timeout=60)
@@ -112,13 +69,7 @@ def main() -> None:
         vol.close()
         cluster.close_session()
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        net.close()
 
     reused = rows[f"volunteer, input cache: {args.input_mib} MiB input, reused"]["median_ms"]
     inline = rows[f"volunteer, inline (baseline): {args.input_mib} MiB input, reused"]["median_ms"]

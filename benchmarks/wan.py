@@ -20,37 +20,15 @@ import dataclasses
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from _network import BenchNetwork
 from _results import save, stats, timed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from delay_proxy import DelayProxy
-
-DEPIN = [sys.executable, "-m", "depin_jupyter.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen[Any], timeout: float = 180) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
-            return time.monotonic()
-        if proc.poll() is not None:
-            raise SystemExit(f"exited before {text!r}:\n{path.read_text()[-2000:]}")
-        time.sleep(0.02)
-    raise SystemExit(f"{text!r} not seen in {path} within {timeout}s")
 
 
 def main() -> None:
@@ -67,33 +45,20 @@ def main() -> None:
     import numpy as np
 
     from depin_jupyter.kernel import cluster, runner
-    from depin_jupyter.network.coordinator import StateDir
     from depin_jupyter.protocol.identity import Token
 
     dask.config.set({"depin.store.enabled": False})
-    root = Path(tempfile.mkdtemp(prefix="depin-bench-wan-"))
-    port = _free_port()
-    env = {**os.environ, "DASK_DEPIN__COORDINATOR__DASHBOARD_ADDRESS": "127.0.0.1:0"}
-    procs: list[subprocess.Popen[Any]] = []
+    net = BenchNetwork("depin-bench-wan-")
     rows: dict[str, Any] = {}
     one = runner.RunOptions(replicas=1, no_store=True)
     try:
-        log = root / "scheduler.log"
-        procs.append(subprocess.Popen([*DEPIN, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--state-dir", str(root / "state")],
-                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env))
-        _wait_for(log, "listening at", procs[-1])
-        state = StateDir(root / "state")
-        proxy = DelayProxy(port)
+        proxy = DelayProxy(net.port)
         via = f"tls://127.0.0.1:{proxy.port}"
 
         def proxied(role: str, name: str) -> str:
-            return dataclasses.replace(Token.decode(state.issue_token(role, name).encode()), address=via).encode()
+            return dataclasses.replace(Token.decode(net.token(role, name)), address=via).encode()
 
-        wlog = root / "worker.log"
-        procs.append(subprocess.Popen([*DEPIN, "worker", state.issue_token("worker", "wan-vol").encode(),
-                                       "--gpus", "none"], stdout=subprocess.DEVNULL, stderr=open(wlog, "w"), env=env))
-        _wait_for(wlog, "depin worker: joined", procs[-1])
+        net.start_worker(net.token("worker", "wan-vol"), "wan-vol")
         local = cluster.connect("local")
         local.client.wait_for_workers(1, timeout=60)
         runner.run_cell(local, "y = 1", {}, one)
@@ -118,12 +83,8 @@ def main() -> None:
             rows[f"{tag}: 4 MiB input, first use"] = stats(first)
             rows[f"{tag}: 4 MiB input, second use"] = stats(second)
             session.close()
-            jlog = root / f"join-{d}.log"
-            t0 = time.monotonic()
-            joiner = subprocess.Popen([*DEPIN, "worker", proxied("worker", f"wan-join-{int(d * 1000)}"), "--gpus",
-                                       "none"], stdout=subprocess.DEVNULL, stderr=open(jlog, "w"), env=env)
-            procs.append(joiner)
-            rows[f"{tag}: volunteer join"] = stats([_wait_for(jlog, "depin worker: joined", joiner) - t0])
+            joiner, took = net.start_worker(proxied("worker", f"wan-join-{int(d * 1000)}"), f"join-{int(d * 1000)}")
+            rows[f"{tag}: volunteer join"] = stats([took])
             joiner.send_signal(signal.SIGTERM)
             joiner.wait(60)
         # Bandwidth: 80 ms and --mbit, one big transfer each way.
@@ -143,13 +104,7 @@ def main() -> None:
         session.close()
         cluster.close_session()
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        net.close()
 
     base = {k.split(": ", 1)[1]: v["median_ms"] for k, v in rows.items() if k.startswith("0 ms: ")}
     trips: dict[str, float] = {}
