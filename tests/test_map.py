@@ -12,7 +12,7 @@ import zarr
 from conftest import free_port
 from volunteer_net import Network, wait_for_workers
 
-from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.errors import DepinUsageError, RemoteExecutionError
 from depin_jupyter.kernel import cluster
 from depin_jupyter.kernel.mapping import map_items
 from depin_jupyter.kernel.records import RunOptions
@@ -55,6 +55,40 @@ def test_a_map_of_non_numbers_keeps_them_in_the_handle_and_a_bad_function_is_ref
         map_items(depin_session, [1, 2], range(3))
 
 
+# ------------------------------------------------------------------ the cell form: %%depin --map NAME=ITEMS
+
+def test_the_cell_form_runs_the_body_per_item_and_binds_lists_in_item_order(shell):
+    from conftest import run, run_ok
+
+    run_ok(shell, "offset = 100\nimport numpy as np")
+    run_ok(shell, "%%depin --map seed=range(30) --name seeds\n"
+                  "rng = np.random.default_rng(seed)\ndraw = float(rng.random())\nshifted = seed + offset\n")
+    assert shell.user_ns["shifted"] == [i + 100 for i in range(30)]
+    assert shell.user_ns["draw"] == [float(np.random.default_rng(i).random()) for i in range(30)]
+    assert "seed" not in shell.user_ns and "rng" in shell.user_ns and len(shell.user_ns["rng"]) == 30
+
+    res = run(shell, "%%depin --map \"x=[1, 0, 4]\"\ny = 12 // x\n")  # one item fails past its retries
+    assert not res.success and isinstance(res.error_in_exec, RemoteExecutionError)
+    assert "1 of 3 item(s) failed after their retries, e.g. item 1 (0): ZeroDivisionError" in str(res.error_in_exec)
+    assert shell.user_ns["y"] == [12, None, 3]  # the others are usable
+    assert run_ok(shell, "len(y)") == 3  # the kernel goes on
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("--map x", "--map expects NAME=ITEMS"),
+    ("--map 1x=range(3)", "--map expects NAME=ITEMS"),
+    ("--map x=undefined_name", "could not evaluate 'undefined_name' to a list of items (NameError"),
+    ("--map x=range(3) --background", "--map runs in the foreground"),
+])
+def test_the_cell_form_refuses_bad_lines_with_the_fix(shell, line, message):
+    from conftest import run
+
+    res = run(shell, f"%%depin {line}\ny = x\n")
+    assert not res.success and message in str(res.error_in_exec or res.error_before_exec)
+    res = run(shell, "%%depin --map x=range(3)\nprint(x)\n")
+    assert not res.success and "the cell binds no name" in str(res.error_in_exec)
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     n = Network(tmp_path_factory.mktemp("map-net"), free_port())
@@ -87,6 +121,29 @@ def test_a_map_over_two_volunteers_survives_one_killed_mid_map(net, tmp_path):
         w1.wait(60)
     group = zarr.open_group(out, mode="r")
     assert group["done"][:].all() and np.array_equal(group["values"][:], np.arange(200) * 3.0)
+
+
+def test_the_cell_form_on_a_volunteer_network_runs_sandboxed_and_binds_lists(net, ip):
+    from conftest import run_ok
+
+    w, _ = net.start_worker(net.token("worker", "map-cell-v1"))
+    session = cluster._connect_token(net.token("client", "map-cell-sci"))
+    before, saved = set(ip.user_ns), cluster._session
+    cluster._session = session
+    try:
+        wait_for_workers(session, 1)
+        run_ok(ip, "scale = 2.5")
+        run_ok(ip, "%%depin --map k=range(12) --replicas 1\nimport os\nv = k * scale\nwho = os.getuid()\n")
+        assert ip.user_ns["v"] == [k * 2.5 for k in range(12)]
+        assert len(set(ip.user_ns["who"])) == 1  # every item ran in the volunteer's sandbox, as one user
+        assert "os" not in ip.user_ns  # a module the body imports stays on the volunteer
+    finally:
+        cluster._session = saved
+        for name in set(ip.user_ns) - before:
+            ip.user_ns.pop(name, None)
+        session.close()
+        w.terminate()
+        w.wait(60)
 
 
 # ------------------------------------------------------------------ background cells on a volunteer network

@@ -1,4 +1,4 @@
-"""`depin runs`, `depin show`, `depin verify`: read and check a result store from the shell.
+"""`depin runs`, `depin show`, `depin load`, `depin verify`: read and check a result store from the shell.
 
 Exit codes: 0 success; 1 a mismatch (verify) or a run that is not complete (show); 2 the store
 cannot be opened or the arguments are wrong.
@@ -116,3 +116,72 @@ def verify(store: str, quiet: bool, keys: tuple[str, ...]) -> None:
             continue
         click.echo(line, err=line.startswith("MISMATCH"))
     sys.exit(0 if report.ok else 1)
+
+
+def _describe(value: Any) -> str:
+    """One line for a loaded output: its type, and shape and dtype for arrays."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(value).__module__.split('.')[0]}.{type(value).__name__} shape={tuple(shape)} dtype={dtype}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _save(out: str, name: str, value: Any) -> str:
+    """Write one loaded output under ``out``: arrays as NAME.npy, JSON-able values as NAME.json."""
+    import os
+
+    import numpy as np
+
+    os.makedirs(out, exist_ok=True)
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        path = os.path.join(out, f"{name}.npy")
+        np.save(path, value, allow_pickle=False)
+        return path
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return "not saved (only arrays and JSON values are; open it with depin_jupyter.store.open_store)"
+    path = os.path.join(out, f"{name}.json")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@main.command()
+@click.argument("run")
+@click.argument("names", nargs=-1)
+@click.option("--store", "store", default=None, help="store path or URL (default: depin.store.url)")
+@click.option("--verify/--no-verify", default=None,
+              help="re-hash every chunk against the manifest as it is read (default: depin.store.verify-on-read)")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="save each output to DIR/NAME.npy (arrays) or DIR/NAME.json (values)")
+def load(run: str, names: tuple[str, ...], store: str | None, verify: bool | None, out: str | None) -> None:
+    """Read the outputs of RUN (an id or a unique prefix; every output, or NAMES) and print what each is.
+    With --verify a chunk whose bytes changed since the run was sealed stops the load, named (exit 1)."""
+    from depin_jupyter import config
+    from depin_jupyter.errors import DepinUsageError
+    from depin_jupyter.store import RunIncompleteError, RunNotFoundError, StoreIntegrityError, UnsupportedOutputError
+
+    check = bool(config.get("store.verify-on-read")) if verify is None else verify
+    rs = _open(store)
+    matches = [s.run_id for s in rs.runs() if s.run_id.startswith(run)]
+    run = matches[0] if len(matches) == 1 else run
+    try:
+        wanted = list(names) or list(rs.manifest(run).outputs)
+        for name in wanted:
+            try:
+                value = rs.load(run, [name], lazy=False, verify=check)[name]
+            except UnsupportedOutputError as exc:
+                click.echo(f"{name}: skipped: {exc}")
+                continue
+            saved = f" -> {_save(out, name, value)}" if out else ""
+            click.echo(f"{name}: {_describe(value)}{saved}")
+    except (RunNotFoundError, DepinUsageError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (RunIncompleteError, StoreIntegrityError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if check:
+        click.echo(f"verified: every chunk read matched its digest in run {run}")

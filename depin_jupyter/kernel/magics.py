@@ -9,7 +9,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from depin_jupyter import config
-from depin_jupyter.errors import DepinUsageError
+from depin_jupyter.errors import DepinUsageError, RemoteExecutionError
 from depin_jupyter.protocol.rpc import Coordinator
 
 __all__ = ["DepinMagics"]
@@ -39,6 +39,16 @@ def _positive(kind: type, what: str):  # type: ignore[no-untyped-def]
             raise UsageError(f"{what} must not be negative, got {text!r}")
         return value
     return parse
+
+
+def _map_spec(value: str) -> tuple[str, str]:
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # magic_arguments keeps the quotes
+        value = value[1:-1]
+    name, sep, expr = value.partition("=")
+    if not sep or not name.strip().isidentifier() or not expr.strip():
+        raise UsageError(f"--map expects NAME=ITEMS, e.g. --map seed=range(100) (got {value!r}; quote an "
+                         f"expression with spaces: --map \"x=[1, 2, 3]\")")
+    return name.strip(), expr.strip()
 
 
 @magics_class
@@ -82,6 +92,9 @@ class DepinMagics(Magics):
     @argument("--background", action="store_true",
               help="return at once with a handle; outputs are bound before the next cell after the run "
                    "finishes, or by %%depin wait [NAME]")
+    @argument("--map", type=_map_spec, metavar="NAME=ITEMS",
+              help="run the cell once per item of ITEMS (a Python expression) with NAME bound to it, spread "
+                   "over the pool in batches; each name the cell binds comes back as a list in item order")
     @argument("--inputs", type=_names, metavar="A,B", help="send exactly these names (overrides inference)")
     @argument("--outputs", type=_names, metavar="A,B",
               help="bring back exactly these names (overrides inference)")
@@ -115,6 +128,8 @@ class DepinMagics(Magics):
         fresh = current_session() is None
         session = _usage(get_session)
         started = f"started {session.description}" if fresh else None
+        if args.map is not None:
+            return self._map_cell(args, cell, options, session, started)
         if args.background:
             from depin_jupyter.kernel import background
 
@@ -132,6 +147,44 @@ class DepinMagics(Magics):
         finally:
             progress.close()
         return outcome.value if outcome.has_value else None
+
+    def _map_cell(self, args: Any, cell: str, options: Any, session: Any, started: str | None) -> None:
+        """`%%depin --map NAME=ITEMS`: the body per item on the pool; each bound name comes back as a list."""
+        from depin_jupyter.kernel.mapping import map_cell
+        from depin_jupyter.kernel.widgets import make_progress
+
+        var, expr = args.map
+        if args.background or args.outputs is not None:
+            raise UsageError("--map runs in the foreground and collects every name the cell binds: drop "
+                             "--background/--outputs (depin_jupyter.map(..., wait=False) runs in the background)")
+        try:
+            items = list(self._shell.ev(expr))
+        except Exception as e:  # noqa: BLE001 - the user's expression: say what it raised
+            raise UsageError(f"--map {var}={expr}: could not evaluate {expr!r} to a list of items "
+                             f"({type(e).__name__}: {e})") from None
+        label = options.name or f"map {var}"
+        progress = make_progress(label)
+        if started:
+            progress.note(started)
+        try:
+            handle, outs = _usage(map_cell, session, cell, var, items, self._shell.user_ns, name=label,
+                                  retries=2 if args.retries is None else args.retries, options=options,
+                                  progress=progress)
+        finally:
+            progress.close()
+        got = [r if isinstance(r, dict) else {} for r in handle.results]
+        outs = tuple(o for o in outs if any(o in r for r in got))  # not modules the body imported
+        for out in outs:  # bound even when some items failed: the others are usable
+            self._shell.user_ns[out] = [r.get(out) for r in got]
+        print(f"depin: {label}: {len(items)} item(s) in {handle.elapsed or 0:.1f} s on {len(handle.workers)} "
+              f"worker(s); bound {', '.join(outs)} (lists, item order)")
+        if handle.errors:
+            first = min(handle.errors)
+            raise RemoteExecutionError(
+                f"{label}: {len(handle.errors)} of {len(items)} item(s) failed after their retries, e.g. item "
+                f"{first} ({items[first]!r}): {handle.errors[first]}. "
+                + (f"Their entries in {', '.join(outs)} are None; the others are usable." if outs else
+                   "No item succeeded, so nothing was bound."))
 
     @magic_arguments()
     @argument("command", choices=_SUBCOMMANDS, help="what to do")

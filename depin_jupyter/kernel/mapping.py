@@ -22,7 +22,7 @@ from typing import Any
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.kernel.records import Progress, RunOptions
 
-__all__ = ["MapHandle", "map_items"]
+__all__ = ["MapHandle", "map_cell", "map_items"]
 
 _PROGRESS_EVERY_S = 1.0  # the progress line is redrawn at most this often
 
@@ -34,6 +34,29 @@ for depin_x in depin_items:
     except Exception as depin_e:
         depin_out.append((False, f"{type(depin_e).__name__}: {depin_e}"))
 """
+
+_CELL_BATCH_CODE = """\
+depin_out = []
+for depin_x in depin_items:
+    depin_ns = dict(globals())
+    depin_ns[depin_name] = depin_x
+    try:
+        exec(compile(depin_body, depin_label, "exec"), depin_ns)
+        depin_out.append((True, {depin_k: depin_ns.get(depin_k) for depin_k in depin_outs
+                                 if type(depin_ns.get(depin_k)).__name__ != "module"}))
+    except Exception as depin_e:
+        depin_out.append((False, f"{type(depin_e).__name__}: {depin_e}"))
+"""
+"""A `%%depin --map NAME=ITEMS` batch: the cell's body once per item, in a namespace of its own holding the
+cell's inputs and NAME bound to the item; what it binds is collected per item."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every batch of one map runs: its code, the names it is sent besides ``depin_items``."""
+
+    code: str
+    env: dict[str, Any]
 
 
 class MapHandle:
@@ -104,10 +127,40 @@ def map_items(session: Any, func: Callable[[Any], Any], items: Iterable[Any], *,
               batch: int | None = None, retries: int = 2, out: str | None = None, options: RunOptions | None = None,
               progress: Progress | None = None, wait_done: bool = True) -> MapHandle:
     """Run ``func`` over ``items`` on ``session``'s pool; the handle (finished when ``wait_done``)."""
-    from depin_jupyter.kernel import runner
-
     if not callable(func):
         raise DepinUsageError(f"depin map: {func!r} is not callable; pass the function first, then the items")
+    return _run_map(session, _Job(_BATCH_CODE, {"depin_f": func}), items, name=name, batch=batch, retries=retries,
+                    out=out, options=options, progress=progress, wait_done=wait_done)
+
+
+def map_cell(session: Any, body: str, var: str, items: Iterable[Any], namespace: dict[str, Any], *,
+             name: str = "cell", batch: int | None = None, retries: int = 2, options: RunOptions | None = None,
+             progress: Progress | None = None) -> tuple[MapHandle, tuple[str, ...]]:
+    """`%%depin --map VAR=ITEMS`: run the cell ``body`` once per item with ``var`` bound to it; the finished
+    handle (each result a dict of what the body bound) and the names the body binds, in order."""
+    from depin_jupyter.cell import analyze
+
+    try:
+        plan = analyze(body)
+    except SyntaxError as e:
+        raise DepinUsageError(f"%%depin --map: the cell does not parse (line {e.lineno}: {e.msg})") from None
+    outs = tuple(n for n in plan.binds if n != var and not n.startswith("depin_"))
+    if not outs:
+        raise DepinUsageError(f"%%depin --map {var}=...: the cell binds no name, so there is nothing to collect "
+                              f"per item; assign what each item yields (e.g. `y = f({var})`)")
+    env = {k: namespace[k] for k in plan.inputs(namespace) if k != var}
+    job = _Job(_CELL_BATCH_CODE, {**env, "depin_body": body, "depin_name": var, "depin_outs": outs,
+                                  "depin_label": f"<{name}>"})
+    handle = _run_map(session, job, items, name=name, batch=batch, retries=retries, out=None, options=options,
+                      progress=progress, wait_done=True)
+    return handle, outs
+
+
+def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch: int | None, retries: int,
+             out: str | None, options: RunOptions | None, progress: Progress | None, wait_done: bool) -> MapHandle:
+    """Drive the batches of one map (one `%%depin` cell each) until every item is done or failed."""
+    from depin_jupyter.kernel import runner
+
     values = list(items)
     handle = MapHandle(name, len(values), out)
     if not values:
@@ -121,11 +174,11 @@ def map_items(session: Any, func: Callable[[Any], Any], items: Iterable[Any], *,
     slots = 2 * n_workers
 
     def run_batch(indices: list[int], serial: int) -> tuple[list[int], Any, str | None]:
-        ns: dict[str, Any] = {"depin_f": func, "depin_items": [values[i] for i in indices]}
+        ns: dict[str, Any] = {**job.env, "depin_items": [values[i] for i in indices]}
         opts = dataclasses.replace(base, name=f"{name}[{serial}]", outputs=("depin_out",), no_store=True,
-                                   inputs=("depin_f", "depin_items"))
+                                   inputs=(*job.env, "depin_items"))
         try:
-            outcome = runner.run_cell(session, _BATCH_CODE, ns, opts)
+            outcome = runner.run_cell(session, job.code, ns, opts)
         except Exception as e:  # noqa: BLE001 - the whole batch failed: its items are retried
             return indices, None, f"{type(e).__name__}: {e}"
         return indices, (ns.get("depin_out"), outcome.worker), None
@@ -133,6 +186,8 @@ def map_items(session: Any, func: Callable[[Any], Any], items: Iterable[Any], *,
     def collect(indices: list[int], got: Any, failure: str | None) -> None:
         again = []
         out_list, worker = got if got is not None else (None, None)
+        if out_list is None and failure is None:
+            failure = "the batch ran but its results did not come back (a value that cannot travel?)"
         if worker:
             handle.workers.add(str(worker))
         for k, i in enumerate(indices):

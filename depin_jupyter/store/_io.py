@@ -11,7 +11,9 @@ import json
 import os
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
@@ -19,7 +21,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from depin_jupyter.store._digest import DEFAULT_ALGORITHM, digest, digest_like, matches
+from depin_jupyter.store._digest import DEFAULT_ALGORITHM, digest, digest_like, digest_through, matches
 from depin_jupyter.store._errors import StoreIntegrityError
 
 PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -169,11 +171,27 @@ def check_keys(store: Store, recorded: Mapping[str, str], concurrency: int = 8) 
                       concurrency)
 
 
+def _hash_and_put(path: Path, data: Any, algorithm: str) -> str:
+    """Write ``data`` to ``path`` the way zarr's LocalStore does (a ``.partial`` file renamed into place, so
+    a reader never sees half a chunk), hashing it on the way; return its digest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            hexd = digest_through(data, f.write, algorithm)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hexd
+
+
 class DigestingStore(WrapperStore[Store]):
     """A store wrapper that hashes every value as it is written, so digests cost no re-read.
 
-    Hashing runs on a thread alongside the write itself (hashlib and blake3 release the GIL), and
-    zarr writes several chunks at once, so hashing, encoding and I/O of different chunks overlap.
+    On a LocalStore each chunk is hashed and written piece by piece in one pass (`digest_through`); on
+    other stores hashing runs on a thread beside the upload. Either way hashlib and blake3 release the
+    GIL and zarr writes several chunks at once, so hashing, encoding and I/O of different chunks overlap.
     """
 
     def __init__(self, store: Store, algorithm: str = DEFAULT_ALGORITHM) -> None:
@@ -189,6 +207,10 @@ class DigestingStore(WrapperStore[Store]):
             await self._store.set(key, value)
             return
         view = value.as_buffer_like()
+        if isinstance(self._store, LocalStore) and not self._store.read_only:
+            self.digests[key] = await asyncio.to_thread(_hash_and_put, self._store.root / key, view,
+                                                        self.algorithm)
+            return
         hexd, _ = await asyncio.gather(
             asyncio.to_thread(digest, view, self.algorithm), self._store.set(key, value)
         )

@@ -36,10 +36,11 @@ from depin_jupyter.store import _io, _values
 from depin_jupyter.store._digest import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
+    PIECE_BYTES,
+    Digest,
     canonical_json,
     digest,
     grid_size,
-    matches,
     output_digest,
     sha256_hex,
 )
@@ -411,6 +412,17 @@ def recorded_digests(record: OutputRecord) -> dict[str, str]:
     return out
 
 
+def _read_exactly(f: Any, view: memoryview, check: Digest | None, where: Callable[[], str]) -> None:
+    """Fill ``view`` from ``f``; with ``check``, piece by piece, each hashed while it is in the cache."""
+    step = view.nbytes if check is None else PIECE_BYTES
+    for start in range(0, view.nbytes, step):
+        piece = view[start:start + step]
+        if f.readinto(piece) != piece.nbytes:
+            raise StoreIntegrityError(f"{where()} is truncated; run `depin verify`")
+        if check is not None:
+            check.update(piece)
+
+
 def _read_direct(store: Store, record: OutputRecord, recorded: dict[str, str] | None = None,
                  where: Callable[[str], str] = str) -> np.ndarray | None:
     """Uncompressed row-chunked arrays on a local disk: read each chunk file straight into the
@@ -433,14 +445,15 @@ def _read_direct(store: Store, record: OutputRecord, recorded: dict[str, str] | 
         start = i * chunks[0]
         view = flat[start * row:min(shape[0], start + chunks[0]) * row]
         key = f"{record.path}/c/{i}{suffix}"
+        check = None if recorded is None else Digest(recorded=recorded.get(key, ""))
         try:
             with open(os.path.join(str(store.root), *key.split("/")), "rb", buffering=0) as f:
-                if f.readinto(memoryview(view)) != view.nbytes:  # type: ignore[arg-type]
-                    raise StoreIntegrityError(f"{where(key)} is truncated; run `depin verify`")
-                rest = f.read() if recorded is not None else b""  # a last chunk is stored padded
+                _read_exactly(f, memoryview(view), check, lambda: where(key))  # type: ignore[arg-type]
+                if check is not None:
+                    check.update(f.read())  # a last chunk is stored padded
         except FileNotFoundError:
             raise StoreIntegrityError(f"{where(key)} is missing from the store; run `depin verify`") from None
-        if recorded is not None and not matches((view, rest), recorded.get(key, "")):
+        if check is not None and check.result() != check.recorded:
             raise StoreIntegrityError(f"{where(key)}: bytes differ from their digest (changed after "
                                       "the run was sealed); run `depin verify`")
 

@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 
+import blake3
 import dask.config
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from depin_jupyter.cli import main
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.store import StoreIntegrityError, open_store
 from depin_jupyter.store._digest import (
+    PIECE_BYTES,
     algorithm_of,
     digest,
     digest_like,
@@ -208,3 +210,57 @@ def test_a_verifying_lazy_read_computed_on_cluster_workers_detects_a_flipped_byt
     _flip(_chunk(rs, rid, "x", 3))
     with pytest.raises(StoreIntegrityError, match=f"run {rid} / output x / chunk c/3/0: bytes differ"):
         dask_client.compute(rs.load(rid, verify=True)["x"]).result()
+
+
+@pytest.fixture
+def multi_piece_run(store, write_run):
+    """A run whose chunks are several `PIECE_BYTES` pieces long (hashed and copied piece by piece) and
+    whose last chunk is shorter than the others."""
+    x = np.random.default_rng(3).random((2 * PIECE_BYTES + 12345) // 4 * 3, dtype=np.float32)
+    with dask.config.set({"depin.store.chunk-bytes": 2 * PIECE_BYTES + 4096, "depin.store.compression": "none"}):
+        return store, write_run(store, {"x": x}), x
+
+
+def test_chunks_hashed_on_the_way_to_disk_match_their_bytes(multi_piece_run):
+    rs, rid, x = multi_piece_run
+    digests = rs.manifest(rid).outputs["x"].chunk_digests
+    base = os.path.join(rs.url, "runs", rid, "x")
+    assert len(digests) == 4
+    for key, recorded in digests.items():  # what the manifest says is what is on disk, hashed afresh
+        data = pathlib.Path(base, *key.split("/")).read_bytes()
+        assert recorded == "blake3:" + blake3.blake3(data).hexdigest()
+    assert not glob.glob(os.path.join(base, "**", "*.partial"), recursive=True)
+    np.testing.assert_array_equal(rs.load(rid, lazy=False, verify=True)["x"], x)
+
+
+@pytest.mark.parametrize("pos", [0, PIECE_BYTES + 7, -1])
+def test_a_verifying_read_finds_a_flipped_byte_in_any_piece_of_a_chunk(multi_piece_run, pos):
+    rs, rid, _ = multi_piece_run
+    chunk = _chunk(rs, rid, "x", 1)
+    _flip(chunk, pos if pos >= 0 else os.path.getsize(chunk) - 1)
+    with pytest.raises(StoreIntegrityError, match=rf"run {rid} / output x / chunk c/1: bytes differ"):
+        rs.load(rid, lazy=False, verify=True)
+    last = _chunk(rs, rid, "x", 3)  # the short last chunk, flipped where no piece boundary falls
+    _flip(chunk, pos if pos >= 0 else os.path.getsize(chunk) - 1)
+    _flip(last, os.path.getsize(last) - 3)
+    with pytest.raises(StoreIntegrityError, match=rf"run {rid} / output x / chunk c/3: bytes differ"):
+        rs.load(rid, lazy=False, verify=True)
+
+
+def test_depin_load_verify_names_the_changed_chunk_and_saves_what_is_intact(multi_piece_run, tmp_path):
+    rs, rid, x = multi_piece_run
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["load", rid[:-3], "--store", rs.url, "--verify", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"x: numpy.ndarray shape=({x.size},) dtype=float32 -> {out / 'x.npy'}" in res.output
+    assert res.output.splitlines()[-1] == f"verified: every chunk read matched its digest in run {rid}"
+    np.testing.assert_array_equal(np.load(out / "x.npy"), x)
+
+    _flip(_chunk(rs, rid, "x", 2))
+    res = CliRunner().invoke(main, ["load", rid, "--store", rs.url, "--verify"])
+    assert res.exit_code == 1
+    assert f"run {rid} / output x / chunk c/2: bytes differ from their digest" in res.output
+    res = CliRunner().invoke(main, ["load", rid, "--store", rs.url, "--no-verify"])  # asked not to check
+    assert res.exit_code == 0 and "verified" not in res.output
+    res = CliRunner().invoke(main, ["load", rid, "nope", "--store", rs.url])
+    assert res.exit_code == 2 and "has no output(s) ['nope']" in res.output
