@@ -26,6 +26,12 @@ def _open(url: str | None) -> Any:
         sys.exit(2)
 
 
+def _resolve(rs: Any, run: str) -> str:
+    """The run id ``run`` names: itself, or the one run it is a unique prefix of."""
+    matches = [s.run_id for s in rs.runs() if s.run_id.startswith(run)]
+    return matches[0] if len(matches) == 1 else run
+
+
 @main.command()
 @click.argument("store", required=False)
 def runs(store: str | None) -> None:
@@ -65,8 +71,7 @@ def show(run: str, store: str | None, fmt: str, full: bool) -> None:
     from depin_jupyter.store import RunIncompleteError, RunNotFoundError, StoreIntegrityError
 
     rs = _open(store)
-    matches = [s.run_id for s in rs.runs() if s.run_id.startswith(run)]
-    run = matches[0] if len(matches) == 1 else run  # a unique prefix is enough
+    run = _resolve(rs, run)
     try:
         doc = rs.manifest(run).to_json()
     except RunNotFoundError as exc:
@@ -165,8 +170,7 @@ def load(run: str, names: tuple[str, ...], store: str | None, verify: bool | Non
 
     check = bool(config.get("store.verify-on-read")) if verify is None else verify
     rs = _open(store)
-    matches = [s.run_id for s in rs.runs() if s.run_id.startswith(run)]
-    run = matches[0] if len(matches) == 1 else run
+    run = _resolve(rs, run)
     try:
         wanted = list(names) or list(rs.manifest(run).outputs)
         for name in wanted:

@@ -111,10 +111,10 @@ def _algorithm_or_none(recorded: str) -> str | None:
 
 def algorithm_of(recorded: str) -> str:
     """The algorithm a recorded digest names (a bare hex digest is SHA-256); ValueError if malformed."""
-    m = _DIGEST.match(recorded)
-    if m is None:
+    algorithm = _algorithm_or_none(recorded)
+    if algorithm is None:
         raise ValueError(f"not a digest: {recorded[:80]!r}")
-    return m.group(1) or "sha256"
+    return algorithm
 
 
 def _in_form_of(fresh: str, recorded: str) -> str:
