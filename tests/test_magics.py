@@ -366,10 +366,10 @@ def test_unknown_worker_pin_lists_the_connected_workers(shell, depin_session):
     assert shell.user_ns["where"] == addr
 
 
-def test_line_magic_status_config_and_close(ip, capsys):
+def test_line_magic_status_config_and_close(ip, depin_session, capsys):
     from depin_jupyter.kernel import cluster
 
-    saved = cluster._session
+    saved = depin_session  # (not whatever an earlier test left: this one may run first)
     cluster._session = None
     try:
         ip.run_line_magic("depin", "status")
