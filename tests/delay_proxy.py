@@ -1,5 +1,5 @@
 """A delaying TCP proxy on 127.0.0.1 for slow-link tests and benchmarks/wan.py: each direction's bytes are
-held ``rtt/2`` (order kept), optionally paced to a bandwidth; TLS passes through untouched."""
+held ``rtt/2`` (order kept), optionally paced to a bandwidth; TLS passes through untouched; bytes are counted."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class DelayProxy:
         self.port = _free_port()
         self.rtt = 0.0
         self.bandwidth: float | None = None
+        self.bytes = 0  # passed through so far, both directions together
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
@@ -62,6 +63,7 @@ class DelayProxy:
         try:
             while True:
                 data = await reader.read(256 * 1024)
+                self.bytes += len(data)
                 queue.put_nowait((self.loop.time() + self.rtt / 2, data))
                 if not data:
                     break

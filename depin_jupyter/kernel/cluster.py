@@ -70,7 +70,8 @@ class Session:
         self.background: dict[str, Any] = {}   # name -> background.BackgroundRun
         self.last_workers: list[WorkerInfo] = []
         self._workers_at = 0.0
-        self._info: dict[str, Any] = {}  # the scheduler's last answer about its workers (volunteers' adverts)
+        self._info: dict[str, Any] = {}  # address -> the worker's record as last heard (volunteers' adverts)
+        self._roster_at: tuple[str | None, int] = (None, 0)  # the coordinator's roster this `_info` reflects
         self.session_file = _publish(self)
         if not untrusted:
             from depin_jupyter.worker.entry import cancel_on_release
@@ -81,16 +82,19 @@ class Session:
     def address(self) -> str:
         return str(self.client.scheduler.address)
 
-    def workers(self, max_age: float = 2.0) -> list[WorkerInfo]:
+    def workers(self, max_age: float = 2.0, live: bool = False) -> list[WorkerInfo]:
         """The workers connected (as of at most ``max_age`` seconds ago), with GPU model and memory.
 
-        Asking the scheduler costs a round trip, so a burst of cells shares one answer.
+        Asking the scheduler costs a round trip, so a burst of cells shares one answer. On a volunteer network
+        the coordinator answers with the joins and leaves since the last look (`network.roster`), so the
+        bytes per cell do not grow with the number of volunteers; ``live`` asks for every worker's whole
+        record instead (tasks executing now: `%depin status`).
         """
         import time
 
-        if self.last_workers and time.monotonic() - self._workers_at < max_age:
+        if not live and self.last_workers and time.monotonic() - self._workers_at < max_age:
             return self.last_workers
-        info = self._info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = self._roster() if self.untrusted and not live else self._everything()
         self._workers_at = time.monotonic()
         out = []
         for addr, w in sorted(info.items()):
@@ -138,10 +142,31 @@ class Session:
         return out
 
     def _advertised(self, workers: list[str]) -> dict[str, Any]:
-        """What volunteers advertised when they joined (fixed for a worker's life): the answer `workers` just
-        got when it names them all, else asked again (one round trip fewer per cell on a volunteer network)."""
+        """What volunteers advertised when they joined (fixed for a worker's life): the roster this session
+        holds when it names them all, else brought up to date first."""
         if not all(w in self._info for w in workers):
-            self._info = self.client.scheduler_info(n_workers=-1)["workers"]
+            self._roster()
+        return self._info
+
+    def _everything(self) -> dict[str, Any]:
+        """Every worker's whole record, as Dask's scheduler has it (one round trip; bytes grow with workers)."""
+        self._info = dict(self.client.scheduler_info(n_workers=-1)["workers"])
+        return self._info
+
+    def _roster(self) -> dict[str, Any]:
+        """This session's roster of a volunteer network, brought up to date with the changes since it was
+        last (`network.roster.Roster.since`): usually a few dozen bytes."""
+        from depin_jupyter.protocol.rpc import Coordinator
+
+        reply = Coordinator.of_client(self.client).roster(*self._roster_at)
+        changed = {str(a): dict(e) for a, e in dict(reply.get("workers") or {}).items() if isinstance(e, dict)}
+        if reply.get("full"):
+            self._info = changed
+        else:
+            self._info.update(changed)
+            for address in reply.get("removed") or ():
+                self._info.pop(str(address), None)
+        self._roster_at = (str(reply.get("generation")), int(reply.get("epoch") or 0))
         return self._info
 
     def close(self) -> None:

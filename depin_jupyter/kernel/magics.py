@@ -351,7 +351,7 @@ def format_status(session: Any) -> str:
     trust = _trust(session) if volunteers else {}  # a volunteer network: who is behind each worker, how trusted
     if volunteers:
         rows[0] += ("volunteer", "trust", "GPU-s", "energy")
-    workers = session.workers()
+    workers = session.workers(max_age=0, live=True)  # executing now: every worker's whole record
     pools = any(w.pools for w in workers)
     if pools:
         rows[0] += ("pool",)

@@ -118,6 +118,10 @@ class DepinScheduler(Scheduler):
         self._registering: dict[str, str] = {}  # address -> identity, while Dask registers it
         self.add_plugin(_Bindings(self))
         self.add_plugin(Ledger(self))
+        from depin_jupyter.network.roster import Roster
+
+        self.roster = Roster(self)  # who is connected, as changes since a notebook's last look (`network.roster`)
+        self.add_plugin(self.roster)
         from depin_jupyter.network.gateway import CellGateway
 
         self.gateway = CellGateway(self)  # cells submitted by client identities (`network.gateway`)
@@ -240,6 +244,9 @@ class DepinScheduler(Scheduler):
 
     async def depin_credits(self) -> dict[str, Any]:
         return self.credits
+
+    async def depin_roster(self, generation: str | None = None, epoch: int = 0) -> dict[str, Any]:
+        return self.roster.since(generation if isinstance(generation, str) else None, int(epoch))
 
     async def depin_hello(self) -> dict[str, Any]:
         """This coordinator's wall clock and the versions a worker or notebook should match."""

@@ -28,6 +28,7 @@ OPS: dict[str, str] = {
     "depin_cancel_cell": "a client cancels one of its cells",
     "depin_jobs": "the cells a client (an educator: its lab) has queued or running",
     "depin_lab_status": "the educator's view of a virtual lab",
+    "depin_roster": "the workers that joined or left since the roster a notebook holds (all of them if need be)",
     "depin_hello": "the coordinator's clock and package versions (`depin doctor`: skew and version checks)",
 }
 
@@ -80,6 +81,10 @@ class Coordinator:
     # --- identities, reputation, credit ---
     def identities(self) -> dict[str, str]:
         return dict(self._call("depin_identities"))
+
+    def roster(self, generation: str | None, epoch: int) -> dict[str, Any]:
+        """Changes since the roster ``(generation, epoch)`` (`network.roster.Roster.since`)."""
+        return dict(self._call("depin_roster", generation=generation, epoch=epoch))
 
     def pools(self) -> dict[str, str | None]:
         return dict(self._call("depin_pools"))
