@@ -132,6 +132,54 @@ class CellGateway:
         self.by_run_id: dict[str, str] = {}   # run id -> task key (stream events name their run id)
         self._client: Any = None
         self._client_lock = asyncio.Lock()
+        from depin_jupyter.network.held import HeldResults
+
+        # background runs written down in the state dir: a restarted coordinator still has them (`network.held`)
+        self.held = HeldResults(sched.state.path / "held")
+        self._restore()
+
+    def _restore(self) -> None:
+        """The background runs a previous coordinator process wrote down: finished ones with their results,
+        the ones it was running as lost (their volunteers' results went with it)."""
+        for rec, payload in self.held.load(config.seconds("coordinator.result-ttl") or 3600.0):
+            state, error = rec.state, rec.error
+            if state in ("queued", "pending"):
+                state, error = "lost", "the coordinator restarted while it ran, and its result went with it: run it again"
+            run = GatewayRun(rec.key, rec.run_id, rec.name, rec.owner, None, True, submitted=rec.submitted,
+                             state=state, error=error, worker=rec.worker, done=asyncio.Event(), payload=payload,
+                             replication=rec.replication)
+            run.done.set()  # type: ignore[union-attr]
+            self.runs[run.key] = run
+            self.by_run_id[run.run_id] = run.key
+        if self.runs:
+            logger.info("holding %d background run(s) kept by the previous coordinator process", len(self.runs))
+
+    async def _keep(self, run: GatewayRun) -> None:
+        """Write a background run down (again): submitted, or ended with its result."""
+        from depin_jupyter.network.held import HeldRecord
+
+        payload = None
+        if run.state == "finished":
+            payload = run.payload if run.done is not None else self.sched.relay.get(run.key, pop=False)
+        record = HeldRecord(run.key, run.run_id, run.name, run.owner, run.submitted, run.state, run.error,
+                            run.worker, run.replication, len(payload) if payload is not None else 0)
+        try:
+            await asyncio.to_thread(self.held.keep, record, payload, config.nbytes("coordinator.relay-max-bytes"))
+        except OSError:
+            logger.exception("could not keep background run %s in %s", run.key, self.held.root)
+        if run.key not in self.runs:  # fetched (or forgotten) while it was being written: not to be handed again
+            self.held.drop(run.key)
+
+    async def _keep_when_ended(self, run: GatewayRun) -> None:
+        """A background run's end, settled as soon as it comes (its kernel may be gone), and written down."""
+        if run.ended is not None:
+            await run.ended.wait()
+            if run.state == "pending":
+                await self._settle(run)
+        elif run.done is not None:
+            await run.done.wait()
+        if run.key in self.runs:  # not fetched meanwhile
+            await self._keep(run)
 
     async def client(self) -> Any:
         """The coordinator's own client (started on first use, with the scheduler's certificate)."""
@@ -174,6 +222,8 @@ class CellGateway:
         run = GatewayRun(key, parsed["run_id"], str(parsed.get("name") or "cell"), name, client_id, bool(detached))
         self.runs[key] = run
         self.by_run_id[run.run_id] = key
+        if run.detached:
+            await self._keep(run)
 
         rep = Replication.parse(replication)
 
@@ -185,12 +235,16 @@ class CellGateway:
                 if plan is not None and rep is not None:
                     run.replication = _single_record(plan, rep)
                 run.future, run.ended = await self._task(key, spec, inputs, blob, where)
-                return
-            run.done = asyncio.Event()
-            self.sched.in_background(self._replicated, run, parsed, spec, inputs, blob, plan, rep)
+            else:
+                run.done = asyncio.Event()
+                self.sched.in_background(self._replicated, run, parsed, spec, inputs, blob, plan, rep)
+            if run.detached:
+                self.sched.in_background(self._keep_when_ended, run)
 
         def refuse(_client: str, _keys: Any, text: str) -> None:
             run.state, run.error = "error", text
+            if run.detached:
+                self.sched.in_background(self._keep, run)
 
         await self.sched.lab.admit(client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name,
                                    tracked=True)
@@ -280,6 +334,8 @@ class CellGateway:
             return
         self.sched.lab.done(key)  # also when its task never existed (refused, cancelled while held)
         self.by_run_id.pop(run.run_id, None)
+        if run.detached:
+            self.held.drop(key)
         if run.future is not None:
             run.future.release()
         for k in run.replicas:
