@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from depin_jupyter.version import __version__
 
-__all__ = ["__version__", "load_ipython_extension", "map", "unload_ipython_extension", "xp"]
+__all__ = ["__version__", "attach_map", "load_ipython_extension", "map", "unload_ipython_extension", "xp"]
 
 
 def xp():  # type: ignore[no-untyped-def]
@@ -42,6 +42,16 @@ def map(func, items, *, name=None, batch=None, retries=2, out=None, pool=None, r
     finally:
         if progress is not None:
             progress.close()
+
+
+def attach_map(name, *, timeout=None, out=None):  # type: ignore[no-untyped-def]
+    """The map ``name`` an earlier kernel of this identity started on the volunteer network (it died or was
+    closed mid-map): waits for the batches still running and returns a finished `MapHandle` with every item
+    that has a result (the coordinator kept them all, also those the old kernel had received)."""
+    from depin_jupyter.kernel.cluster import get_session
+    from depin_jupyter.kernel.mapping import attach
+
+    return attach(get_session(), name, timeout=timeout, out=out)
 
 
 def load_ipython_extension(ipython):  # type: ignore[no-untyped-def]

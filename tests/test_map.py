@@ -181,3 +181,38 @@ def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_k
     finally:
         w.terminate()
         w.wait(60)
+
+
+# ------------------------------------------------------------------ a map outlives its kernel
+
+def test_a_map_outlives_its_kernel_and_a_new_one_attaches_by_name(net):
+    from depin_jupyter.kernel.mapping import attach
+
+    slow = _notebook_function("def slow(x):\n    import time\n    time.sleep(0.05)\n    return x * 3.0\n", "slow")
+    ws = [net.start_worker(net.token("worker", f"outlive-v{i}"), wait=False)[0] for i in range(2)]
+    token = net.token("client", "outlive-sci")
+    session = cluster._connect_token(token)
+    try:
+        wait_for_workers(session, 2)
+        handle = map_items(session, slow, range(200), name="outlive", batch=10, retries=0, wait_done=False)
+        deadline = time.monotonic() + 120
+        while handle.n_done < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 30 <= handle.n_done < 200, handle.status()  # mid-map, some results already in this kernel
+        handle.cancel()
+        session.close()  # the kernel goes, as a killed one's connection does
+        again = cluster._connect_token(token)
+        try:
+            got = attach(again, "outlive", timeout=120)
+            assert got.n == 200 and got.n_done == 200 and not got.errors, got.status()
+            assert got.results == [i * 3.0 for i in range(200)]
+            with pytest.raises(DepinUsageError, match="no map named 'outlive'"):
+                attach(again, "outlive", timeout=5)  # released once attached: nothing left behind
+            with pytest.raises(DepinUsageError, match="no map named 'never'"):
+                attach(again, "never", timeout=5)
+        finally:
+            again.close()
+    finally:
+        for w in ws:
+            w.terminate()
+            w.wait(60)

@@ -22,11 +22,15 @@ from typing import Any
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.kernel.records import Progress, RunOptions
 
-__all__ = ["MapHandle", "map_cell", "map_items"]
+__all__ = ["MapHandle", "attach", "map_cell", "map_items"]
 
 _PROGRESS_EVERY_S = 1.0  # the progress line is redrawn at most this often
+_DETACHED_SLOTS = 256    # batches of a map on a volunteer network submitted at once (all of them, up to this)
 
+# Each batch binds which items it ran, of how many (a name of its own: an input bound again unchanged does not
+# travel back): a kernel attaching to the map later reads them from the batch's result.
 _BATCH_CODE = """\
+depin_at = [list(depin_index), int(depin_n)]
 depin_out = []
 for depin_x in depin_items:
     try:
@@ -36,6 +40,7 @@ for depin_x in depin_items:
 """
 
 _CELL_BATCH_CODE = """\
+depin_at = [list(depin_index), int(depin_n)]
 depin_out = []
 for depin_x in depin_items:
     depin_ns = dict(globals())
@@ -159,8 +164,6 @@ def map_cell(session: Any, body: str, var: str, items: Iterable[Any], namespace:
 def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch: int | None, retries: int,
              out: str | None, options: RunOptions | None, progress: Progress | None, wait_done: bool) -> MapHandle:
     """Drive the batches of one map (one `%%depin` cell each) until every item is done or failed."""
-    from depin_jupyter.kernel import runner
-
     values = list(items)
     handle = MapHandle(name, len(values), out)
     if not values:
@@ -171,17 +174,15 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
     base = options or RunOptions()
     progress = progress or Progress()
     queue: list[list[int]] = [list(range(i, min(i + size, len(values)))) for i in range(0, len(values), size)]
-    slots = 2 * n_workers
+    # On a volunteer network every batch is submitted at once as a detached run the coordinator keeps, with
+    # its result, until the map ends: the map outlives this kernel, and a new one attaches (`attach`).
+    detach = bool(getattr(session, "untrusted", False))
+    slots = max(2 * n_workers, min(len(queue), _DETACHED_SLOTS)) if detach else 2 * n_workers
+    used: list[str] = []  # the batches' run names (released on the coordinator when the map ends)
 
     def run_batch(indices: list[int], serial: int) -> tuple[list[int], Any, str | None]:
-        ns: dict[str, Any] = {**job.env, "depin_items": [values[i] for i in indices]}
-        opts = dataclasses.replace(base, name=f"{name}[{serial}]", outputs=("depin_out",), no_store=True,
-                                   inputs=(*job.env, "depin_items"))
-        try:
-            outcome = runner.run_cell(session, job.code, ns, opts)
-        except Exception as e:  # noqa: BLE001 - the whole batch failed: its items are retried
-            return indices, None, f"{type(e).__name__}: {e}"
-        return indices, (ns.get("depin_out"), outcome.worker), None
+        used.append(f"{name}[{serial}]")
+        return _run_batch(session, job, values, indices, dataclasses.replace(base, name=used[-1], detached=detach))
 
     def collect(indices: list[int], got: Any, failure: str | None) -> None:
         again = []
@@ -221,6 +222,8 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
                     collect(*f.result())
         handle.running = 0
         handle.elapsed = time.perf_counter() - started
+        if detach:
+            _release(session, used)
         for i in range(handle.n):
             if not handle.done[i] and i not in handle.errors:
                 handle.errors[i] = "cancelled before it ran"
@@ -232,4 +235,100 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
         drive()
     else:
         threading.Thread(target=drive, name=f"depin-map-{name}", daemon=True).start()
+    return handle
+
+
+def _run_batch(session: Any, job: _Job, values: list[Any], indices: list[int],
+               options: RunOptions) -> tuple[list[int], Any, str | None]:
+    """One batch as a `%%depin` cell: (its indices, (per-item results, worker) or None, why it failed)."""
+    from depin_jupyter.kernel import runner
+
+    ns: dict[str, Any] = {**job.env, "depin_items": [values[i] for i in indices], "depin_index": indices,
+                          "depin_n": len(values)}
+    opts = dataclasses.replace(options, outputs=("depin_out", "depin_at"), no_store=True,
+                               inputs=(*job.env, "depin_items", "depin_index", "depin_n"))
+    try:
+        outcome = runner.run_cell(session, job.code, ns, opts)
+    except Exception as e:  # noqa: BLE001 - the whole batch failed: its items are retried
+        return indices, None, f"{type(e).__name__}: {e}"
+    return indices, (ns.get("depin_out"), outcome.worker), None
+
+
+def _release(session: Any, names: list[str]) -> None:
+    """Let the coordinator forget a map's batches (it kept them for a kernel that might attach)."""
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    try:
+        Coordinator.of_client(session.client).release_cells(sorted(set(names)))
+    except Exception:  # noqa: BLE001, S110 - the coordinator may be gone; it forgets them after result-ttl
+        pass
+
+
+def attach(session: Any, name: str, *, timeout: float | None = None, out: str | None = None) -> MapHandle:
+    """The map ``name`` a kernel of this identity left on a volunteer network's coordinator (it died, or
+    was closed, mid-map): waits for its batches still running, then every item's result, as a handle."""
+    import re
+
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    if not getattr(session, "untrusted", False):
+        raise DepinUsageError("attach_map: only a volunteer network's coordinator keeps a map for a new kernel; "
+                              "on a cluster of your own a map lives in the kernel that started it")
+    coordinator = Coordinator.of_client(session.client)
+    batch_name = re.compile(re.escape(name) + r"\[\d+\]")
+    batches = [j for j in coordinator.jobs() if j.get("detached") and not j.get("replica")
+               and batch_name.fullmatch(str(j.get("name")))]
+    if not batches:
+        raise DepinUsageError(f"attach_map: no map named {name!r} on the coordinator for this identity (it may "
+                              f"have finished in its own kernel, or expired after depin.coordinator.result-ttl)")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    answers = []
+    for job in batches:
+        while True:
+            answer = coordinator.wait_cell(str(job["key"]), 10.0, keep=True)
+            if answer.get("state") not in ("queued", "pending"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"map {name!r} is still running on the coordinator")
+        answers.append(answer)
+    handle = _gathered(name, answers, out)
+    _release(session, [str(j["name"]) for j in batches])
+    return handle
+
+
+def _gathered(name: str, answers: list[dict[str, Any]], out: str | None) -> MapHandle:
+    """A finished handle from the batches' answers (decoded without pickle, as any volunteer's result)."""
+    from depin_jupyter.kernel.binding import apply_results
+    from depin_jupyter.protocol.payloads import from_payload
+
+    got: list[tuple[list[int], list[Any]]] = []
+    why: list[str] = []
+    n = 0
+    for answer in answers:
+        ns: dict[str, Any] = {}
+        if answer.get("state") == "finished" and answer.get("payload") is not None:
+            apply_results(ns, from_payload(answer["payload"]), keep=lambda _: True, trusted=False)
+        at = ns.get("depin_at")
+        if isinstance(ns.get("depin_out"), list) and isinstance(at, list) and len(at) == 2:
+            got.append(([int(i) for i in at[0]], ns["depin_out"]))
+            n = max(n, int(at[1]))
+        else:
+            why.append(f"{answer.get('state')}: {answer.get('error') or 'no result'}")
+    if not got:
+        raise RuntimeError(f"map {name!r}: none of its {len(answers)} batch(es) left a result ({'; '.join(why)})")
+    handle = MapHandle(name, n, out)
+    for indices, outs in got:
+        for i, (ok, value) in zip(indices, outs, strict=False):
+            if ok:
+                handle.results[i], handle.done[i] = value, True
+                handle._store(i, value)
+            elif not handle.done[i]:
+                handle.errors[i] = str(value)
+    lost = "; ".join(dict.fromkeys(why)) or "never submitted"
+    for i in range(n):
+        if not handle.done[i]:
+            handle.errors.setdefault(i, f"its batch left no result ({lost})")
+    for i in [i for i in handle.errors if handle.done[i]]:
+        del handle.errors[i]
+    handle.finished.set()
     return handle

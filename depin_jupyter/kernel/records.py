@@ -36,6 +36,7 @@ class RunOptions:
     atol: float | None = None
     pool: str | None = None             # run only on workers of this pool (default: config depin.pool)
     private: tuple[str, ...] = ()       # private variables: sent only to a trusted pool (depin.trusted-pools)
+    detached: bool = False              # volunteer network: kept by the coordinator when the kernel goes (a map's batches)
 
 
 class Progress:

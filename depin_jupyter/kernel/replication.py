@@ -60,7 +60,7 @@ def execute(session: Session, spec: RunSpec, args: dict[str, Any], prep: Prepare
     atol = float(config.get("atol", prep.options.atol))
     if session.untrusted:
         result = submit_and_wait(session, spec, args, prep.placement, progress,
-                                 replication=gateway_replication(session, prep))
+                                 replication=gateway_replication(session, prep), detached=prep.options.detached)
         record = result.get("replication") or {}
         if record.get("degraded_to") and not session.few_volunteers_said:
             print(f"depin: only {record['degraded_to']} volunteer(s) can run this cell: results are not "

@@ -178,6 +178,7 @@ class _GatewaySubmission(_Submission):
         super().__init__(*args)
         self.gateway = Coordinator.of_client(self.client)
         self.detached = False  # a background run: the coordinator keeps it when this client leaves
+        self.keep = False  # a map's batch: the coordinator keeps it after handing its result over, until released
         self.final: dict[str, Any] = {}
         self.replication: dict[str, Any] | None = None  # how many volunteers, how close (the coordinator judges)
         self._stop = threading.Event()
@@ -194,7 +195,7 @@ class _GatewaySubmission(_Submission):
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                answer = self.gateway.wait_cell(self.key, _GATEWAY_WAIT_S)
+                answer = self.gateway.wait_cell(self.key, _GATEWAY_WAIT_S, keep=self.keep)
             except Exception as e:  # noqa: BLE001 - the coordinator is gone: say so, do not hang
                 answer = {"state": "lost", "error": f"the coordinator stopped answering ({type(e).__name__}: {e})"}
             if answer.get("state") in _TERMINAL:
@@ -304,11 +305,12 @@ def submit_detached(session: Session, spec: RunSpec, args: dict[str, Any], place
 
 def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], placement: dict[str, Any],
                     progress: Progress, echo: bool = True, on_submit: Any = None,
-                    replication: dict[str, Any] | None = None) -> RunResult:
+                    replication: dict[str, Any] | None = None, detached: bool = False) -> RunResult:
     """Submit the run, echo its live output, and return its result dict (or raise a DepinError).
 
     ``echo=False`` (extra replicas) drains the run's output without showing it; ``on_submit(run)`` sees
-    the submission (its ``key`` and ``cancel()``: to cancel replicas together).
+    the submission (its ``key`` and ``cancel()``: to cancel replicas together). ``detached`` (a volunteer
+    network): the coordinator keeps the run, and its result after handing it over, when this kernel goes.
     """
     __tracebackhide__ = True
     workers = placement.get("workers") or []
@@ -318,6 +320,7 @@ def submit_and_wait(session: Session, spec: RunSpec, args: dict[str, Any], place
     run = kind(session, spec, placement, progress, echo, pinned)
     if isinstance(run, _GatewaySubmission):
         run.replication = replication
+        run.detached = run.keep = detached
     run.submit(args, placement)
     if on_submit is not None:
         on_submit(run)

@@ -264,8 +264,12 @@ class DepinScheduler(Scheduler):
         return await self.gateway.submit(self._who(comm), client, key, spec, inputs, blob, placement or {},
                                          detached, replication)
 
-    async def depin_wait_cell(self, comm: Any, key: str, timeout: float = 10.0) -> dict[str, Any]:
-        return await self.gateway.wait(self._who(comm), key, timeout, connected=lambda: not comm.closed())
+    async def depin_wait_cell(self, comm: Any, key: str, timeout: float = 10.0, keep: bool = False) -> dict[str, Any]:
+        return await self.gateway.wait(self._who(comm), key, timeout, connected=lambda: not comm.closed(),
+                                       keep=keep is True)
+
+    async def depin_release_cells(self, comm: Any, names: list[str]) -> int:
+        return self.gateway.release(self._who(comm), list(names) if isinstance(names, (list, tuple)) else [])
 
     async def depin_cancel_cell(self, comm: Any, key: str) -> bool:
         return await self.gateway.cancel(self._who(comm), key)

@@ -263,11 +263,14 @@ class CellGateway:
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(ended.set))
         return future, ended
 
-    async def wait(self, name: str, key: str, timeout: float, connected: Any = None) -> dict[str, Any]:
+    async def wait(self, name: str, key: str, timeout: float, connected: Any = None,
+                   keep: bool = False) -> dict[str, Any]:
         """The run's state after waiting up to ``timeout`` s for it to end; a finished run's payload.
 
         ``connected()``: whether the asker is still there when the run ends. A long poll whose client went
-        away meanwhile must not take the result with it (a background run's new kernel fetches it)."""
+        away meanwhile must not take the result with it (a background run's new kernel fetches it).
+        ``keep``: a detached run stays after handing its result over, until `release` (a map's batches: a
+        new kernel attaching to the map gets those its dead kernel had fetched too)."""
         run = self.owned(name, key)
         deadline = time.monotonic() + max(0.0, min(float(timeout), 60.0))
         while run.future is None and run.done is None and run.state == "queued" and time.monotonic() < deadline:
@@ -288,11 +291,22 @@ class CellGateway:
                                   "replication": run.replication}
         if connected is not None and not connected():
             return answer  # nobody to hand it to: the result stays for the next asker
+        keep = keep and run.detached
         if run.state == "finished":
-            answer["payload"] = run.payload if run.done is not None else self.sched.relay.get(key, pop=True)
-        if run.state in _TERMINAL:
+            answer["payload"] = run.payload if run.done is not None else self.sched.relay.get(key, pop=not keep)
+        if run.state in _TERMINAL and not keep:
             self.forget(key)
         return answer
+
+    def release(self, name: str, names: list[str]) -> int:
+        """Forget the ended detached runs of ``name`` with these run names (kept by ``wait(keep=True)``)."""
+        wanted = {str(n) for n in names}
+        gone = [run.key for run in self.runs.values()
+                if run.owner == name and run.detached and run.name in wanted and run.state in _TERMINAL]
+        for key in gone:
+            self.sched.relay.drop(key)
+            self.forget(key)
+        return len(gone)
 
     async def _settle(self, run: GatewayRun) -> None:
         """Turn a done future into the run's state (text only: nothing from a volunteer is unpickled here)."""

@@ -25,6 +25,7 @@ OPS: dict[str, str] = {
     "depin_credits": "credit per volunteer",
     "depin_submit_cell": "a client submits a cell (pickle-free spec and inputs) for the coordinator to run",
     "depin_wait_cell": "a client waits for one of its cells; a finished cell's result comes with the answer",
+    "depin_release_cells": "a client lets the coordinator forget its ended detached runs of these names",
     "depin_cancel_cell": "a client cancels one of its cells",
     "depin_jobs": "the cells a client (an educator: its lab) has queued or running",
     "depin_lab_status": "the educator's view of a virtual lab",
@@ -102,9 +103,16 @@ class Coordinator:
         self._call("depin_submit_cell", key=key, spec=spec, inputs=inputs, blob=blob, placement=placement,
                    client=client_id, detached=detached, replication=replication)
 
-    def wait_cell(self, key: str, timeout: float) -> dict[str, Any]:
-        """``{"state": queued|pending|finished|error|cancelled|lost, "error": text, "payload": bytes?}``."""
+    def wait_cell(self, key: str, timeout: float, keep: bool = False) -> dict[str, Any]:
+        """``{"state": queued|pending|finished|error|cancelled|lost, "error": text, "payload": bytes?}``;
+        ``keep``: a detached run stays on the coordinator after its result is handed over (`release_cells`)."""
+        if keep:
+            return dict(self._call("depin_wait_cell", key=key, timeout=timeout, keep=True))
         return dict(self._call("depin_wait_cell", key=key, timeout=timeout))
+
+    def release_cells(self, names: list[str]) -> int:
+        """Let the coordinator forget this identity's ended detached runs of these names."""
+        return int(self._call("depin_release_cells", names=names))
 
     def cancel_cell(self, key: str) -> bool:
         return bool(self._call("depin_cancel_cell", key=key))
