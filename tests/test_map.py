@@ -187,6 +187,7 @@ def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_k
 
 def test_a_map_outlives_its_kernel_and_a_new_one_attaches_by_name(net):
     from depin_jupyter.kernel.mapping import attach
+    from depin_jupyter.protocol.rpc import Coordinator
 
     slow = _notebook_function("def slow(x):\n    import time\n    time.sleep(0.05)\n    return x * 3.0\n", "slow")
     ws = [net.start_worker(net.token("worker", f"outlive-v{i}"), wait=False)[0] for i in range(2)]
@@ -201,6 +202,13 @@ def test_a_map_outlives_its_kernel_and_a_new_one_attaches_by_name(net):
         assert 30 <= handle.n_done < 200, handle.status()  # mid-map, some results already in this kernel
         handle.cancel()
         session.close()  # the kernel goes, as a killed one's connection does
+        thief = cluster._connect_token(net.token("client", "outlive-thief"))
+        try:  # another identity neither sees the map nor can make the coordinator drop it
+            with pytest.raises(DepinUsageError, match="no map named 'outlive'"):
+                attach(thief, "outlive", timeout=5)
+            assert Coordinator.of_client(thief.client).release_cells([f"outlive[{i}]" for i in range(20)]) == 0
+        finally:
+            thief.close()
         again = cluster._connect_token(token)
         try:
             got = attach(again, "outlive", timeout=120)
