@@ -269,12 +269,7 @@ def _reattach(session: Session, namespace: dict[str, Any], name: str, timeout: f
                               f"depin.coordinator.result-ttl)")
     job = max(mine, key=lambda j: float(j.get("submitted") or 0))
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        answer = coordinator.wait_cell(str(job["key"]), 10.0)
-        if answer.get("state") not in ("queued", "pending"):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"background run {name!r} is still running")
+    answer = coordinator.wait_ended(str(job["key"]), deadline, f"background run {name!r}")
     if answer.get("state") != "finished" or answer.get("payload") is None:
         raise DepinUsageError(f"background run {name!r} ended {answer.get('state')}: {answer.get('error') or ''}")
     result = from_payload(answer["payload"])

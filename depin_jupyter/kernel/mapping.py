@@ -282,15 +282,8 @@ def attach(session: Any, name: str, *, timeout: float | None = None, out: str | 
         raise DepinUsageError(f"attach_map: no map named {name!r} on the coordinator for this identity (it may "
                               f"have finished in its own kernel, or expired after depin.coordinator.result-ttl)")
     deadline = None if timeout is None else time.monotonic() + timeout
-    answers = []
-    for job in batches:
-        while True:
-            answer = coordinator.wait_cell(str(job["key"]), 10.0, keep=True)
-            if answer.get("state") not in ("queued", "pending"):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"map {name!r} is still running on the coordinator")
-        answers.append(answer)
+    answers = [coordinator.wait_ended(str(j["key"]), deadline, f"map {name!r} on the coordinator", keep=True)
+               for j in batches]
     handle = _gathered(name, answers, out)
     _release(session, [str(j["name"]) for j in batches])
     return handle
@@ -321,6 +314,7 @@ def _gathered(name: str, answers: list[dict[str, Any]], out: str | None) -> MapH
         for i, (ok, value) in zip(indices, outs, strict=False):
             if ok:
                 handle.results[i], handle.done[i] = value, True
+                handle.errors.pop(i, None)  # a retry of an item that failed in another batch
                 handle._store(i, value)
             elif not handle.done[i]:
                 handle.errors[i] = str(value)
@@ -328,7 +322,5 @@ def _gathered(name: str, answers: list[dict[str, Any]], out: str | None) -> MapH
     for i in range(n):
         if not handle.done[i]:
             handle.errors.setdefault(i, f"its batch left no result ({lost})")
-    for i in [i for i in handle.errors if handle.done[i]]:
-        del handle.errors[i]
     handle.finished.set()
     return handle

@@ -106,9 +106,21 @@ class Coordinator:
     def wait_cell(self, key: str, timeout: float, keep: bool = False) -> dict[str, Any]:
         """``{"state": queued|pending|finished|error|cancelled|lost, "error": text, "payload": bytes?}``;
         ``keep``: a detached run stays on the coordinator after its result is handed over (`release_cells`)."""
-        if keep:
+        if keep:  # sent only when asked for: a coordinator of an earlier version knows no such argument
             return dict(self._call("depin_wait_cell", key=key, timeout=timeout, keep=True))
         return dict(self._call("depin_wait_cell", key=key, timeout=timeout))
+
+    def wait_ended(self, key: str, deadline: float | None, what: str, keep: bool = False) -> dict[str, Any]:
+        """`wait_cell` until the cell has ended (a reattaching kernel); TimeoutError naming ``what`` past
+        ``deadline`` (a `time.monotonic` value; None: no limit)."""
+        import time
+
+        while True:
+            answer = self.wait_cell(key, 10.0, keep=keep)
+            if answer.get("state") not in ("queued", "pending"):
+                return answer
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{what} is still running")
 
     def release_cells(self, names: list[str]) -> int:
         """Let the coordinator forget this identity's ended detached runs of these names."""
