@@ -1,7 +1,8 @@
 """Every Dask (and zarr/fsspec) internal depin relies on, named in one place and checked against what is installed.
 
 The code that uses them lives in `network/_scheduler.py` (the coordinator's scheduler), `worker/_dask.py`
-(the volunteer's worker) and `store/_io.py` (zarr's wrapped store, fsspec's exclusive create). A Dask upgrade
+(the volunteer's worker), `kernel/_dask.py` (the notebook's client) and `store/_io.py` (zarr's wrapped
+store, fsspec's exclusive create). A Dask upgrade
 that renames or drops one of these fails here, with the name, instead of breaking a volunteer network at
 run time. When this fails: adapt the module named in the failing case, then the line here.
 """
@@ -170,3 +171,23 @@ def test_zarr_and_fsspec_internals_the_store_uses():
 
     assert hasattr(AsyncFileSystem, "_pipe_file")
     assert fsspec is not None
+
+
+def test_client_reconnects_for_as_long_as_its_timeout_says():
+    """kernel/_dask.py lengthens ``Client._timeout``, which `Client._reconnect` reads as how long to keep
+    rejoining a lost scheduler before closing itself."""
+    from distributed import Client
+
+    from depin_jupyter.kernel._dask import keep_reconnecting
+
+    source = inspect.getsource(Client._reconnect)
+    assert "self._timeout" in source, "Client._reconnect no longer reads _timeout: adapt kernel/_dask.py"
+
+    class Stub:
+        _timeout = 10.0
+
+    stub = Stub()
+    keep_reconnecting(stub, 60)
+    assert stub._timeout == 60.0
+    keep_reconnecting(stub, 5)
+    assert stub._timeout == 60.0  # never shorter than the connect timeout

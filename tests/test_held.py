@@ -1,9 +1,10 @@
 """A coordinator killed (kill -9) and restarted still hands a new kernel the background runs that had
-finished, once, and names the ones it was running as lost (`network.held`): real `depin scheduler` /
+finished, once, and runs again the ones it was running (`network.held`): real `depin scheduler` /
 `depin worker` processes on 127.0.0.1."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -36,11 +37,36 @@ def test_held_results_are_whole_bounded_expire_and_name_no_path(tmp_path):
     (tmp_path / "held" / "0123.bin").write_bytes(b"orphan")
     held._paths("depin-run-short")[1].write_bytes(b"a")
     loaded = held.load(ttl=3600)
-    assert [(r.key, p) for r, p in loaded] == [(rec.key, b"abc")]  # expired, orphaned, torn ones are gone
+    assert [(h.record.key, h.payload) for h in loaded] == [(rec.key, b"abc")]  # expired, orphaned, torn: gone
     assert sorted(p.name for p in (tmp_path / "held").iterdir()) == sorted(
-        p.name for p in held._paths(rec.key))
+        p.name for p in held._paths(rec.key)[:2])
     held.drop(rec.key)
     assert held.load(ttl=3600) == []
+
+
+def test_a_running_background_runs_submission_is_kept_whole_and_bounded(tmp_path):
+    from depin_jupyter.network.held import HeldSubmission
+
+    held = HeldResults(tmp_path / "held")
+    sub = HeldSubmission(b"spec", b"inputs", None, {"workers": ["tls://w:1"]}, {"k": 2, "adaptive": True})
+    running = HeldRecord("depin-run-running", "r1", "m[0]", "sci", time.time(), "pending")
+    assert held.keep(running, None, limit=1 << 20, submission=sub)
+    assert held.keep(running, None, limit=1 << 20)  # written again while it runs: the submission stays
+    (again,) = held.load(ttl=3600)
+    assert again.submission == sub and again.payload is None
+    # Ended: the result replaces the submission (nothing left to run again).
+    assert held.keep(dataclasses.replace(running, state="finished", nbytes=2), b"ok", limit=1 << 20)
+    (ended,) = held.load(ttl=3600)
+    assert ended.submission is None and ended.payload == b"ok" and not held._paths(running.key)[2].exists()
+    # Too big to keep: the record is written without it (a restart names the run lost instead).
+    big = HeldRecord("depin-run-big", "r2", "m[1]", "sci", time.time(), "queued")
+    assert held.keep(big, None, limit=len(sub.encode()), submission=HeldSubmission(b"x" * 4096, b"", None, {}, None))
+    assert {h.record.key: h.submission for h in held.load(ttl=3600)}["depin-run-big"] is None
+    # A torn or forged submission file drops its run; nothing in it is executed or unpickled.
+    torn = HeldRecord("depin-run-torn", "r3", "m[2]", "sci", time.time(), "pending")
+    assert held.keep(torn, None, limit=1 << 20, submission=sub)
+    held._paths(torn.key)[2].write_bytes(b"\x93\x01")
+    assert "depin-run-torn" not in {h.record.key for h in held.load(ttl=3600)}
 
 
 @pytest.fixture
@@ -72,7 +98,7 @@ def test_a_killed_coordinator_restarted_still_hands_over_finished_background_run
         wait_for_workers(session, 1)
         background.submit(session, "import time\ntime.sleep(2)\nb = a + 1\n", {"a": 20},
                           RunOptions(replicas=1, no_store=True, name="kept"))
-        background.submit(session, "import time\ntime.sleep(120)\nc = 1\n", {},
+        background.submit(session, "import time\ntime.sleep(6)\nc = a * 2\n", {"a": 21},
                           RunOptions(replicas=1, no_store=True, name="inflight"))
     finally:
         session.close()  # its kernel goes before "kept" ends: nobody fetches it
@@ -88,8 +114,8 @@ def test_a_killed_coordinator_restarted_still_hands_over_finished_background_run
         ns: dict = {}
         background.wait(again, ns, "kept", timeout=60)
         assert ns["b"] == 21
-        with pytest.raises(DepinUsageError, match="ended lost: the coordinator restarted while it ran"):
-            background.wait(again, ns, "inflight", timeout=60)
+        background.wait(again, ns, "inflight", timeout=120)  # run again by the restarted coordinator
+        assert ns["c"] == 42
         assert _held_states(net) == {}  # both handed over: nothing kept on disk any more
         with pytest.raises(DepinUsageError, match="no background run named 'kept'"):
             background.wait(again, {}, "kept", timeout=5)  # handed over once, not twice
@@ -131,3 +157,32 @@ def test_another_identity_cannot_take_a_held_result(net):
         assert ns["secret"] == 42
     finally:
         owner.close()
+
+
+def test_a_map_completes_when_its_coordinator_is_killed_and_restarted_mid_map(net):
+    """kill -9 of the coordinator mid-map: the batches it was running are run again by the restarted one
+    (their submissions were written down), the kernel waits across the restart, and the map completes."""
+    import numpy as np
+
+    from depin_jupyter.kernel.mapping import map_items
+
+    ns: dict = {"__name__": "__main__", "np": np}
+    exec("def slow(x):\n    import time\n    time.sleep(0.05)\n    return np.float64(x) * 7\n", ns)
+    ws = [net.start_worker(net.token("worker", f"restart-v{i}"), wait=False)[0] for i in range(2)]
+    session = cluster._connect_token(net.token("client", "restart-sci"))
+    try:
+        wait_for_workers(session, 2)
+        handle = map_items(session, ns["slow"], range(200), name="survivor", batch=10, retries=0,
+                           options=RunOptions(replicas=1), wait_done=False)
+        deadline = time.monotonic() + 120
+        while handle.n_done < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 30 <= handle.n_done < 200, handle.status()  # mid-map
+        _kill_and_restart(net)
+        # retries=0: an item whose batch the restart lost would be named failed; none may be.
+        assert handle.result(timeout=240) == [7.0 * i for i in range(200)], handle.errors
+    finally:
+        session.close()
+        for w in ws:
+            w.terminate()
+            w.wait(60)

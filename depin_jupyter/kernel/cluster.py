@@ -174,7 +174,7 @@ class Session:
             self.session_file.unlink(missing_ok=True)
         self.inputs.clear()
         try:
-            self.client.close()
+            self.client.close(timeout=2 * (config.seconds("connect-timeout") or 10.0))
         finally:
             if self.cluster is not None:
                 self.cluster.close()
@@ -323,6 +323,10 @@ def _connect_token(text: str) -> Session:
             print(f"depin: the link to {token.address} is slow (round trip {rtt * 1000:.0f} ms): "
                   f"waiting up to {longer:.0f}s to join.")  # a note, not an error: stdout
             tried = longer
+    from depin_jupyter.kernel._dask import keep_reconnecting
+
+    # A coordinator restarting (after a crash) keeps the background runs and maps it holds: wait for it.
+    keep_reconnecting(client, config.seconds("reconnect-timeout") or timeout)
     return Session(client, None, f"volunteer network at {token.address} as {who!r} (results relayed, "
                                  f"decoded without pickle)", untrusted=True, token=token.encode())
 

@@ -193,15 +193,31 @@ class _GatewaySubmission(_Submission):
         threading.Thread(target=self._watch, name=f"depin-wait-{self.run_id}", daemon=True).start()
 
     def _watch(self) -> None:
+        gone_since: float | None = None
         while not self._stop.is_set():
             try:
                 answer = self.gateway.wait_cell(self.key, _GATEWAY_WAIT_S, keep=self.keep)
+                gone_since = None
             except Exception as e:  # noqa: BLE001 - the coordinator is gone: say so, do not hang
                 answer = {"state": "lost", "error": f"the coordinator stopped answering ({type(e).__name__}: {e})"}
+                gone_since = gone_since or time.monotonic()
+                if self._may_come_back(e, gone_since):
+                    time.sleep(0.5)
+                    continue
             if answer.get("state") in _TERMINAL:
                 self.final = answer
                 self.queue.put(_DONE)
                 return
+
+    def _may_come_back(self, error: Exception, since: float) -> bool:
+        """Whether a failed wait is worth trying again: the coordinator holds a detached run (in its state
+        dir) across a restart, and this kernel's client is still rejoining it (`depin.reconnect-timeout`)."""
+        from distributed.comm.core import CommClosedError
+
+        transport = isinstance(error, (OSError, CommClosedError, TimeoutError))
+        window = config.seconds("reconnect-timeout") or 0.0
+        return (self.detached and transport and self.client.status not in ("closed", "closing")
+                and time.monotonic() - since < window)
 
     def cancel(self, timed_out: bool = False) -> None:
         self._stop.set()

@@ -339,6 +339,7 @@ class DepinScheduler(Scheduler):
 
     def _housekeeping(self) -> None:
         self._save()
+        self.gateway.resume()  # background runs a killed coordinator process was running: run again
         self.gateway.expire()
         for client, name in list(self.lab.client_names.items()):  # a revoked student is disconnected
             if client in self.client_comms and self.state.revoked(name):

@@ -136,26 +136,51 @@ class CellGateway:
 
         # background runs written down in the state dir: a restarted coordinator still has them (`network.held`)
         self.held = HeldResults(sched.state.path / "held")
+        self._resumable: dict[str, Any] = {}  # key -> HeldSubmission of a run to submit again (`resume`)
         self._restore()
 
     def _restore(self) -> None:
-        """The background runs a previous coordinator process wrote down: finished ones with their results,
-        the ones it was running as lost (their volunteers' results went with it)."""
-        for rec, payload in self.held.load(config.seconds("coordinator.result-ttl") or 3600.0):
+        """The background runs a previous coordinator process wrote down: finished ones with their results;
+        the ones it was running are submitted again (`resume`) from the submission kept with them (their
+        volunteers' work went with it), or named lost where none was kept."""
+        for held in self.held.load(config.seconds("coordinator.result-ttl") or 3600.0):
+            rec = held.record
             state, error = rec.state, rec.error
-            if state in ("queued", "pending"):
+            again = state in ("queued", "pending") and held.submission is not None
+            if state in ("queued", "pending") and not again:
                 state, error = "lost", "the coordinator restarted while it ran, and its result went with it: run it again"
             run = GatewayRun(rec.key, rec.run_id, rec.name, rec.owner, None, True, submitted=rec.submitted,
-                             state=state, error=error, worker=rec.worker, done=asyncio.Event(), payload=payload,
+                             state="queued" if again else state, error=error, worker=rec.worker,
+                             done=None if again else asyncio.Event(), payload=held.payload,
                              replication=rec.replication)
-            run.done.set()  # type: ignore[union-attr]
+            if again:
+                self._resumable[run.key] = held.submission  # type: ignore[assignment]
+            else:
+                run.done.set()  # type: ignore[union-attr]
             self.runs[run.key] = run
             self.by_run_id[run.run_id] = run.key
         if self.runs:
-            logger.info("holding %d background run(s) kept by the previous coordinator process", len(self.runs))
+            logger.info("holding %d background run(s) kept by the previous coordinator process, %d to run again",
+                        len(self.runs), len(self._resumable))
 
-    async def _keep(self, run: GatewayRun) -> None:
-        """Write a background run down (again): submitted, or ended with its result."""
+    def resume(self) -> None:
+        """Submit again the background runs the previous coordinator process was running (once it listens)."""
+        for key, submission in list(self._resumable.items()):
+            del self._resumable[key]
+            run = self.runs.get(key)
+            if run is not None and run.state == "queued":
+                self.sched.in_background(self._launch_held, run, submission)
+
+    async def _launch_held(self, run: GatewayRun, submission: Any) -> None:
+        try:
+            await self._launch(run, submission)
+        except Exception as e:  # noqa: BLE001 - its owner is told why, as text
+            logger.warning("could not run %s again after the restart: %s", run.key, e)
+            run.state, run.error = "lost", f"the coordinator restarted while it ran and could not run it again ({e})"
+            await self._keep(run)
+
+    async def _keep(self, run: GatewayRun, submission: Any = None) -> None:
+        """Write a background run down (again): submitted (with what runs it again), or ended with its result."""
         from depin_jupyter.network.held import HeldRecord
 
         payload = None
@@ -164,7 +189,8 @@ class CellGateway:
         record = HeldRecord(run.key, run.run_id, run.name, run.owner, run.submitted, run.state, run.error,
                             run.worker, run.replication, len(payload) if payload is not None else 0)
         try:
-            await asyncio.to_thread(self.held.keep, record, payload, config.nbytes("coordinator.relay-max-bytes"))
+            await asyncio.to_thread(self.held.keep, record, payload, config.nbytes("coordinator.relay-max-bytes"),
+                                    submission)
         except OSError:
             logger.exception("could not keep background run %s in %s", run.key, self.held.root)
         if run.key not in self.runs:  # fetched (or forgotten) while it was being written: not to be handed again
@@ -213,19 +239,31 @@ class CellGateway:
     # --- submit, wait, cancel ---
     async def submit(self, name: str, client_id: str | None, key: str, spec: bytes, inputs: bytes,
                      blob: bytes | None, placement: Any, detached: bool = False, replication: Any = None) -> str:
+        from depin_jupyter.network.held import HeldSubmission
+
         if not isinstance(key, str) or not key.startswith(RUN_KEY_PREFIX) or key in self.runs or key in self.sched.tasks:
             raise TrustError(f"refused cell key {key!r}: it must be a new {RUN_KEY_PREFIX}... key")
-        where = check_placement(placement)
+        submission = HeldSubmission(spec, inputs, blob, placement, replication)
+        check_placement(placement)
         parsed = decode_spec(spec, max_bytes=1 << 24)
+        Replication.parse(replication)
         if self.sched.lab.client_names.get(client_id or "") != name:
             client_id = None  # not this identity's connection: the run is tied to no client
         run = GatewayRun(key, parsed["run_id"], str(parsed.get("name") or "cell"), name, client_id, bool(detached))
         self.runs[key] = run
         self.by_run_id[run.run_id] = key
         if run.detached:
-            await self._keep(run)
+            await self._keep(run, submission)  # a restarted coordinator runs it again from this
+        await self._launch(run, submission)
+        return "OK"
 
-        rep = Replication.parse(replication)
+    async def _launch(self, run: GatewayRun, submission: Any) -> None:
+        """Admit ``run`` under its owner's lab quota and start it: one Dask task, or replicas judged here."""
+        spec, inputs, blob = submission.spec, submission.inputs, submission.blob
+        where = check_placement(submission.placement)
+        parsed = decode_spec(spec, max_bytes=1 << 24)
+        rep = Replication.parse(submission.replication)
+        key, name = run.key, run.owner
 
         async def start() -> None:
             run.state = "pending"
@@ -246,9 +284,8 @@ class CellGateway:
             if run.detached:
                 self.sched.in_background(self._keep, run)
 
-        await self.sched.lab.admit(client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name,
+        await self.sched.lab.admit(run.client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name,
                                    tracked=True)
-        return "OK"
 
     async def _task(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None,
                     where: dict[str, Any]) -> tuple[Any, asyncio.Event]:
