@@ -55,6 +55,41 @@ def test_a_map_of_non_numbers_keeps_them_in_the_handle_and_a_bad_function_is_ref
         map_items(depin_session, [1, 2], range(3))
 
 
+def test_cancel_stops_the_batches_already_running_and_keeps_what_was_done(depin_session):
+    from depin_jupyter.kernel.jobs import list_jobs
+
+    nap = _notebook_function("def nap(x):\n    import time\n    if x >= 4:\n        time.sleep(120)\n"
+                             "    return x\n", "nap")
+    handle = map_items(depin_session, nap, range(8), name="naps", batch=1, retries=0, wait_done=False)
+    deadline = time.monotonic() + 60
+    while handle.n_done < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while not [j for j in list_jobs(depin_session.client) if j.map_name == "naps"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the sleepers are listed once their submission is registered
+    assert handle.n_done == 4, handle.status()  # four done, the sleepers queued or running
+    assert handle.cancel() >= 1
+    assert handle.finished.wait(60), handle.status()  # the running ones were stopped, not waited for
+    assert handle.results[:4] == [0, 1, 2, 3] and handle.n_done == 4
+    assert set(handle.errors) == {4, 5, 6, 7} and all("cancelled" in e for e in handle.errors.values())
+    assert not [j for j in list_jobs(depin_session.client) if j.map_name == "naps"]
+
+
+def test_jobs_name_a_maps_batches_and_show_its_progress():
+    from depin_jupyter.kernel.jobs import Job, format_jobs
+
+    now = time.time()
+    jobs = [Job("r1", "sq[0]", "ann@h", "k1", now, "running", "tls://w:1"),
+            Job("r2", "sq[1]", "ann@h", "k2", now, "queued", None),
+            Job("r3", "sq[2]", "ann@h", "k3", now, "finished", None),
+            Job("r4", "cell", "ann@h", "k4", now, "running", "tls://w:2")]
+    assert [j.map_name for j in jobs] == ["sq", "sq", "sq", None]
+    assert jobs[0].matches("sq") and jobs[0].matches("r1") and not jobs[3].matches("sq")
+    assert not jobs[3].matches(None) and not jobs[0].matches("")  # --all/--mine pass no target
+    text = format_jobs(jobs)
+    assert "map sq (ann@h): 3 batch(es) here: 1 running, 1 waiting, 1 ended" in text
+    assert "depin cancel sq" in text and text.count("\nmap ") == 1
+
+
 # ------------------------------------------------------------------ the cell form: %%depin --map NAME=ITEMS
 
 def test_the_cell_form_runs_the_body_per_item_and_binds_lists_in_item_order(shell):
@@ -200,8 +235,7 @@ def test_a_map_outlives_its_kernel_and_a_new_one_attaches_by_name(net):
         while handle.n_done < 30 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert 30 <= handle.n_done < 200, handle.status()  # mid-map, some results already in this kernel
-        handle.cancel()
-        session.close()  # the kernel goes, as a killed one's connection does
+        session.close()  # the kernel goes, as a killed one's connection does (nothing cancels the map)
         thief = cluster._connect_token(net.token("client", "outlive-thief"))
         try:  # another identity neither sees the map nor can make the coordinator drop it
             with pytest.raises(DepinUsageError, match="no map named 'outlive'"):
@@ -224,3 +258,28 @@ def test_a_map_outlives_its_kernel_and_a_new_one_attaches_by_name(net):
         for w in ws:
             w.terminate()
             w.wait(60)
+
+
+def test_cancelling_a_map_on_a_volunteer_network_stops_its_batches_on_the_coordinator(net):
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    nap = _notebook_function("def nap(x):\n    import time\n    time.sleep(120)\n    return x\n", "nap")
+    w, _ = net.start_worker(net.token("worker", "cancel-v1"))
+    session = cluster._connect_token(net.token("client", "cancel-sci"))
+    try:
+        wait_for_workers(session, 1)
+        handle = map_items(session, nap, range(12), name="naps", batch=2, retries=0,
+                           options=RunOptions(replicas=1), wait_done=False)
+        coordinator = Coordinator.of_client(session.client)
+        deadline = time.monotonic() + 60
+        while not any(j["state"] == "running" for j in coordinator.jobs()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert handle.cancel() >= 1
+        assert handle.finished.wait(60), handle.status()  # stopped on the volunteer, not waited for
+        assert len(handle.errors) == 12 and all("cancelled" in e for e in handle.errors.values())
+        left = [j for j in coordinator.jobs() if j["state"] in ("queued", "pending", "running")]
+        assert not left, left
+    finally:
+        session.close()
+        w.terminate()
+        w.wait(60)

@@ -57,7 +57,8 @@ def jobs(scheduler: str | None) -> None:
 @click.option("--all", "all_", is_flag=True, help="cancel every run on the cluster")
 @_scheduler_option
 def cancel(runs: tuple[str, ...], mine: bool, all_: bool, scheduler: str | None) -> None:
-    """Cancel RUNS (run ids or names), --mine or --all; their workers stop the cells."""
+    """Cancel RUNS (run ids, names, or a map's name: all its batches), --mine or --all; their workers stop
+    the cells."""
     from depin_jupyter.kernel.jobs import cancel_jobs, list_jobs
 
     if not (runs or mine or all_):
@@ -65,8 +66,8 @@ def cancel(runs: tuple[str, ...], mine: bool, all_: bool, scheduler: str | None)
     client, untrusted, me = _client(scheduler)
     with client:
         live = list_jobs(client, untrusted)
-        chosen = [j for j in live if all_ or (mine and j.owner == me) or j.run_id in runs or j.name in runs]
-        unknown = [r for r in runs if not any(r in (j.run_id, j.name) for j in live)]
+        chosen = [j for j in live if all_ or (mine and j.owner == me) or any(j.matches(r) for r in runs)]
+        unknown = [r for r in runs if not any(j.matches(r) for j in live)]
         for j in cancel_jobs(client, chosen, untrusted):
             click.echo(f"cancelled {j.run_id} ({j.name}, {j.owner}, {j.age:.0f}s old)")
         if unknown:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 __all__ = ["Job", "owner", "register", "list_jobs", "cancel_jobs"]
 
 _PREFIX = ("depin", "runs")
+_BATCH = re.compile(r"(.+)\[\d+\]")
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,6 +42,16 @@ class Job:
     @property
     def age(self) -> float:
         return time.time() - self.started
+
+    @property
+    def map_name(self) -> str | None:
+        """The map this run is a batch of (`depin_jupyter.map` names its batches ``NAME[i]``), if any."""
+        found = _BATCH.fullmatch(self.name)
+        return found.group(1) if found else None
+
+    def matches(self, target: str | None) -> bool:
+        """Whether ``target`` names this run: its run id, its name, or the map it is a batch of."""
+        return bool(target) and (target in (self.run_id, self.name) or self.map_name == target)
 
 
 def register(client: Any, run_id: str, key: str, name: str) -> None:
@@ -98,9 +110,21 @@ def cancel_jobs(client: Any, jobs: list[Job], untrusted: bool = False) -> list[J
 
 
 def format_jobs(jobs: list[Job]) -> str:
+    """A table of the runs, then a line per map: how many of its batches run, wait, or ended."""
     if not jobs:
         return "no runs in flight"
     rows = [("run", "name", "owner", "age", "state", "worker")]
     rows += [(j.run_id, j.name, j.owner, f"{j.age:.0f}s", j.state, j.worker or "-") for j in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
+    lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)) for r in rows]
+    maps: dict[tuple[str, str], list[Job]] = {}
+    for j in jobs:
+        if j.map_name is not None:
+            maps.setdefault((j.owner, j.map_name), []).append(j)
+    for (who, name), batches in maps.items():
+        running = sum(j.state in ("running", "processing") for j in batches)
+        ended = sum(j.state in ("finished", "error", "cancelled", "lost", "memory") for j in batches)
+        lines.append(f"map {name} ({who}): {len(batches)} batch(es) here: {running} running, "
+                     f"{len(batches) - running - ended} waiting, {ended} ended and kept for attach_map "
+                     f"(`depin cancel {name}` stops it)")
+    return "\n".join(lines)

@@ -326,7 +326,7 @@ def _cancel(args: Any) -> None:
         raise UsageError("not connected: nothing to cancel (%depin connect first)")
     live = list_jobs(session.client, session.untrusted)
     me = session.identity or owner()
-    chosen = [j for j in live if args.all or (args.mine and j.owner == me) or args.target in (j.run_id, j.name)]
+    chosen = [j for j in live if args.all or (args.mine and j.owner == me) or j.matches(args.target)]
     if args.target and not chosen:
         raise UsageError(f"no run in flight is called {args.target!r} (see %depin jobs)")
     for j in cancel_jobs(session.client, chosen, session.untrusted):

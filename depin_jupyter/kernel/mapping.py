@@ -78,6 +78,7 @@ class MapHandle:
         self.finished = threading.Event()
         self.cancelled = False
         self.elapsed: float | None = None       # seconds, once finished
+        self._session: Any = None               # where its batches run (what `cancel` cancels them on)
         self._array: Any = None
         self._mask: Any = None
 
@@ -100,9 +101,23 @@ class MapHandle:
                                f"others are usable.")
         return list(self.results)
 
-    def cancel(self) -> None:
-        """Submit no more batches (those running finish)."""
+    def cancel(self) -> int:
+        """Stop the map: no more batches are submitted and those queued or running on the pool are cancelled
+        (their workers stop them); the items done so far stay. The number of batches cancelled."""
         self.cancelled = True
+        return self._cancel_listed()
+
+    def _cancel_listed(self) -> int:
+        """Cancel this map's batches the pool lists as queued or running (the map's driver calls this again
+        while batches come back: one submitted just before `cancel` may be listed only a moment later)."""
+        if self._session is None or self.finished.is_set():
+            return 0
+        from depin_jupyter.kernel.jobs import cancel_jobs, list_jobs
+
+        session = self._session
+        mine = [j for j in list_jobs(session.client, session.untrusted) if j.map_name == self.name
+                and j.state not in ("finished", "error", "cancelled", "lost")]
+        return len(cancel_jobs(session.client, mine, session.untrusted))
 
     def _store(self, index: int, value: Any) -> None:
         """Write one numeric result into the Zarr array (created from the first one)."""
@@ -166,6 +181,7 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
     """Drive the batches of one map (one `%%depin` cell each) until every item is done or failed."""
     values = list(items)
     handle = MapHandle(name, len(values), out)
+    handle._session = session
     if not values:
         handle.finished.set()
         return handle
@@ -217,16 +233,18 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
                 if time.perf_counter() - shown >= _PROGRESS_EVERY_S:
                     progress.update("running", f"map {name}: {handle.status()}")
                     shown = time.perf_counter()
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for f in finished:
                     collect(*f.result())
+                if handle.cancelled and pending:
+                    handle._cancel_listed()
         handle.running = 0
         handle.elapsed = time.perf_counter() - started
         if detach:
             _release(session, used)
         for i in range(handle.n):
-            if not handle.done[i] and i not in handle.errors:
-                handle.errors[i] = "cancelled before it ran"
+            if not handle.done[i] and (i not in handle.errors or handle.cancelled):
+                handle.errors[i] = "cancelled (its map was cancelled before it ran or while it ran)"
         progress.update("failed" if handle.errors else "done", f"map {name}: {handle.status()}")
         handle.finished.set()
 
