@@ -220,6 +220,64 @@ def test_a_background_cell_on_a_volunteer_network_binds_later_and_outlives_its_k
 
 # ------------------------------------------------------------------ a map outlives its kernel
 
+_KERNEL = """\
+import sys, time
+from depin_jupyter.kernel import cluster
+from depin_jupyter.kernel.mapping import map_items
+from depin_jupyter.kernel.records import RunOptions
+
+def slow(x):
+    import time
+    time.sleep(0.05)
+    return x * 3.0
+
+session = cluster._connect_token(sys.argv[1])
+deadline = time.monotonic() + 60
+while len(session.workers(max_age=0)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.2)
+handle = map_items(session, slow, range(200), name="killed", batch=10, retries=0,
+                   options=RunOptions(replicas=1), wait_done=False)
+while handle.n_done < 30:
+    time.sleep(0.05)
+print("mid-map", handle.n_done, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_map_survives_a_sigkilled_kernel_process_and_a_sigkilled_volunteer(net, tmp_path):
+    """Acceptance: the kernel process (a real one, SIGKILLed: no goodbye) and one of the two volunteers die
+    mid-map; a new kernel of the same identity gets all 200 items by name."""
+    import subprocess
+    import sys
+
+    from volunteer_net import _env, wait_for_text
+
+    from depin_jupyter.kernel.mapping import attach
+
+    w1, _ = net.start_worker(net.token("worker", "sigkill-v1"))
+    w2, _ = net.start_worker(net.token("worker", "sigkill-v2"))
+    token = net.token("client", "sigkill-sci")
+    log = tmp_path / "kernel.log"
+    kernel = subprocess.Popen([sys.executable, "-c", _KERNEL, token], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              env=_env({"DASK_DEPIN__STORE__ENABLED": "False"}))
+    try:
+        wait_for_text(log, "mid-map", kernel, timeout=180)
+        kernel.send_signal(signal.SIGKILL)
+        w2.send_signal(signal.SIGKILL)  # its batch in flight is run again on the other volunteer
+        kernel.wait(10)
+        again = cluster._connect_token(token)
+        try:
+            got = attach(again, "killed", timeout=180)
+            assert got.n == 200 and got.n_done == 200 and not got.errors, got.status()
+            assert got.results == [i * 3.0 for i in range(200)]
+        finally:
+            again.close()
+    finally:
+        if kernel.poll() is None:
+            kernel.kill()
+        w1.terminate()
+        w1.wait(60)
+
 def test_a_map_outlives_its_kernel_and_a_new_one_attaches_by_name(net):
     from depin_jupyter.kernel.mapping import attach
     from depin_jupyter.protocol.rpc import Coordinator
