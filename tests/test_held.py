@@ -186,3 +186,44 @@ def test_a_map_completes_when_its_coordinator_is_killed_and_restarted_mid_map(ne
         for w in ws:
             w.terminate()
             w.wait(60)
+
+
+def test_inputs_held_on_disk_are_whole_named_by_digest_and_bounded(tmp_path):
+    from depin_jupyter.network.relay import InputStore
+
+    root = tmp_path / "inputs"
+    store = InputStore(100, root)
+    assert store.put("tok-a/../../x", b"a" * 40, 100) and store.put("tok-b", b"b" * 40, 100)
+    assert {p.parent for p in root.iterdir()} == {root} and not (tmp_path / "x").exists()
+    assert store.put("tok-c", b"c" * 40, 100)  # over 100 bytes: the oldest goes, its file with it
+    assert len(list(root.glob("*.in"))) == 2 and store.has(["tok-a/../../x"]) == []
+    (root / "feed.in.partial-0").write_bytes(b"torn")  # a write a kill interrupted
+    (root / "0123.in").write_bytes(b"\x00\x00\x00\x05tok-c" + b"forged")  # not named after its key
+    again = InputStore(100, root)  # a restarted coordinator
+    assert again.has(["tok-b", "tok-c"]) == ["tok-b", "tok-c"] and again.get("tok-c") == b"c" * 40
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in (again._path("tok-b"),
+                                                                             again._path("tok-c")))
+    assert not InputStore(100, root).put("big", b"x" * 101, 100)
+
+
+def test_a_restarted_coordinator_still_holds_the_inputs_it_was_sent(net):
+    """An 8 MiB input sent before a kill -9 is not sent again after the restart: the coordinator kept it in
+    its state dir, the volunteer (rejoined) fetches it from there."""
+    import numpy as np
+
+    from depin_jupyter.kernel import runner
+
+    net.start_worker(net.token("worker", "inputs-v1"))
+    session = cluster._connect_token(net.token("client", "inputs-sci"))
+    try:
+        wait_for_workers(session, 1)
+        ns = {"a": np.random.default_rng(5).random(2**20)}  # 8 MiB
+        out = runner.run_cell(session, "t = float(a.sum())", ns, RunOptions(replicas=1))
+        assert out.sent_bytes >= ns["a"].nbytes and out.reused_inputs == []
+        _kill_and_restart(net)
+        wait_for_workers(session, 1, timeout=120)  # the kernel's client and the volunteer rejoined
+        out = runner.run_cell(session, "u = float((a * 2).sum())", ns, RunOptions(replicas=1))
+        assert ns["u"] == float((ns["a"] * 2).sum())
+        assert out.reused_inputs == ["a"] and out.sent_bytes < 64 * 1024, (out.reused_inputs, out.sent_bytes)
+    finally:
+        session.close()

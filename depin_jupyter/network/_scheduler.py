@@ -9,6 +9,7 @@ a Dask upgrade that changes one fails that test, not the volunteer network at ru
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -104,7 +105,7 @@ class DepinScheduler(Scheduler):
         self.credits: dict[str, dict[str, Any]] = state.credits()
         self.credits_dirty = False
         self.relay = ResultRelay()
-        self.inputs = InputStore(config.nbytes("coordinator.input-cache-bytes"))
+        self.inputs = InputStore(config.nbytes("coordinator.input-cache-bytes"), state.path / "inputs")
         self.reputation: dict[str, dict[str, Any]] = state.reputation()
         self.reputation_dirty = False
         # task key -> (volunteer, kind, raw seconds, normalized credit) of recent work, so a replica
@@ -224,7 +225,8 @@ class DepinScheduler(Scheduler):
 
     async def depin_input_put(self, key: str, data: bytes) -> str:
         """Hold a serialized input under its content key; "too-large" if it cannot fit at all."""
-        return "OK" if self.inputs.put(key, data, config.nbytes("coordinator.input-cache-bytes")) else "too-large"
+        limit = config.nbytes("coordinator.input-cache-bytes")
+        return "OK" if await asyncio.to_thread(self.inputs.put, str(key), bytes(data), limit) else "too-large"
 
     async def depin_input_has(self, keys: list[str]) -> list[str]:
         return self.inputs.has(keys)
