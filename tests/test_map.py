@@ -244,15 +244,14 @@ time.sleep(600)
 """
 
 
-def test_a_map_survives_a_sigkilled_kernel_process_and_a_sigkilled_volunteer(net, tmp_path):
+def test_a_map_survives_a_sigkilled_kernel_process_and_a_sigkilled_volunteer(net, tmp_path, ip):
     """Acceptance: the kernel process (a real one, SIGKILLed: no goodbye) and one of the two volunteers die
-    mid-map; a new kernel of the same identity gets all 200 items by name."""
+    mid-map; a new kernel of the same identity gets all 200 items by name (`%depin wait NAME`)."""
     import subprocess
     import sys
 
+    from conftest import run_ok
     from volunteer_net import _env, wait_for_text
-
-    from depin_jupyter.kernel.mapping import attach
 
     w1, _ = net.start_worker(net.token("worker", "sigkill-v1"))
     w2, _ = net.start_worker(net.token("worker", "sigkill-v2"))
@@ -266,11 +265,16 @@ def test_a_map_survives_a_sigkilled_kernel_process_and_a_sigkilled_volunteer(net
         w2.send_signal(signal.SIGKILL)  # its batch in flight is run again on the other volunteer
         kernel.wait(10)
         again = cluster._connect_token(token)
+        saved, cluster._session = cluster._session, again
         try:
-            got = attach(again, "killed", timeout=180)
+            run_ok(ip, "%depin wait killed")  # no background run of that name: the map is attached
+            got = ip.user_ns.pop("killed")
             assert got.n == 200 and got.n_done == 200 and not got.errors, got.status()
             assert got.results == [i * 3.0 for i in range(200)]
+            with pytest.raises(Exception, match="no background run named 'killed'.*nor is there a map"):
+                run_ok(ip, "%depin wait killed")  # attached once: released on the coordinator
         finally:
+            cluster._session = saved
             again.close()
     finally:
         if kernel.poll() is None:

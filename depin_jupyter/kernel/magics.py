@@ -216,12 +216,10 @@ class DepinMagics(Magics):
         if args.command == "cancel":
             return _cancel(args)
         if args.command == "wait":
-            from depin_jupyter.kernel import background
-
             session = cluster.current_session()
             if session is None:
                 raise UsageError("not connected: there is nothing to wait for")
-            _usage(background.wait, session, self._shell.user_ns, args.target)
+            _usage(_wait, session, self._shell.user_ns, args.target)
             return None
         if args.command == "runs":
             from depin_jupyter.store import open_store
@@ -333,6 +331,25 @@ def _cancel(args: Any) -> None:
         print(f"depin: cancelled {j.run_id} ({j.name}, {j.owner}, {j.age:.0f}s old)")
     if not chosen:
         print("depin: nothing to cancel")
+
+
+def _wait(session: Any, namespace: dict[str, Any], target: str | None) -> None:
+    """`%depin wait [NAME]`: bind a background run; on a volunteer network NAME may also be a map an earlier
+    kernel of this identity left there (bound to NAME as its handle: ``NAME.results``, ``NAME.errors``)."""
+    from depin_jupyter.kernel import background, mapping
+
+    try:
+        background.wait(session, namespace, target)
+    except DepinUsageError as no_run:
+        if not (target and target.isidentifier() and session.untrusted):
+            raise
+        try:
+            handle = mapping.attach(session, target)
+        except DepinUsageError:
+            raise DepinUsageError(f"{no_run}; nor is there a map of that name") from None
+        namespace[target] = handle
+        print(f"depin: map {target!r} attached ({handle.status()}); bound {target} ({target}.results, "
+              f"{target}.errors)")
 
 
 def _usage(func: Any, *args: Any, **kwargs: Any) -> Any:
