@@ -88,3 +88,15 @@ def test_worker_with_older_numpy_is_refused(shell, depin_session, old_numpy_venv
             p.terminate()
             p.wait(10)
     assert run_ok(shell, "%%depin\nok = 1\nok") == 1
+
+
+def test_a_cell_right_after_its_workers_died_is_not_refused_as_missing_packages(shell, depin_session):
+    """Workers that died since the kernel last listed them cannot say what they have: that is not "not
+    installed" (a cell importing matplotlib was refused right after both workers restarted)."""
+    from conftest import run, run_ok
+
+    for name in ("0", "1"):  # both embedded workers die (their nannies start new ones)
+        res = run(shell, f"%%depin --worker {name} --retries 0\nimport os\nos._exit(1)")
+        assert not res.success
+    assert run_ok(shell, "%%depin\nimport matplotlib\nv = matplotlib.__version__\nv") == \
+        __import__("matplotlib").__version__

@@ -58,8 +58,10 @@ def test_a_map_of_non_numbers_keeps_them_in_the_handle_and_a_bad_function_is_ref
 def test_cancel_stops_the_batches_already_running_and_keeps_what_was_done(depin_session):
     from depin_jupyter.kernel.jobs import list_jobs
 
-    nap = _notebook_function("def nap(x):\n    import time\n    if x >= 4:\n        time.sleep(120)\n"
-                             "    return x\n", "nap")
+    # Short sleeps: the cancelled cell's thread stops between two (one long C call would have its worker
+    # process restarted, and the next test would find the cluster restarting).
+    nap = _notebook_function("def nap(x):\n    import time\n    if x >= 4:\n        for _ in range(1200):\n"
+                             "            time.sleep(0.1)\n    return x\n", "nap")
     handle = map_items(depin_session, nap, range(8), name="naps", batch=1, retries=0, wait_done=False)
     deadline = time.monotonic() + 60
     while handle.n_done < 4 and time.monotonic() < deadline:
@@ -72,6 +74,7 @@ def test_cancel_stops_the_batches_already_running_and_keeps_what_was_done(depin_
     assert handle.results[:4] == [0, 1, 2, 3] and handle.n_done == 4
     assert set(handle.errors) == {4, 5, 6, 7} and all("cancelled" in e for e in handle.errors.values())
     assert not [j for j in list_jobs(depin_session.client) if j.map_name == "naps"]
+    assert map_items(depin_session, nap, range(3), name="after").result(timeout=60) == [0, 1, 2]  # usable
 
 
 def test_jobs_name_a_maps_batches_and_show_its_progress():

@@ -61,6 +61,7 @@ class Session:
         self.description = description
         self.inputs = InputCache()
         self.streams = StreamDispatcher(client)
+        self.end_watcher: Any = None  # volunteer networks: one long poll for all cells' ends (`kernel.watch`)
         self.cpu_fallback_said = False
         self.few_volunteers_said = False
         self.deps_said: set[str] = set()  # files the notebook was told to declare with --deps
@@ -132,6 +133,11 @@ class Session:
     def worker_versions(self, workers: list[str], packages: list[str]) -> dict[str, dict[str, str | None]]:
         """Package versions on ``workers``: asked of each worker, or as volunteers advertised them."""
         if not self.untrusted:
+            if self.env.unknown(workers, packages):
+                # Workers not asked yet: new ones, or the list is from before a worker died (asking a dead one
+                # waits for Dask's connect timeout). A fresh list first; it costs a round trip only then.
+                live = {w.address for w in self.workers(max_age=0)}
+                workers = [w for w in workers if w in live]
             return self.env.versions(self.client, workers, packages)
         info = self._advertised(workers)
         out = {}
@@ -176,6 +182,8 @@ class Session:
         try:
             self.client.close(timeout=2 * (config.seconds("connect-timeout") or 10.0))
         finally:
+            if self.end_watcher is not None:  # after the client: a map's batches stay on the coordinator
+                self.end_watcher.close()
             if self.cluster is not None:
                 self.cluster.close()
 

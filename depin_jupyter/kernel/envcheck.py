@@ -95,16 +95,23 @@ class EnvironmentCache:
     def __init__(self) -> None:
         self._known: dict[str, dict[str, str | None]] = {}
 
+    def unknown(self, workers: Iterable[str], packages: list[str]) -> list[str]:
+        """The workers not yet asked about all of ``packages``."""
+        return [w for w in workers if any(p not in self._known.get(w, {}) for p in packages)]
+
     def versions(self, client: Any, workers: Iterable[str], packages: list[str]) -> dict[str, dict[str, str | None]]:
         workers = list(workers)
-        missing = [w for w in workers if any(p not in self._known.get(w, {}) for p in packages)]
+        missing = self.unknown(workers, packages)
         if missing:
             wanted = sorted({p for w in missing for p in packages if p not in self._known.get(w, {})})
             answers = client.run(worker_versions, wanted, workers=missing, on_error="return")
             for w, ans in answers.items():
                 if isinstance(ans, dict):
                     self._known.setdefault(w, {}).update(ans)
-        return {w: self._known.get(w, {}) for w in workers if w in self._known}
+        # A worker that did not answer (it died since the worker list was read) is left out: what it never
+        # said is not "not installed" (that made a cell fail right after a worker restart).
+        return {w: known for w in workers if (known := self._known.get(w)) is not None
+                and all(p in known for p in packages)}
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop workers no longer connected (a restarted worker may run another environment)."""

@@ -22,6 +22,7 @@ from depin_jupyter.kernel.failures import Death, explain_death, explain_exceptio
 from depin_jupyter.kernel.jobs import register as register_job
 from depin_jupyter.kernel.records import InputsLost, Progress, RemoteCellError, WorkerDied
 from depin_jupyter.kernel.stream import emit
+from depin_jupyter.kernel.watch import EndWatcher
 from depin_jupyter.protocol.constants import run_key
 from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.rpc import Coordinator
@@ -35,7 +36,6 @@ _DONE: Any = object()  # queue sentinel: the run's future finished
 _REGISTER_AFTER_S = 0.2  # runs still going after this long are listed on the scheduler
 # Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
 _CANCEL_GRACE_S = 5.0
-_GATEWAY_WAIT_S = 10.0  # one long poll of the coordinator for a cell's end
 _TERMINAL = frozenset({"finished", "error", "cancelled", "lost"})
 
 
@@ -181,53 +181,36 @@ class _GatewaySubmission(_Submission):
         self.keep = False  # a map's batch: the coordinator keeps it after handing its result over, until released
         self.final: dict[str, Any] = {}
         self.replication: dict[str, Any] | None = None  # how many volunteers, how close (the coordinator judges)
-        self._stop = threading.Event()
 
     def submit(self, args: dict[str, Any], placement: dict[str, Any]) -> None:
         from depin_jupyter.protocol.cells import encode_inputs, encode_spec
 
         inputs, blob, _ = encode_inputs(args)
-        self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
-                                 client_id=getattr(self.client, "id", None), detached=self.detached,
-                                 replication=self.replication)
-        threading.Thread(target=self._watch, name=f"depin-wait-{self.run_id}", daemon=True).start()
+        watcher = watcher_of(self.session)  # one long poll for all of this kernel's cells
+        watcher.add(self)
+        try:
+            self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
+                                     client_id=getattr(self.client, "id", None), detached=self.detached,
+                                     replication=self.replication)
+        except BaseException:
+            watcher.remove(self.key)
+            raise
+        watcher.submitted(self.key)
 
-    def _watch(self) -> None:
-        gone_since: float | None = None
-        while not self._stop.is_set():
-            try:
-                answer = self.gateway.wait_cell(self.key, _GATEWAY_WAIT_S, keep=self.keep)
-                gone_since = None
-            except Exception as e:  # noqa: BLE001 - the coordinator is gone: say so, do not hang
-                answer = {"state": "lost", "error": f"the coordinator stopped answering ({type(e).__name__}: {e})"}
-                gone_since = gone_since or time.monotonic()
-                if self._may_come_back(e, gone_since):
-                    time.sleep(0.5)
-                    continue
-            if answer.get("state") in _TERMINAL:
-                self.final = answer
-                self.queue.put(_DONE)
-                return
-
-    def _may_come_back(self, error: Exception, since: float) -> bool:
-        """Whether a failed wait is worth trying again: the coordinator holds a detached run (in its state
-        dir) across a restart, and this kernel's client is still rejoining it (`depin.reconnect-timeout`)."""
-        from distributed.comm.core import CommClosedError
-
-        transport = isinstance(error, (OSError, CommClosedError, TimeoutError))
-        window = config.seconds("reconnect-timeout") or 0.0
-        return (self.detached and transport and self.client.status not in ("closed", "closing")
-                and time.monotonic() - since < window)
+    def ended(self, answer: dict[str, Any]) -> None:
+        """The coordinator's answer once the cell ended (`kernel.watch`)."""
+        self.final = answer
+        self.queue.put(_DONE)
 
     def cancel(self, timed_out: bool = False) -> None:
-        self._stop.set()
+        watcher_of(self.session).remove(self.key)
         try:
             self.gateway.cancel_cell(self.key)
         except Exception:  # noqa: BLE001, S110 - the coordinator may be gone too; nothing more to do here
             pass
 
     def release(self) -> None:
-        self._stop.set()
+        watcher_of(self.session).remove(self.key)
 
     def register(self) -> None:
         pass  # the coordinator lists gateway runs itself (`depin jobs` with a client token)
@@ -268,6 +251,17 @@ class _GatewaySubmission(_Submission):
 
             result["value"] = RichValue(*inert_bundle(value.data, value.metadata))
         return result
+
+
+def watcher_of(session: Session) -> EndWatcher:
+    """The session's one watcher of cell ends on a volunteer network (started on first use)."""
+    with _watcher_lock:
+        if session.end_watcher is None:
+            session.end_watcher = EndWatcher(Coordinator.of_client(session.client), session.client)
+        return session.end_watcher  # type: ignore[no-any-return]
+
+
+_watcher_lock = threading.Lock()
 
 
 def inert_event(msg: Any) -> dict[str, Any] | None:

@@ -270,6 +270,11 @@ class DepinScheduler(Scheduler):
         return await self.gateway.wait(self._who(comm), key, timeout, connected=lambda: not comm.closed(),
                                        keep=keep is True)
 
+    async def depin_wait_cells(self, comm: Any, keys: list[str], timeout: float = 10.0, keep: Any = (),
+                               pending: Any = ()) -> dict[str, dict[str, Any]]:
+        return await self.gateway.wait_many(self._who(comm), keys, timeout, connected=lambda: not comm.closed(),
+                                            keep=keep, pending=pending)
+
     async def depin_release_cells(self, comm: Any, names: list[str]) -> int:
         return self.gateway.release(self._who(comm), list(names) if isinstance(names, (list, tuple)) else [])
 

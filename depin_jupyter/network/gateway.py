@@ -137,6 +137,7 @@ class CellGateway:
         # background runs written down in the state dir: a restarted coordinator still has them (`network.held`)
         self.held = HeldResults(sched.state.path / "held")
         self._resumable: dict[str, Any] = {}  # key -> HeldSubmission of a run to submit again (`resume`)
+        self._wakers: dict[str, set[asyncio.Event]] = {}  # key a kernel is submitting -> its long polls to wake
         self._restore()
 
     def _restore(self) -> None:
@@ -252,6 +253,8 @@ class CellGateway:
         run = GatewayRun(key, parsed["run_id"], str(parsed.get("name") or "cell"), name, client_id, bool(detached))
         self.runs[key] = run
         self.by_run_id[run.run_id] = key
+        for woken in self._wakers.pop(key, ()):
+            woken.set()  # its kernel's long poll returns, to poll again with this run in it
         if run.detached:
             await self._keep(run, submission)  # a restarted coordinator runs it again from this
         await self._launch(run, submission)
@@ -309,7 +312,55 @@ class CellGateway:
         ``keep``: a detached run stays after handing its result over, until `release` (a map's batches: a
         new kernel attaching to the map gets those its dead kernel had fetched too)."""
         run = self.owned(name, key)
+        await self._until_ended(run, time.monotonic() + max(0.0, min(float(timeout), 60.0)))
+        return self._answer(run, connected, keep)
+
+    async def wait_many(self, name: str, keys: list[str], timeout: float, connected: Any = None,
+                        keep: Any = (), pending: Any = ()) -> dict[str, dict[str, Any]]:
+        """`wait` for many runs in one long poll (a kernel's cells and map batches: one connection, not one
+        each): the answers of those that ended, as soon as one has, or after ``timeout`` s, or as soon as one
+        of ``pending`` (cells the kernel is submitting right now) arrives, so its kernel can poll again with
+        that one too. A key that names no run of ``name`` gets a lost answer (the run was fetched already,
+        or this coordinator restarted without it)."""
+        kept = {str(k) for k in keep} if isinstance(keep, (list, tuple, set)) else set()
+        coming = [k for k in pending if isinstance(k, str)][:256] if isinstance(pending, (list, tuple)) else []
         deadline = time.monotonic() + max(0.0, min(float(timeout), 60.0))
+        answers: dict[str, dict[str, Any]] = {}
+        live: dict[str, GatewayRun] = {}
+        for key in [k for k in keys if isinstance(k, str)][:4096] if isinstance(keys, (list, tuple)) else ():
+            run = self.runs.get(key)
+            if run is None or not self._may_see(name, run):
+                answers[key] = {"state": "lost", "error": "the coordinator no longer holds this run (it restarted "
+                                "without it, or its result was handed over already)"}
+            else:
+                live[key] = run
+        if live and not answers and not any(k in self.runs for k in coming):
+            woken = asyncio.Event()
+            for k in coming:
+                self._wakers.setdefault(k, set()).add(woken)
+            waits = [asyncio.ensure_future(self._until_ended(run, deadline)) for run in live.values()]
+            stirred = asyncio.ensure_future(woken.wait())
+            try:
+                await asyncio.wait([*waits, stirred], timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in (*waits, stirred):
+                    f.cancel()
+                for k in coming:
+                    waiting = self._wakers.get(k)
+                    if waiting is not None:
+                        waiting.discard(woken)
+                        if not waiting:
+                            del self._wakers[k]
+        for key, run in live.items():
+            if run.ended is not None and run.ended.is_set() and run.state == "pending":
+                await self._settle(run)
+            if run.state in _TERMINAL:
+                answers[key] = self._answer(run, connected, key in kept)
+        return answers
+
+    async def _until_ended(self, run: GatewayRun, deadline: float) -> None:
+        """Wait until ``run`` ended or ``deadline`` (`time.monotonic`); an ended task is settled."""
         while run.future is None and run.done is None and run.state == "queued" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # held by a lab quota
         if run.done is not None and run.state == "pending":
@@ -324,15 +375,19 @@ class CellGateway:
                 pass
             if run.ended.is_set():
                 await self._settle(run)
+
+    def _answer(self, run: GatewayRun, connected: Any, keep: bool) -> dict[str, Any]:
+        """What the asker is told of ``run`` (with a finished run's payload); an ended run handed over is
+        forgotten, unless ``keep`` (a detached run) or its asker went away meanwhile."""
         answer: dict[str, Any] = {"state": run.state, "error": run.error, "worker": run.worker,
                                   "replication": run.replication}
         if connected is not None and not connected():
             return answer  # nobody to hand it to: the result stays for the next asker
         keep = keep and run.detached
         if run.state == "finished":
-            answer["payload"] = run.payload if run.done is not None else self.sched.relay.get(key, pop=not keep)
+            answer["payload"] = run.payload if run.done is not None else self.sched.relay.get(run.key, pop=not keep)
         if run.state in _TERMINAL and not keep:
-            self.forget(key)
+            self.forget(run.key)
         return answer
 
     def release(self, name: str, names: list[str]) -> int:

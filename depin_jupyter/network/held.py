@@ -10,11 +10,13 @@ forgetting them. Bounded by ``depin.coordinator.relay-max-bytes``; what nobody f
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -82,6 +84,10 @@ class HeldResults:
 
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
+        # `keep` runs in a thread, `drop` on the event loop: one lock, and the keys dropped, so a write that
+        # lost the race to a drop (the run was handed over meanwhile) never lands, not even for a moment.
+        self._lock = threading.Lock()
+        self._dropped: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def _paths(self, key: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
         # Keys come from clients: a digest names the files, so no key can name a path of its choosing.
@@ -93,6 +99,13 @@ class HeldResults:
         """Write ``record`` (with its result, or the submission that runs it again) so a restarted coordinator
         has it; False when that does not fit beside what is held already (``limit`` bytes): the run is then
         held in memory only (and lost with this process)."""
+        with self._lock:
+            if record.key in self._dropped:
+                return True
+            return self._keep(record, payload, limit, submission)
+
+    def _keep(self, record: HeldRecord, payload: bytes | None, limit: int,
+              submission: HeldSubmission | None) -> bool:
         meta, data, sub = self._paths(record.key)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path, content in ((data, payload), (sub, None if submission is None else submission.encode())):
@@ -111,8 +124,13 @@ class HeldResults:
         return True
 
     def drop(self, key: str) -> None:
-        for p in self._paths(key):
-            p.unlink(missing_ok=True)
+        """Forget ``key`` on disk, for good (a later `keep` of it writes nothing)."""
+        with self._lock:
+            self._dropped[key] = None
+            while len(self._dropped) > 100_000:
+                self._dropped.popitem(last=False)
+            for p in self._paths(key):
+                p.unlink(missing_ok=True)
 
     def nbytes(self, but: pathlib.Path | None = None) -> int:
         if not self.root.exists():

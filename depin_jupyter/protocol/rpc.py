@@ -25,6 +25,7 @@ OPS: dict[str, str] = {
     "depin_credits": "credit per volunteer",
     "depin_submit_cell": "a client submits a cell (pickle-free spec and inputs) for the coordinator to run",
     "depin_wait_cell": "a client waits for one of its cells; a finished cell's result comes with the answer",
+    "depin_wait_cells": "a client waits for any of its cells in one long poll; the ended ones' answers",
     "depin_release_cells": "a client lets the coordinator forget its ended detached runs of these names",
     "depin_cancel_cell": "a client cancels one of its cells",
     "depin_jobs": "the cells a client (an educator: its lab) has queued or running",
@@ -109,6 +110,13 @@ class Coordinator:
         if keep:  # sent only when asked for: a coordinator of an earlier version knows no such argument
             return dict(self._call("depin_wait_cell", key=key, timeout=timeout, keep=True))
         return dict(self._call("depin_wait_cell", key=key, timeout=timeout))
+
+    def wait_cells(self, keys: list[str], timeout: float, keep: list[str] | None = None,
+                   pending: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The answers (as `wait_cell`'s) of those of ``keys`` that ended: one long poll for many cells, which
+        returns as soon as one ended or one of ``pending`` (being submitted) arrived; ``keep``: keys to keep."""
+        return dict(self._call("depin_wait_cells", keys=list(keys), timeout=timeout, keep=list(keep or ()),
+                               pending=list(pending or ())))
 
     def wait_ended(self, key: str, deadline: float | None, what: str, keep: bool = False) -> dict[str, Any]:
         """`wait_cell` until the cell has ended (a reattaching kernel); TimeoutError naming ``what`` past
