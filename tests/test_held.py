@@ -67,6 +67,12 @@ def test_a_running_background_runs_submission_is_kept_whole_and_bounded(tmp_path
     assert held.keep(torn, None, limit=1 << 20, submission=sub)
     held._paths(torn.key)[2].write_bytes(b"\x93\x01")
     assert "depin-run-torn" not in {h.record.key for h in held.load(ttl=3600)}
+    # A run handed over (dropped) while its end was being written: the late write never lands.
+    late = HeldRecord("depin-run-late", "r4", "m[3]", "sci", time.time(), "finished", nbytes=2)
+    held.drop(late.key)
+    assert held.keep(late, b"ok", limit=1 << 20)
+    assert not any(p.exists() for p in held._paths(late.key))
+    assert not list((tmp_path / "held").glob("*partial*"))
 
 
 @pytest.fixture

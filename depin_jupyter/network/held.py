@@ -18,6 +18,7 @@ import os
 import pathlib
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -98,30 +99,40 @@ class HeldResults:
              submission: HeldSubmission | None = None) -> bool:
         """Write ``record`` (with its result, or the submission that runs it again) so a restarted coordinator
         has it; False when that does not fit beside what is held already (``limit`` bytes): the run is then
-        held in memory only (and lost with this process)."""
-        with self._lock:
-            if record.key in self._dropped:
-                return True
-            return self._keep(record, payload, limit, submission)
-
-    def _keep(self, record: HeldRecord, payload: bytes | None, limit: int,
-              submission: HeldSubmission | None) -> bool:
+        held in memory only (and lost with this process). Called in a thread: the files are written first,
+        then put in place under the lock `drop` takes (renames only: the event loop never waits on a write)."""
+        if record.key in self._dropped:
+            return True
         meta, data, sub = self._paths(record.key)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for path, content in ((data, payload), (sub, None if submission is None else submission.encode())):
-            if content is None:
-                if path is data or record.state not in ("queued", "pending"):
-                    path.unlink(missing_ok=True)  # a submission stays while the run is still to end
-                continue
-            if self.nbytes(but=path) + len(content) > limit:
-                logger.warning("not keeping the %s of %s on disk: over %d bytes held",
-                               "result" if path is data else "submission", record.key, limit)
-                if path is data:
-                    return False
-                continue  # without its submission: named lost, not run again, after a restart
-            _write(path, content)
-        _write(meta, json.dumps(asdict(record)).encode())
-        return True
+        staged: list[tuple[pathlib.Path, pathlib.Path]] = []
+        stale: list[pathlib.Path] = []
+        try:
+            for path, content in ((data, payload), (sub, None if submission is None else submission.encode())):
+                if content is None:
+                    if path is data or record.state not in ("queued", "pending"):
+                        stale.append(path)  # a submission stays while the run is still to end
+                    continue
+                if self.nbytes(but=path) + len(content) > limit:
+                    logger.warning("not keeping the %s of %s on disk: over %d bytes held",
+                                   "result" if path is data else "submission", record.key, limit)
+                    if path is data:
+                        return False
+                    continue  # without its submission: named lost, not run again, after a restart
+                staged.append((_staged(path, content), path))
+            staged.append((_staged(meta, json.dumps(asdict(record)).encode()), meta))  # the record last
+            with self._lock:
+                if record.key in self._dropped:
+                    return True  # handed over while this was written: it must not land
+                for path in stale:
+                    path.unlink(missing_ok=True)
+                for tmp, path in staged:
+                    os.replace(tmp, path)
+                staged = []
+            return True
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
 
     def drop(self, key: str) -> None:
         """Forget ``key`` on disk, for good (a later `keep` of it writes nothing)."""
@@ -141,10 +152,10 @@ class HeldResults:
         """Every run kept and not expired, with its result or submission; expired or unreadable ones are
         removed."""
         out: list[Held] = []
-        found = [*self.root.glob("*.partial"), *self.root.glob("*.bin"), *self.root.glob("*.sub")] \
+        found = [*self.root.glob("*.partial*"), *self.root.glob("*.bin"), *self.root.glob("*.sub")] \
             if self.root.exists() else []
         for left in found:
-            if left.suffix == ".partial" or not left.with_suffix(".json").exists():
+            if ".partial" in left.name or not left.with_suffix(".json").exists():
                 left.unlink(missing_ok=True)  # a write the kill interrupted, or a file whose record was not
         for meta in sorted(self.root.glob("*.json")) if self.root.exists() else ():
             data, sub = meta.with_suffix(".bin"), meta.with_suffix(".sub")
@@ -166,11 +177,12 @@ class HeldResults:
         return out
 
 
-def _write(path: pathlib.Path, data: bytes) -> None:
-    """Whole or not at all: a reader (a restarted coordinator) never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".partial")
+def _staged(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    """``data`` written whole (and synced) beside ``path`` under a name of its own, to be renamed into place:
+    a reader (a restarted coordinator) never sees half a file."""
+    tmp = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
