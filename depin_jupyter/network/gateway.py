@@ -57,6 +57,13 @@ async def _in_thread(func: Any, *args: Any) -> Any:
     return await done
 
 
+def _checked(submission: Any) -> tuple[dict[str, Any], Any, Replication | None]:
+    """A submission's placement, spec and replication, checked and decoded (a TrustError if not valid)."""
+    where = check_placement(submission.placement)
+    parsed = decode_spec(submission.spec, max_bytes=1 << 24)
+    return where, parsed, Replication.parse(submission.replication)
+
+
 @dataclass(frozen=True)
 class Replication:
     """How many distinct volunteers run a cell, and how their results must agree (`protocol.quorum`)."""
@@ -245,9 +252,8 @@ class CellGateway:
         if not isinstance(key, str) or not key.startswith(RUN_KEY_PREFIX) or key in self.runs or key in self.sched.tasks:
             raise TrustError(f"refused cell key {key!r}: it must be a new {RUN_KEY_PREFIX}... key")
         submission = HeldSubmission(spec, inputs, blob, placement, replication)
-        check_placement(placement)
-        parsed = decode_spec(spec, max_bytes=1 << 24)
-        Replication.parse(replication)
+        checked = _checked(submission)
+        parsed = checked[1]
         if self.sched.lab.client_names.get(client_id or "") != name:
             client_id = None  # not this identity's connection: the run is tied to no client
         run = GatewayRun(key, parsed["run_id"], str(parsed.get("name") or "cell"), name, client_id, bool(detached))
@@ -257,15 +263,14 @@ class CellGateway:
             woken.set()  # its kernel's long poll returns, to poll again with this run in it
         if run.detached:
             await self._keep(run, submission)  # a restarted coordinator runs it again from this
-        await self._launch(run, submission)
+        await self._launch(run, submission, checked)
         return "OK"
 
-    async def _launch(self, run: GatewayRun, submission: Any) -> None:
-        """Admit ``run`` under its owner's lab quota and start it: one Dask task, or replicas judged here."""
+    async def _launch(self, run: GatewayRun, submission: Any, checked: Any = None) -> None:
+        """Admit ``run`` under its owner's lab quota and start it: one Dask task, or replicas judged here.
+        ``checked``: `_checked(submission)` when the caller has it already."""
         spec, inputs, blob = submission.spec, submission.inputs, submission.blob
-        where = check_placement(submission.placement)
-        parsed = decode_spec(spec, max_bytes=1 << 24)
-        rep = Replication.parse(submission.replication)
+        where, parsed, rep = checked or _checked(submission)
         key, name = run.key, run.owner
 
         async def start() -> None:
