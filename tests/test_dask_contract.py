@@ -191,3 +191,47 @@ def test_client_reconnects_for_as_long_as_its_timeout_says():
     assert stub._timeout == 60.0
     keep_reconnecting(stub, 5)
     assert stub._timeout == 60.0  # never shorter than the connect timeout
+
+
+def test_client_connect_calls_identity_before_registering():
+    """kernel/_dask.py's client starts the identity call alongside `Client._ensure_connected` and skips the
+    one that method makes while connecting: both names, and that order, must still be there."""
+    from distributed import Client
+
+    source = inspect.getsource(Client._ensure_connected)
+    assert "self._update_scheduler_info()" in source, "Client._ensure_connected no longer asks for the identity"
+    assert source.index("_update_scheduler_info") < source.index("register-client"), (
+        "Client._ensure_connected no longer waits on the identity before registering: kernel/_dask.py can go")
+    assert list(inspect.signature(Client._update_scheduler_info).parameters) == ["self", "n_workers"]
+
+
+def test_quick_connect_client_runs_tasks_and_learns_the_scheduler():
+    """The client that does not wait on the identity still gets it (rejoining a restarted coordinator: test_held)."""
+    import time
+
+    from distributed import LocalCluster
+
+    from depin_jupyter.kernel._dask import client_class
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as lc:
+        client = client_class()(lc.scheduler_address, set_as_default=False, timeout=10)
+        try:
+            assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
+            deadline = time.monotonic() + 10
+            while not client.scheduler_info().get("address") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert client.scheduler_info()["address"] == lc.scheduler_address
+        finally:
+            client.close()
+
+
+def test_nanny_gives_its_worker_process_its_config_in_instantiate():
+    """worker/_dask.py's `start_worker_when` wraps ``Nanny.instantiate`` and adds to ``Nanny.config``, which
+    instantiate hands the worker process; volunteer.py's fork server sets the start method Dask reads."""
+    from distributed import Nanny
+    from distributed.utils import get_mp_context
+
+    assert "self.config = " in inspect.getsource(Nanny.__init__), "Nanny no longer keeps .config"
+    assert "config=self.config" in inspect.getsource(Nanny.instantiate), (
+        "Nanny.instantiate no longer hands .config to the worker: adapt start_worker_when")
+    assert "distributed.worker.multiprocessing-method" in inspect.getsource(get_mp_context)

@@ -275,11 +275,11 @@ def _start_local() -> Session:
 
 
 def _connect_address(address: str) -> Session:
-    from distributed import Client
+    from depin_jupyter.kernel._dask import client_class
 
     timeout = config.seconds("connect-timeout")
     try:
-        client = Client(address, timeout=timeout, set_as_default=False)
+        client = client_class()(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as e:
         raise ClusterConnectionError(
             f"no Dask scheduler answered at {address} within {timeout:g}s ({type(e).__name__}: {e}). "
@@ -291,8 +291,7 @@ def _connect_address(address: str) -> Session:
 
 def _connect_token(text: str) -> Session:
     """Join a volunteer network with a client token (mutual TLS; results relayed, never unpickled)."""
-    from distributed import Client
-
+    from depin_jupyter.kernel._dask import client_class
     from depin_jupyter.protocol.identity import Token
 
     token = Token.decode(text)
@@ -304,7 +303,8 @@ def _connect_token(text: str) -> Session:
     tried = timeout
     while True:
         try:
-            client = Client(token.address, security=token.security("client"), timeout=tried, set_as_default=False)
+            client = client_class()(token.address, security=token.security("client"), timeout=tried,
+                                    set_as_default=False)
             break
         except ImportError as e:  # the coordinator's refusal arrives this way (stream-start error)
             raise ClusterConnectionError(f"{e}. Ask the coordinator for a client token "

@@ -21,6 +21,7 @@ from typing import Any
 
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.kernel.records import Progress, RunOptions
+from depin_jupyter.protocol.constants import ENDED_STATES
 
 __all__ = ["MapHandle", "attach", "map_cell", "map_items"]
 
@@ -116,7 +117,7 @@ class MapHandle:
 
         session = self._session
         mine = [j for j in list_jobs(session.client, session.untrusted) if j.map_name == self.name
-                and j.state not in ("finished", "error", "cancelled", "lost")]
+                and j.state not in ENDED_STATES]
         return len(cancel_jobs(session.client, mine, session.untrusted))
 
     def _store(self, index: int, value: Any) -> None:

@@ -23,7 +23,7 @@ from depin_jupyter.kernel.jobs import register as register_job
 from depin_jupyter.kernel.records import InputsLost, Progress, RemoteCellError, WorkerDied
 from depin_jupyter.kernel.stream import emit
 from depin_jupyter.kernel.watch import EndWatcher
-from depin_jupyter.protocol.constants import run_key
+from depin_jupyter.protocol.constants import ENDED_STATES, run_key
 from depin_jupyter.protocol.records import RunResult, RunSpec
 from depin_jupyter.protocol.rpc import Coordinator
 from depin_jupyter.protocol.values import RichValue
@@ -36,7 +36,7 @@ _DONE: Any = object()  # queue sentinel: the run's future finished
 _REGISTER_AFTER_S = 0.2  # runs still going after this long are listed on the scheduler
 # Cancelling a run waits this long for the worker's thread to notice before the error is raised anyway.
 _CANCEL_GRACE_S = 5.0
-_TERMINAL = frozenset({"finished", "error", "cancelled", "lost"})
+_TERMINAL = ENDED_STATES
 
 
 class _Submission:

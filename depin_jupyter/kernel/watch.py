@@ -15,6 +15,7 @@ import time
 from typing import Any, Protocol
 
 from depin_jupyter import config
+from depin_jupyter.protocol.constants import ENDED_STATES
 
 __all__ = ["EndWatcher", "Watched"]
 
@@ -111,7 +112,7 @@ class EndWatcher:
                 if len(answers) < len(cells):
                     time.sleep(0.5)
             for key, answer in answers.items():
-                if answer.get("state") in ("finished", "error", "cancelled", "lost"):
+                if answer.get("state") in ENDED_STATES:
                     with self._lock:
                         cell = self._cells.pop(key, None)
                     if cell is not None:

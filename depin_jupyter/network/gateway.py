@@ -19,13 +19,13 @@ from typing import Any
 from depin_jupyter import config
 from depin_jupyter.errors import TrustError
 from depin_jupyter.protocol.cells import check_placement, decode_spec
-from depin_jupyter.protocol.constants import RUN_KEY_PREFIX
+from depin_jupyter.protocol.constants import ENDED_STATES, RUN_KEY_PREFIX
 
 __all__ = ["CellGateway", "GatewayRun", "Replication"]
 
 logger = logging.getLogger("depin.coordinator")
 
-_TERMINAL = frozenset({"finished", "error", "cancelled", "lost"})
+_TERMINAL = ENDED_STATES
 
 
 def _settle_future(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
-    "CREDIT_TOPIC", "MODULES_ARG", "POOL_CAPACITY", "POOL_PREFIX", "RELAYED", "RUN_KEY_PREFIX", "STREAM_TOPIC",
+    "CREDIT_TOPIC", "ENDED_STATES", "MODULES_ARG", "POOL_CAPACITY", "POOL_PREFIX", "RELAYED", "RUN_KEY_PREFIX", "STREAM_TOPIC",
     "STUCK_EXIT_STATUS", "pool_resource", "pools_of", "run_key", "run_of_key",
 ]
 
@@ -15,6 +15,9 @@ MODULES_ARG = "__depin_modules__"  # the task argument carrying the bundle of th
 RUN_KEY_PREFIX = "depin-run-"   # Dask keys of `%%depin` tasks: depin-run-<run id>-<6 hex>
 POOL_PREFIX = "pool:"           # Dask resource naming a worker's pool; on a volunteer network the coordinator grants it
 POOL_CAPACITY = 1_000_000       # so that a pool never limits how many cells run at once on a worker
+
+# the states of a run on the coordinator's gateway after which nothing more happens to it
+ENDED_STATES = frozenset({"finished", "error", "cancelled", "lost"})
 
 STUCK_EXIT_STATUS = 70          # a worker process exits with this when a cancelled cell is stuck in a C call
 

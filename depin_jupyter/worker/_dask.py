@@ -24,7 +24,7 @@ from depin_jupyter.protocol.constants import POOL_CAPACITY, pool_resource
 from depin_jupyter.protocol.identity import peer_identity
 from depin_jupyter.worker import controls
 
-__all__ = ["CELL_RUNNER", "QuietWhileLeaving", "VolunteerWorker", "guard_nanny"]
+__all__ = ["CELL_RUNNER", "QuietWhileLeaving", "VolunteerWorker", "guard_nanny", "start_worker_when"]
 
 logger = logging.getLogger("depin.volunteer")
 
@@ -84,6 +84,26 @@ def guard_nanny(nanny: Any) -> Any:
 
     Set before the nanny starts listening (its listener takes ``self.handle_comm`` then)."""
     nanny.handle_comm = _only_the_coordinator("nanny", _own_cert(nanny.security, "name"), nanny.handle_comm)
+    return nanny
+
+
+def start_worker_when(nanny: Any, ready: Any) -> Any:
+    """Let ``nanny`` register with the coordinator at once but start its worker process only when the
+    future ``ready`` gives the config that process needs (the sandbox probe's verdict, what it advertises),
+    so the registration's round trips overlap the probe. ``ready`` giving None (the probe refused) fails the
+    start. Wraps `Nanny.instantiate`, adds to `Nanny.config` (what the worker process is given)."""
+    import dask.config
+
+    instantiate = nanny.instantiate
+
+    async def when_ready() -> Any:
+        extra = await ready
+        if extra is None:
+            raise RuntimeError("the sandbox probe refused this machine")
+        nanny.config = dask.config.merge(nanny.config, extra)
+        return await instantiate()
+
+    nanny.instantiate = when_ready
     return nanny
 
 

@@ -24,7 +24,7 @@ from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
 from depin_jupyter.protocol.identity import Token
 from depin_jupyter.protocol.reach import patient_timeout, tcp_probe
 from depin_jupyter.worker import controls
-from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny
+from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny, start_worker_when
 
 __all__ = ["VolunteerWorker", "advertised_versions", "run", "volunteer_info", "wait_for_scheduler"]
 
@@ -34,8 +34,9 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     """What this worker advertises to the coordinator (shown by `%depin status`)."""
     from depin_jupyter.gpu import describe
 
+    advert = config.get("volunteer.advert") or {}  # measured once by `depin worker` (`_main`)
     info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "pid": os.getpid(),
-                            "versions": advertised_versions()}
+                            "versions": advert.get("versions") or advertised_versions()}
     # self-reported, like everything here: the coordinator turns it into a speed factor for credit
     info["benchmark"] = getattr(worker, "depin_benchmark", None) or controls.cached_benchmark(False)
     try:
@@ -151,7 +152,8 @@ def _gpu_list(gpus: str) -> list[str] | None:
 
 
 async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
-                 contact_address: str | None, say: Callable[[str], None]) -> list[Nanny]:
+                 contact_address: str | None, say: Callable[[str], None], ready: asyncio.Future[Any]) -> list[Nanny]:
+    """Start the nannies; each starts its worker process once ``ready`` (`_ready`) says what it is given."""
     from depin_jupyter.gpu import detect
     from depin_jupyter.worker import controls
 
@@ -184,7 +186,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
                 say(f"depin worker: {line}.")
         cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
         for nanny in cw.nannies:
-            guard_nanny(nanny)
+            start_worker_when(guard_nanny(nanny), ready)
         await cw
         say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with {len(cw.nannies)} GPU worker(s).")
         return list(cw.nannies)
@@ -192,7 +194,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
         raise DepinUsageError(f"--gpus {gpus}: no usable GPU here ({why}); use --gpus none for a CPU worker")
     if config.get("volunteer.max-power") is not None:
         say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
-    nanny = guard_nanny(Nanny(token.address, name=name, **common))
+    nanny = start_worker_when(guard_nanny(Nanny(token.address, name=name, **common)), ready)
     await nanny
     say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with a CPU worker ({why}); cells use numpy here.")
     return [nanny]
@@ -225,8 +227,9 @@ async def _leave(token: Token, nannies: list[Nanny], say: Callable[[str], None])
     say("depin worker: left gracefully.")
 
 
-def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> bool:
-    """Run the sandboxed probe (`worker.probe`); False when cells could not run here (said, with the fix).
+def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> dict[str, str] | None:
+    """Run the sandboxed probe (`worker.probe`): the package versions the workers advertise, or None when
+    cells could not run here (said, with the fix).
 
     Modules a sandboxed cell cannot find are left out of what the workers advertise."""
     import dask.config
@@ -234,14 +237,15 @@ def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> bool:
     from depin_jupyter.worker import probe
     from depin_jupyter.worker.sandbox import Limits
 
+    versions = advertised_versions()
     if not config.get("volunteer.probe"):
-        return True
+        return versions
     if not Limits.from_config().is_enabled(volunteer=True):
         say("depin worker: the sandbox is off (depin.sandbox.enabled: false): cells run in the worker process.")
-        return True
+        return versions
     from depin_jupyter.gpu import detect
 
-    modules = set(advertised_versions())
+    modules = set(versions)
     gpu = gpus != "none" and bool(detect()[0])
     report = probe.probe(modules, gpu=gpu)
     if not report.usable:
@@ -249,7 +253,7 @@ def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> bool:
         say(f"depin worker: refusing to start: a sandboxed cell cannot run here ({why}). Fix: "
             f"{probe.fix_for(report)}. (`depin doctor` checks this machine; depin.volunteer.probe: false skips "
             f"this check.)")
-        return False
+        return None
     dask.config.set({"depin.volunteer.unimportable": sorted(report.missing)})
     line = f"depin worker: sandbox probe (cells run as uid {report.uid}): numpy and numpy.random work"
     if gpu:
@@ -260,13 +264,55 @@ def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> bool:
         line += (f"; {len(report.missing)} of {len(modules)} installed modules cannot be imported by a cell "
                  f"and are not advertised ({shown})")
     say(line + ".")
-    return True
+    return {m: v for m, v in versions.items() if m not in report.missing}
+
+
+async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
+                 benching: asyncio.Future[Any]) -> dict[str, Any] | None:
+    """The config a worker process is given on top of its nanny's, once the probe, the fork server and the
+    benchmark are done; None when the probe refused this machine."""
+    versions = await probing
+    if versions is None:
+        return None
+    await warming
+    volunteer = {"unimportable": config.get("volunteer.unimportable"),
+                 "advert": {"versions": versions, "benchmark": await benching}}
+    return {"depin": {"volunteer": volunteer}}
+
+
+def _warm_process_start() -> None:
+    """Start the process worker processes are forked from, its imports done (``forkserver``), so a worker's
+    start (a new Python importing Dask: about a second) is not on the way to joining. Not where the
+    volunteer chose another start method, nor where forking is unavailable (Windows)."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    import dask.config
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    if dask.config.get("distributed.worker.multiprocessing-method") != "spawn":  # Dask's default
+        return
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    from distributed.utils import get_mp_context
+
+    try:
+        get_mp_context().set_forkserver_preload(["distributed", "numpy", "depin_jupyter.worker._dask",
+                                                 "depin_jupyter.worker.plugins"])
+        multiprocessing.forkserver.ensure_running()
+    except Exception:  # a worker process can still be started the usual way
+        logger.warning("could not start the fork server; worker processes start from scratch", exc_info=True)
+        dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
 
 
 async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
                 contact_address: str | None, say: Callable[[str], None]) -> int:
-    # The probe runs while the coordinator is first reached (neither waits on the other).
+    # While the coordinator is first reached (none waits on another): the sandbox probe, the process worker
+    # processes fork from, and the CPU benchmark its workers advertise (measured once, not by each on its
+    # way to registering).
+    warming = asyncio.ensure_future(asyncio.to_thread(_warm_process_start))
     probing = asyncio.ensure_future(asyncio.to_thread(_probe_sandbox, gpus, say))
+    benching = asyncio.ensure_future(asyncio.to_thread(controls.cached_benchmark, False))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -276,7 +322,7 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
     while True:
         waiting = asyncio.ensure_future(wait_for_scheduler(token, say))
         await asyncio.wait([waiting, probing], return_when=asyncio.FIRST_COMPLETED)
-        if probing.done() and not probing.result():
+        if probing.done() and probing.result() is None:
             waiting.cancel()
             return 1
         try:
@@ -284,9 +330,13 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
         except ClusterConnectionError as e:  # refused (revoked, another coordinator): final
             say(f"depin worker: {e}")
             return 1
-        if not await probing:
-            return 1
-        nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say)
+        ready = asyncio.ensure_future(_ready(probing, warming, benching))
+        try:
+            nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say, ready)
+        except Exception:
+            if ready.done() and ready.result() is None:  # the probe refused: said
+                return 1
+            raise
         if joined:
             say(f"depin worker: rejoined {token.address}.")
         joined = True
