@@ -119,9 +119,9 @@ def main() -> None:
     met = {"no replication >= 0.8x": no_rep["vs_baseline"] >= 0.8,
            "adaptive replication >= 0.6x": rep["vs_baseline"] >= 0.6,
            "notebook CPU <= 0.5 ms/item": no_rep["notebook_cpu_ms_per_item"] <= 0.5}
-    print(f"{'case':<46} {'s':>7} {'items/s':>9} {'x base':>7} {'nb CPU ms/item':>15}")
+    print(f"{'case':<52} {'s':>7} {'items/s':>9} {'x base':>7} {'nb CPU ms/item':>15}")
     for name, r in rows.items():
-        print(f"{name:<46} {r['seconds']:>7.1f} {r['items_per_s']:>9.1f} {r['vs_baseline']:>7.2f} "
+        print(f"{name:<52} {r['seconds']:>7.1f} {r['items_per_s']:>9.1f} {r['vs_baseline']:>7.2f} "
               f"{r['notebook_cpu_ms_per_item']:>15.2f}")
     save(args.out, {"benchmark": "pool_map", "items": args.items, "ms_per_item": args.ms,
                     "volunteers": args.volunteers, "rows": rows, "met": met,
