@@ -267,6 +267,16 @@ def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> dict[str, str] | No
     return {m: v for m, v in versions.items() if m not in report.missing}
 
 
+def _cpu_benchmark(gpus: str) -> dict[str, Any] | None:
+    """The CPU benchmark a CPU worker advertises; None where the workers will be GPU workers (each times its
+    own GPU), so a GPU machine's join does not spend half a second of CPU on a number nobody uses."""
+    from depin_jupyter.gpu import detect
+
+    if _gpu_list(gpus) is not None and detect()[0]:
+        return None
+    return controls.cached_benchmark(False)
+
+
 async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
                  benching: asyncio.Future[Any]) -> dict[str, Any] | None:
     """The config a worker process is given on top of its nanny's, once the probe, the fork server and the
@@ -275,8 +285,11 @@ async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
     if versions is None:
         return None
     await warming
-    volunteer = {"unimportable": config.get("volunteer.unimportable"),
-                 "advert": {"versions": versions, "benchmark": await benching}}
+    advert: dict[str, Any] = {"versions": versions}
+    benchmark = await benching
+    if benchmark is not None:
+        advert["benchmark"] = benchmark
+    volunteer = {"unimportable": config.get("volunteer.unimportable"), "advert": advert}
     return {"depin": {"volunteer": volunteer}}
 
 
@@ -312,7 +325,7 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
     # way to registering).
     warming = asyncio.ensure_future(asyncio.to_thread(_warm_process_start))
     probing = asyncio.ensure_future(asyncio.to_thread(_probe_sandbox, gpus, say))
-    benching = asyncio.ensure_future(asyncio.to_thread(controls.cached_benchmark, False))
+    benching = asyncio.ensure_future(asyncio.to_thread(_cpu_benchmark, gpus))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
