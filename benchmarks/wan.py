@@ -8,9 +8,11 @@ with a new 4 MiB input (first use) and the same input again, and a volunteer joi
 (`depin worker` start to "joined"). At the bandwidth-capped delay (80 ms, ``--mbit``): a ``--big-mib`` MiB
 input on first use, a cell returning that many MiB, and a cell reading one element of a big input (second
 use: nothing should travel back). The kernel-coordinator path is delayed; coordinator and volunteer talk
-directly except in the join row. "round trips" = (time at delay - time at 0) / delay: how many round trips
-the operation waits on. Targets (issue #25): trivial <= local + 30 ms + 2 RTs; connect <= 3 RTs; join <= 2 s +
-3 RTs; 64 MiB <= 1.3x bytes*8/bandwidth. Prints a table, writes benchmarks/results/wan.json.
+directly except in the join and bandwidth rows. "round trips" = (time at delay - time at 0) / delay: how
+many round trips the operation waits on. In the bandwidth rows both the notebook's and the volunteer's
+links are capped (two proxies), so a coordinator that stored a payload before forwarding it would take two
+hops. Targets (issue #25): trivial <= local + 30 ms + 2 RTs; connect <= 3 RTs; join <= 2 s + 3 RTs;
+64 MiB <= 1.3x bytes*8/bandwidth. Prints a table, writes benchmarks/results/wan.json.
 """
 
 from __future__ import annotations
@@ -87,21 +89,31 @@ def main() -> None:
             rows[f"{tag}: volunteer join"] = stats([took])
             joiner.send_signal(signal.SIGTERM)
             joiner.wait(60)
-        # Bandwidth: 80 ms and --mbit, one big transfer each way.
+        # Bandwidth: 80 ms and --mbit on both access links (the notebook's and a far volunteer's, each
+        # behind its own proxy: one hop's bytes cross each link once), one big transfer each way.
         proxy.rtt, proxy.bandwidth = 0.08, args.mbit * 1e6
+        far = DelayProxy(net.port)
+        far.rtt, far.bandwidth = 0.08, args.mbit * 1e6
+        far_token = dataclasses.replace(Token.decode(net.token("worker", "wan-far")),
+                                        address=f"tls://127.0.0.1:{far.port}").encode()
+        far_worker, _ = net.start_worker(far_token, "wan-far")
         session = cluster._connect_token(token)
-        session.client.wait_for_workers(1, timeout=60)
+        session.client.wait_for_workers(2, timeout=60)
+        there = runner.RunOptions(replicas=1, no_store=True, worker="wan-far")
+        runner.run_cell(session, "y = 1", {}, there)
         nb = args.big_mib * 2**20 // 8
         big = {"a": np.full(nb, 3.0)}
         tag = f"80 ms, {args.mbit:g} Mbit/s"
         rows[f"{tag}: {args.big_mib} MiB input, first use"] = stats(
-            timed(lambda: runner.run_cell(session, "s = float(a[0])", big, one), 1, warmup=False))
+            timed(lambda: runner.run_cell(session, "s = float(a[0])", big, there), 1, warmup=False))
         rows[f"{tag}: {args.big_mib} MiB input read a[0], second use"] = stats(
-            timed(lambda: runner.run_cell(session, "s = float(a[0])", big, one), 1, warmup=False))
+            timed(lambda: runner.run_cell(session, "s = float(a[0])", big, there), 1, warmup=False))
         rows[f"{tag}: {args.big_mib} MiB result"] = stats(
-            timed(lambda: runner.run_cell(session, f"import numpy as np\nb = np.ones({nb})", {}, one), 1,
+            timed(lambda: runner.run_cell(session, f"import numpy as np\nb = np.ones({nb})", {}, there), 1,
                   warmup=False))
         session.close()
+        far_worker.send_signal(signal.SIGTERM)
+        far_worker.wait(60)
         cluster.close_session()
     finally:
         net.close()

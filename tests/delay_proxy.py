@@ -1,5 +1,6 @@
 """A delaying TCP proxy on 127.0.0.1 for slow-link tests and benchmarks/wan.py: each direction's bytes are
-held ``rtt/2`` (order kept), optionally paced to a bandwidth; TLS passes through untouched; bytes are counted."""
+held ``rtt/2`` (order kept), optionally paced to a bandwidth that all its connections share (one access link:
+opening more connections does not make it faster); TLS passes through untouched; bytes are counted."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class DelayProxy:
         self.rtt = 0.0
         self.bandwidth: float | None = None
         self.bytes = 0  # passed through so far, both directions together
+        self._free_at = {"up": 0.0, "down": 0.0}  # when each direction of the link is next free (loop time)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
@@ -38,20 +40,21 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer), return_exceptions=True)
+        await asyncio.gather(self._pipe(reader, up_w, "up"), self._pipe(up_r, writer, "down"),
+                             return_exceptions=True)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def send() -> None:
-            free_at = 0.0
             while True:
                 due, data = await queue.get()
                 if not data:
                     break
                 now = self.loop.time()
                 if self.bandwidth:
-                    free_at = max(free_at, now) + len(data) * 8 / self.bandwidth
+                    free_at = max(self._free_at[direction], now) + len(data) * 8 / self.bandwidth
+                    self._free_at[direction] = free_at
                     due = max(due, free_at)
                 if due > now:
                     await asyncio.sleep(due - now)

@@ -235,3 +235,34 @@ def test_nanny_gives_its_worker_process_its_config_in_instantiate():
     assert "config=self.config" in inspect.getsource(Nanny.instantiate), (
         "Nanny.instantiate no longer hands .config to the worker: adapt start_worker_when")
     assert "distributed.worker.multiprocessing-method" in inspect.getsource(get_mp_context)
+
+
+def test_messages_on_one_connection_without_reply_are_handled_in_order():
+    """protocol/_comm.send_in_order: `PooledRPCCall.addr`/`.pool`, `ConnectionPool.connect`/`reuse`, and
+    `send_recv(reply=False)` (no answer written; the next message handled after it)."""
+    import asyncio
+
+    from distributed.core import ConnectionPool, Server
+
+    from depin_jupyter.protocol._comm import send_in_order
+
+    async def main() -> None:
+        seen: list[int] = []
+
+        async def note(i: int) -> int:
+            await asyncio.sleep(0.01 * (5 - i))  # the earlier, the slower: still handled in order
+            seen.append(i)
+            return len(seen)
+
+        server = Server({"note": note})
+        await server.listen("tcp://127.0.0.1:0")
+        pool = await ConnectionPool()
+        try:
+            answer = await send_in_order(pool(server.address), "note", 5, lambda i: {"i": i})
+            assert answer == 5 and seen == [0, 1, 2, 3, 4]
+            assert pool.open == 1  # one connection, handed back to the pool
+        finally:
+            await pool.close()
+            server.stop()
+
+    asyncio.run(main())

@@ -270,9 +270,10 @@ def _reattach(session: Session, namespace: dict[str, Any], name: str, timeout: f
     job = max(mine, key=lambda j: float(j.get("submitted") or 0))
     deadline = None if timeout is None else time.monotonic() + timeout
     answer = coordinator.wait_ended(str(job["key"]), deadline, f"background run {name!r}")
-    if answer.get("state") != "finished" or answer.get("payload") is None:
+    payload = coordinator.payload(str(job["key"]), answer) if answer.get("state") == "finished" else None
+    if payload is None:
         raise DepinUsageError(f"background run {name!r} ended {answer.get('state')}: {answer.get('error') or ''}")
-    result = from_payload(answer["payload"])
+    result = from_payload(payload)
     kept = apply_results(namespace, result, keep=lambda n: n not in namespace, trusted=False)
     print(f"depin: background run {name!r} ({job.get('run_id')}), left by an earlier kernel, finished; bound "
           f"{', '.join(sorted(result.get('outputs', {}))) or 'nothing'}")

@@ -303,6 +303,9 @@ def attach(session: Any, name: str, *, timeout: float | None = None, out: str | 
     deadline = None if timeout is None else time.monotonic() + timeout
     answers = [coordinator.wait_ended(str(j["key"]), deadline, f"map {name!r} on the coordinator", keep=True)
                for j in batches]
+    for job, answer in zip(batches, answers, strict=True):  # a big batch result is answered as its parts
+        if answer.get("state") == "finished" and answer.get("payload") is None:
+            answer["payload"] = coordinator.payload(str(job["key"]), answer)
     handle = _gathered(name, answers, out)
     _release(session, [str(j["name"]) for j in batches])
     return handle

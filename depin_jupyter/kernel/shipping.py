@@ -211,26 +211,31 @@ def _ref_worthy(value: Any, min_bytes: int) -> bool:
 
 
 def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str, str], shipped: ShippedInputs) -> None:
-    """Refer to ``values`` by content key, putting on the coordinator only those it does not hold yet."""
+    """Refer to ``values`` by content key, sending the coordinator only those it does not hold yet.
+
+    One round trip learns which are held and opens uploads for the rest; those then stream in parts from a
+    thread while the cell is submitted and dispatched (the volunteer reads each part as it arrives), so a
+    new input costs about one hop, not a put and then a fetch. What does not fit rides inside the task."""
     from distributed.protocol import serialize_bytes
 
     from depin_jupyter.protocol.payloads import InputRef
     from depin_jupyter.protocol.rpc import Coordinator
 
+    coordinator = Coordinator.of_client(client)
     keys = {name: "depin-input-" + (hashes.get(name) or content_hash(value)) for name, value in values.items()}
     try:
-        held = Coordinator.of_client(client).input_has(sorted(set(keys.values())))
+        held, stream = coordinator.input_offer({keys[n]: int(v.nbytes) for n, v in values.items()})
     except Exception:  # noqa: BLE001 - a coordinator without an input cache (older): inside the task
         for name, value in values.items():
             shipped.args[name] = box(value)
             shipped.sent_bytes += _serialized_size(name, value)
         return
-    sizes: dict[str, int] = {}
+    uploads: dict[str, bytes] = {}
     for name, value in values.items():
         key = keys[name]
         if key in held:
             shipped.reused.append(name)
-        elif key not in sizes:
+        elif key not in uploads:
             try:
                 data = serialize_bytes(box(value), serializers=("dask", "pickle"), on_error="raise")
             except Exception as e:  # noqa: BLE001 - any failure means it cannot travel
@@ -238,11 +243,26 @@ def _ship_via_coordinator(client: Any, values: dict[str, Any], hashes: dict[str,
                     f"input {name!r} of type {type(value).__module__}.{type(value).__qualname__} cannot be sent "
                     f"to a worker: {type(e).__name__}: {e}. Recreate it inside the %%depin cell, or leave it "
                     f"out with --inputs.") from None
-            if not Coordinator.of_client(client).input_put(key, data):
-                shipped.args[name] = box(value)  # larger than the coordinator's whole input cache: inline
-                shipped.sent_bytes += len(data)
-                continue
-            sizes[key] = len(data)
             shipped.sent_bytes += len(data)
+            if key not in stream:
+                shipped.args[name] = box(value)  # larger than the coordinator's room for inputs: inline
+                continue
+            uploads[key] = data
         shipped.hashes[name] = key
-        shipped.args[name] = InputRef(key, sizes.get(key, int(value.nbytes)))
+        shipped.args[name] = InputRef(key, len(uploads[key]) if key in uploads else int(value.nbytes))
+    if uploads:
+        threading.Thread(target=_stream_inputs, args=(coordinator, uploads), daemon=True,
+                         name="depin-input-upload").start()
+
+
+def _stream_inputs(coordinator: Any, uploads: dict[str, bytes]) -> None:
+    """Send offered inputs in parts (a thread: the cell is submitted meanwhile). A failed upload is logged;
+    the volunteer waiting on it is told the input is gone, and the notebook sends it inside the task."""
+    import logging
+
+    for key, data in uploads.items():
+        try:
+            coordinator.input_stream(key, data)
+        except Exception as e:  # noqa: BLE001 - the run reports the missing input; this says why
+            logging.getLogger("depin_jupyter").warning("streaming input %s to the coordinator failed: %s: %s",
+                                                       key, type(e).__name__, e)

@@ -181,6 +181,8 @@ class _GatewaySubmission(_Submission):
         self.keep = False  # a map's batch: the coordinator keeps it after handing its result over, until released
         self.final: dict[str, Any] = {}
         self.replication: dict[str, Any] | None = None  # how many volunteers, how close (the coordinator judges)
+        self._parts: threading.Thread | None = None  # reads a big result's parts while they arrive
+        self._prefetched: bytes | None = None
 
     def submit(self, args: dict[str, Any], placement: dict[str, Any]) -> None:
         from depin_jupyter.protocol.cells import encode_inputs, encode_spec
@@ -216,9 +218,31 @@ class _GatewaySubmission(_Submission):
         pass  # the coordinator lists gateway runs itself (`depin jobs` with a client token)
 
     def _on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("kind") == "result-parts":  # the coordinator's word: the result is arriving in parts
+            if msg.get("key") == self.key and self._parts is None:
+                self._parts = threading.Thread(target=self._prefetch, daemon=True, name="depin-result-parts")
+                self._parts.start()
+            return
         clean = inert_event(msg)
         if clean is not None:
             super()._on_message(clean)
+
+    def _prefetch(self) -> None:
+        """Read the result's parts while the volunteer still sends them (one hop, not store and forward)."""
+        try:
+            self._prefetched = self.gateway.relay_fetch(self.key)
+        except Exception:  # noqa: BLE001 - `result` reads the parts again once the cell has ended
+            self._prefetched = None
+
+    def _payload(self) -> bytes | None:
+        """The finished run's result: in the answer, read while it arrived, or read in parts now."""
+        if self.final.get("payload") is not None or not self.final.get("parts"):
+            return self.final.get("payload")
+        if self._parts is not None:
+            self._parts.join()
+            if self._prefetched is not None:
+                return self._prefetched
+        return self.gateway.payload(self.key, self.final)
 
     def result(self) -> RunResult:
         from depin_jupyter.protocol import safe_codec
@@ -233,10 +257,11 @@ class _GatewaySubmission(_Submission):
             from depin_jupyter.protocol.quorum import ReplicationError
 
             raise ReplicationError(text[len("ReplicationError: "):])
-        if state != "finished" or self.final.get("payload") is None:
+        payload = self._payload() if state == "finished" else None
+        if payload is None:
             raise RemoteExecutionError(f"the cell could not run on the volunteer network: {text or state}.")
         try:
-            result = from_payload(self.final["payload"], max_bytes=config.nbytes("coordinator.relay-max-bytes"))
+            result = from_payload(payload, max_bytes=config.nbytes("coordinator.relay-max-bytes"))
         except safe_codec.DecodeError as e:
             raise RemoteExecutionError(f"the volunteer's result was refused: {e}. Nothing from it was unpickled; "
                                        f"run the cell again (--worker to pick another volunteer).") from None

@@ -9,7 +9,6 @@ a Dask upgrade that changes one fails that test, not the volunteer network at ru
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 import logging
@@ -26,7 +25,9 @@ from depin_jupyter.errors import TrustError
 from depin_jupyter.network.credit import Ledger
 from depin_jupyter.network.gate import RoleGate, normalized_address
 from depin_jupyter.network.relay import InputStore, ResultRelay
+from depin_jupyter.network.results import ResultParts
 from depin_jupyter.network.state import StateDir, write_atomic
+from depin_jupyter.network.uploads import InputDesk
 from depin_jupyter.protocol.constants import STREAM_TOPIC, pools_of
 from depin_jupyter.protocol.identity import peer_identity, peer_pool
 
@@ -68,6 +69,11 @@ def install_unpickle_guard() -> None:
     _guard_installed = True
 
 
+def _upload_stall() -> float:
+    """Seconds an input upload may go without a part before it is dropped (`depin.coordinator.upload-stall`)."""
+    return config.seconds("coordinator.upload-stall") or 60.0
+
+
 def _strip_serialized(obj: Any, depth: int = 0) -> Any:
     """``obj`` with every serialized (pickled) sub-object replaced by None."""
     from distributed.protocol.serialize import Pickled, Serialized, ToPickle
@@ -105,7 +111,8 @@ class DepinScheduler(Scheduler):
         self.credits: dict[str, dict[str, Any]] = state.credits()
         self.credits_dirty = False
         self.relay = ResultRelay()
-        self.inputs = InputStore(config.nbytes("coordinator.input-cache-bytes"), state.path / "inputs")
+        self.results = ResultParts()  # big results in parts: arriving, and handed over (`network.results`)
+        self.inputs = InputDesk(InputStore(config.nbytes("coordinator.input-cache-bytes"), state.path / "inputs"))
         self.reputation: dict[str, dict[str, Any]] = state.reputation()
         self.reputation_dirty = False
         # task key -> (volunteer, kind, raw seconds, normalized credit) of recent work, so a replica
@@ -223,19 +230,33 @@ class DepinScheduler(Scheduler):
         """Worker address -> the pool its certificate put it in (None: in no pool), connected ones."""
         return {a: p for a, p in self.worker_pools.items() if a in self.workers}
 
-    async def depin_input_put(self, key: str, data: bytes) -> str:
-        """Hold a serialized input under its content key; "too-large" if it cannot fit at all."""
-        limit = config.nbytes("coordinator.input-cache-bytes")
-        return "OK" if await asyncio.to_thread(self.inputs.put, str(key), bytes(data), limit) else "too-large"
+    async def depin_input_offer(self, comm: Any, sizes: dict[str, int]) -> dict[str, list[str]]:
+        """Of the caller's inputs (content key -> serialized bytes): those held, those to stream in parts now."""
+        sizes = {str(k): int(n) for k, n in dict(sizes).items()}
+        return self.inputs.offer(self._who(comm), sizes, config.nbytes("coordinator.input-cache-bytes"),
+                                 _upload_stall())
 
-    async def depin_input_has(self, keys: list[str]) -> list[str]:
-        return self.inputs.has(keys)
+    async def depin_input_put(self, comm: Any, key: str, data: bytes, index: int | None = None,
+                              total: int = -1) -> str:
+        """Hold a serialized input of the caller under its content key ("too-large" if it cannot fit at all),
+        or one part (``index``) of an offered upload of ``total`` bytes."""
+        return await self.inputs.put(self._who(comm), str(key), bytes(data), None if index is None else int(index),
+                                     config.nbytes("coordinator.input-cache-bytes"), int(total))
 
-    async def depin_input_get(self, key: str) -> bytes | None:
-        return self.inputs.get(key)
+    async def depin_input_has(self, comm: Any, keys: list[str]) -> list[str]:
+        return self.inputs.has(self._who(comm), [str(k) for k in keys])
+
+    async def depin_input_get(self, comm: Any, key: str, task: str = "", index: int = 0) -> dict[str, Any] | None:
+        """Part ``index`` of an input of the run ``task`` a worker of the caller's identity is running (a
+        volunteer reads only the inputs of its own cells, and only while it runs them)."""
+        self._running_for(comm, task, "input reads")
+        run = self.gateway.runs.get(task)
+        owner = run.owner if run is not None else self.lab.key_owner.get(task, "")
+        return await self.inputs.read(owner, str(key), int(index), _upload_stall())
 
     async def depin_input_stats(self) -> dict[str, int]:
-        return self.inputs.summary()
+        return {**self.inputs.store.summary(), "uploading": len(self.inputs.uploads), **self.results.stats,
+                "relay-bytes": self.relay.nbytes, "result-parts-bytes": self.results.nbytes}
 
     async def depin_identities(self) -> dict[str, str]:
         """Worker address -> the certificate name of the volunteer behind it."""
@@ -288,6 +309,8 @@ class DepinScheduler(Scheduler):
     def log_worker_event(self, worker: str, topic: Any, msg: Any) -> None:
         if topic != STREAM_TOPIC:
             return super().log_worker_event(worker, topic, msg)
+        if isinstance(msg, dict) and msg.get("kind") == "result-parts":
+            return None  # the coordinator's own word to a client (`_announce_parts`): no worker may say it
         run = self.gateway.run_of(str(msg.get("run"))) if isinstance(msg, dict) else None
         if run is None or run.client_id is None or not self.is_processing_on(run.key, worker):
             return None  # not a run this worker is running (or no client to show it to): dropped
@@ -382,17 +405,72 @@ class DepinScheduler(Scheduler):
             pools = pools_of(self.workers[address].resources)
             self.note_pool(address, pools[0] if pools else None)
 
-    async def depin_relay_put(self, comm: Any, key: str, payload: bytes) -> str:
-        """A relayed result, accepted once, and only from a worker of the identity the task is running on."""
+    def _running_for(self, comm: Any, key: str, what: str) -> str:
+        """The caller's identity, if a worker of it is running task ``key``; TrustError otherwise."""
         name = self._who(comm)
         ts = self.tasks.get(key)
         running_on = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
         if ts is None or ts.state != "processing" or running_on is None or self.worker_names.get(running_on) != name:
-            raise TrustError(f"refused a result for {key!r} from {name!r}: no worker of {name!r} is running it")
+            raise TrustError(f"refused {what} for {key!r} from {name!r}: no worker of {name!r} is running it")
+        return name
+
+    async def depin_relay_put(self, comm: Any, key: str, payload: bytes, index: int | None = None,
+                              total: int = -1) -> str:
+        """A relayed result (whole, or part ``index`` of ``total`` bytes), accepted once, and only from a worker
+        of the identity the task is running on. The first part of a big result tells the run's client, which
+        reads the parts while they arrive (`network.results`)."""
+        name = self._running_for(comm, key, "a result")
         if key in self.relay:
             raise TrustError(f"refused a second result for {key!r} from {name!r}")
-        self.relay.put(key, payload, config.nbytes("coordinator.relay-max-bytes"))
-        return "OK"
+        limit = config.nbytes("coordinator.relay-max-bytes")
+        if index is None:
+            self.relay.put(key, payload, limit)
+            return "OK"
+        arriving = self.results.arriving
+        if key not in arriving:
+            if not arriving.open(key, int(total), limit - self.relay.nbytes - self.results.nbytes):
+                raise TrustError(f"the coordinator's result relay is full ({limit} bytes held for clients); "
+                                 f"store large results with the Zarr store instead of returning them")
+            self._announce_parts(key, int(total))
+        whole = arriving.put(key, int(index), bytes(payload), int(total), limit)
+        if whole is None:
+            return "OK"
+        self.relay.put(key, whole, limit)
+        arriving.close(key)
+        return "whole"
+
+    def _announce_parts(self, key: str, total: int) -> None:
+        """Tell the client of an unreplicated run that its result is arriving in parts (a stream event)."""
+        from depin_jupyter.protocol.constants import part_count
+
+        run = self.gateway.runs.get(key)
+        if run is None or run.client_id is None or run.done is not None:
+            return  # no client to tell, or a replicated run (read once judged)
+        msg = {"run": run.run_id, "kind": "result-parts", "key": key, "count": part_count(total)}
+        self.send_all({run.client_id: [{"op": "event", "topic": STREAM_TOPIC, "event": (time.time(), msg)}]},
+                      worker_msgs={})
+
+    async def depin_relay_get(self, comm: Any, key: str, index: int = 0) -> dict[str, Any] | None:
+        """Part ``index`` of the result of the caller's run ``key``: handed over in parts, or still arriving
+        (unreplicated runs only), waiting for a part on its way; None when there is none."""
+        from depin_jupyter.network.uploads import part_of
+
+        name, index = self._who(comm), int(index)
+        handed = self.results.handed(key, name)
+        if handed is None:
+            run = self.gateway.owned(name, key)
+            if run.done is not None:
+                return None  # replicated: only the judged result, once handed over
+            got = await self.results.arriving.read(key, index, _upload_stall())
+            if got is not None:
+                self.results.served(key, index, got[0])
+                return {"count": got[0], "data": got[1]}
+            handed = self.results.handed(key, name) or self.relay.get(key, pop=False)
+            if handed is None:
+                return None
+        answer = part_of(handed, index)
+        self.results.served(key, index, answer["count"])
+        return answer
 
     async def remove_worker(self, address: str, **kwargs: Any) -> Any:
         try:

@@ -38,8 +38,8 @@ WORKER_STREAM_OPS = frozenset({
 # other clients' keys: everything else is refused before it is handled (and nothing it sends is unpickled).
 CLIENT_RPC_OPS = frozenset({
     "register-client", "identity", "close", "close-stream", "depin_submit_cell", "depin_wait_cell", "depin_wait_cells",
-    "depin_cancel_cell", "depin_release_cells", "depin_jobs", "depin_input_put", "depin_input_has",
-    "depin_identities", "depin_pools", "depin_reputation", "depin_credits", "depin_lab_status",
+    "depin_cancel_cell", "depin_release_cells", "depin_jobs", "depin_input_put", "depin_input_has", "depin_input_offer",
+    "depin_identities", "depin_pools", "depin_reputation", "depin_credits", "depin_lab_status", "depin_relay_get",
     "depin_input_stats", "depin_hello", "depin_roster",
 })
 CLIENT_STREAM_OPS = frozenset({"heartbeat-client", "close-client", "subscribe-topic", "unsubscribe-topic",

@@ -18,6 +18,7 @@ from typing import Any
 
 from depin_jupyter import config
 from depin_jupyter.errors import TrustError
+from depin_jupyter.network.threads import in_thread
 from depin_jupyter.protocol.cells import check_placement, decode_spec
 from depin_jupyter.protocol.constants import ENDED_STATES, RUN_KEY_PREFIX
 
@@ -26,35 +27,6 @@ __all__ = ["CellGateway", "GatewayRun", "Replication"]
 logger = logging.getLogger("depin.coordinator")
 
 _TERMINAL = ENDED_STATES
-
-
-def _settle_future(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if done.done():
-        return
-    if error is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(result)
-
-
-async def _in_thread(func: Any, *args: Any) -> Any:
-    """``func(*args)`` in a thread of its own (a replicated cell blocks one for as long as it runs, so the
-    loop's small shared executor is not used), awaited from the loop."""
-    import threading
-
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Any] = loop.create_future()
-
-    def go() -> None:
-        try:
-            result = func(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(_settle_future, done, None, e)
-        else:
-            loop.call_soon_threadsafe(_settle_future, done, result, None)
-
-    threading.Thread(target=go, name="depin-replicas", daemon=True).start()
-    return await done
 
 
 def _checked(submission: Any) -> tuple[dict[str, Any], Any, Replication | None]:
@@ -280,7 +252,7 @@ class CellGateway:
                 # one run: Dask places it (and re-runs it elsewhere if its volunteer is lost)
                 if plan is not None and rep is not None:
                     run.replication = _single_record(plan, rep)
-                run.future, run.ended = await self._task(key, spec, inputs, blob, where)
+                run.future, run.ended = await self._task(key, spec, inputs, blob, where, name)
             else:
                 run.done = asyncio.Event()
                 self.sched.in_background(self._replicated, run, parsed, spec, inputs, blob, plan, rep)
@@ -295,16 +267,16 @@ class CellGateway:
         await self.sched.lab.admit(run.client_id or f"depin-gateway:{name}", [key], start, fail=refuse, name=name,
                                    tracked=True)
 
-    async def _task(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None,
-                    where: dict[str, Any]) -> tuple[Any, asyncio.Event]:
-        """The Dask task of one run (depin's cell runner over the submitted bytes, placed as asked), and an
-        event set when it is done. Its result, a marker, is never gathered: nobody dials a volunteer."""
+    async def _task(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None, where: dict[str, Any],
+                    owner: str) -> tuple[Any, asyncio.Event]:
+        """The Dask task of one run of ``owner``'s (the cell runner over the submitted bytes, placed as asked),
+        and an event set when it is done. Its result, a marker, is never gathered: nobody dials a volunteer."""
         from depin_jupyter.worker.entry import run_cell_gateway  # pickled by reference: the worker's runner
 
         client = await self.client()
         loop = asyncio.get_running_loop()
         ended = asyncio.Event()
-        future = client.submit(run_cell_gateway, spec, inputs, blob, key=key, pure=False, **where)
+        future = client.submit(run_cell_gateway, spec, inputs, blob, owner, key=key, pure=False, **where)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(ended.set))
         return future, ended
 
@@ -318,7 +290,7 @@ class CellGateway:
         new kernel attaching to the map gets those its dead kernel had fetched too)."""
         run = self.owned(name, key)
         await self._until_ended(run, time.monotonic() + max(0.0, min(float(timeout), 60.0)))
-        return self._answer(run, connected, keep)
+        return self._answer(run, connected, keep, name)
 
     async def wait_many(self, name: str, keys: list[str], timeout: float, connected: Any = None,
                         keep: Any = (), pending: Any = ()) -> dict[str, dict[str, Any]]:
@@ -361,7 +333,7 @@ class CellGateway:
             if run.ended is not None and run.ended.is_set() and run.state == "pending":
                 await self._settle(run)
             if run.state in _TERMINAL:
-                answers[key] = self._answer(run, connected, key in kept)
+                answers[key] = self._answer(run, connected, key in kept, name)
         return answers
 
     async def _until_ended(self, run: GatewayRun, deadline: float) -> None:
@@ -381,16 +353,17 @@ class CellGateway:
             if run.ended.is_set():
                 await self._settle(run)
 
-    def _answer(self, run: GatewayRun, connected: Any, keep: bool) -> dict[str, Any]:
-        """What the asker is told of ``run`` (with a finished run's payload); an ended run handed over is
-        forgotten, unless ``keep`` (a detached run) or its asker went away meanwhile."""
+    def _answer(self, run: GatewayRun, connected: Any, keep: bool, asker: str) -> dict[str, Any]:
+        """What ``asker`` is told of ``run`` (a finished run's payload; a big one as its parts: `network.results`);
+        an ended run handed over is forgotten, unless ``keep`` (a detached run) or its asker went away."""
         answer: dict[str, Any] = {"state": run.state, "error": run.error, "worker": run.worker,
                                   "replication": run.replication}
         if connected is not None and not connected():
             return answer  # nobody to hand it to: the result stays for the next asker
         keep = keep and run.detached
         if run.state == "finished":
-            answer["payload"] = run.payload if run.done is not None else self.sched.relay.get(run.key, pop=not keep)
+            payload = run.payload if run.done is not None else self.sched.relay.get(run.key, pop=not keep)
+            answer.update(self.sched.results.hand_over(run.key, payload, asker))
         if run.state in _TERMINAL and not keep:
             self.forget(run.key)
         return answer
@@ -481,11 +454,11 @@ class CellGateway:
         """Forget finished runs nobody fetched within ``depin.coordinator.result-ttl``."""
         ttl = config.seconds("coordinator.result-ttl") or 3600.0
         now = time.time()
+        self.sched.results.expire(ttl)
         for run in list(self.runs.values()):
             if run.state in _TERMINAL and now - run.submitted > ttl:
                 self.sched.relay.drop(run.key)
                 self.forget(run.key)
-
 
     # --- replicated runs: the coordinator judges (`protocol.quorum`), nobody reports verdicts to it ---
     def _plan(self, where: dict[str, Any], rep: Replication) -> _Plan:
@@ -529,7 +502,7 @@ class CellGateway:
         try:
             if not plan.candidates:
                 raise quorum.ReplicationError("no connected volunteer can run this cell (pool, GPUs)")
-            result, record = await _in_thread(quorum.run, run_one, plan.plan, plan.candidates, names, plan.k,
+            result, record = await in_thread(quorum.run, run_one, plan.plan, plan.candidates, names, plan.k,
                                               rep.k_max, rep.rtol, rep.atol)
             if plan.k < rep.k:
                 record["degraded_to"] = plan.k
@@ -555,7 +528,8 @@ class CellGateway:
                                  parent.client_id, parent.detached, state="pending")
             self.runs[key] = replica
             parent.replicas.append(key)
-        future, ended = await self._task(key, spec, inputs, blob, {"workers": [worker], "allow_other_workers": False})
+        pin = {"workers": [worker], "allow_other_workers": False}
+        future, ended = await self._task(key, spec, inputs, blob, pin, parent.owner)
         replica.future = future
         gone = 0
         while not ended.is_set():

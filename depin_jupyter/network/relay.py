@@ -59,7 +59,7 @@ class InputStore:
     digest of the key (keys come from clients); the key is kept inside the file."""
 
     def __init__(self, limit: int, root: pathlib.Path | None = None) -> None:
-        self.stats = {"puts": 0, "gets": 0, "misses": 0, "evicted": 0}
+        self.stats = {"puts": 0, "gets": 0, "misses": 0, "evicted": 0, "streamed": 0}
         self.root = root
         self._lru: ByteLRU[bytes] = ByteLRU(limit, on_evict=self._evicted)
         if root is not None:
@@ -116,6 +116,10 @@ class InputStore:
         data = self._lru.get(key)
         self.stats["misses" if data is None else "gets"] += 1
         return data
+
+    def peek(self, key: str) -> bytes | None:
+        """The input held under ``key`` (it counts as just used), without counting a get or a miss."""
+        return self._lru.get(key)
 
     def summary(self) -> dict[str, int]:
         return {**self.stats, "held": len(self._lru), "bytes": self._lru.nbytes}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 __all__ = [
-    "CREDIT_TOPIC", "ENDED_STATES", "MODULES_ARG", "POOL_CAPACITY", "POOL_PREFIX", "RELAYED", "RUN_KEY_PREFIX", "STREAM_TOPIC",
-    "STUCK_EXIT_STATUS", "pool_resource", "pools_of", "run_key", "run_of_key",
+    "CREDIT_TOPIC", "ENDED_STATES", "MODULES_ARG", "PART_BYTES", "POOL_CAPACITY", "POOL_PREFIX", "RELAYED",
+    "RUN_KEY_PREFIX", "STREAM_TOPIC", "STUCK_EXIT_STATUS", "owner_scoped", "part_count", "pool_resource",
+    "pools_of", "run_key", "run_of_key",
 ]
 
 STREAM_TOPIC = "depin-stream"   # Dask event topic of a cell's live output (stdout, stderr, display, start)
@@ -19,6 +20,10 @@ POOL_CAPACITY = 1_000_000       # so that a pool never limits how many cells run
 # the states of a run on the coordinator's gateway after which nothing more happens to it
 ENDED_STATES = frozenset({"finished", "error", "cancelled", "lost"})
 
+# Big inputs and results cross the coordinator in parts of this many bytes, each forwarded as soon as it
+# has arrived (`network.uploads`): a transfer costs about one hop plus one part, not two hops.
+PART_BYTES = 4 * 2**20
+
 STUCK_EXIT_STATUS = 70          # a worker process exits with this when a cancelled cell is stuck in a C call
 
 
@@ -32,6 +37,17 @@ def run_of_key(key: str) -> str:
     if not key.startswith(RUN_KEY_PREFIX):
         return key
     return key[len(RUN_KEY_PREFIX):].rsplit("-", 1)[0]
+
+
+def owner_scoped(owner: str, key: str) -> str:
+    """The key an input of client ``owner`` is held under (coordinator and volunteer caches): clients never
+    see, reuse or overwrite each other's inputs, whose content keys are guessable."""
+    return f"{len(owner)}:{owner}/{key}"
+
+
+def part_count(nbytes: int) -> int:
+    """How many `PART_BYTES` parts ``nbytes`` bytes travel in (an empty payload is one empty part)."""
+    return max(1, -(-nbytes // PART_BYTES))
 
 
 def pool_resource(pool: str) -> str:

@@ -10,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["OPS", "AsyncCoordinator", "Coordinator"]
+__all__ = ["OPS", "WINDOW", "AsyncCoordinator", "Coordinator"]
 
 # Op name on the coordinator -> what it does. `network.coordinator` registers exactly these handlers.
 OPS: dict[str, str] = {
     "depin_identities": "worker address -> the certificate name of the volunteer behind it",
     "depin_pools": "worker address -> the pool its certificate put it in",
     "depin_reputation": "volunteer name -> its replication record (streak, valid, invalid, checked)",
-    "depin_relay_put": "a worker parks a relayed cell's pickle-free result",
-    "depin_input_put": "a client puts a serialized input under its content key",
-    "depin_input_has": "which content keys the coordinator holds",
-    "depin_input_get": "a worker fetches a held input",
+    "depin_relay_put": "a worker parks a relayed cell's pickle-free result (whole, or one part)",
+    "depin_relay_get": "a client reads one part of a big result of its own (waiting for a part on its way)",
+    "depin_input_offer": "which of a client's inputs are held, and which to stream in parts now",
+    "depin_input_put": "a client puts a serialized input under its content key (whole, or one part)",
+    "depin_input_has": "which of a client's content keys the coordinator holds",
+    "depin_input_get": "a worker reads one part of an input of the cell it runs (waiting for a part on its way)",
     "depin_input_stats": "the input cache's counters",
     "depin_credits": "credit per volunteer",
     "depin_submit_cell": "a client submits a cell (pickle-free spec and inputs) for the coordinator to run",
@@ -33,6 +35,22 @@ OPS: dict[str, str] = {
     "depin_roster": "the workers that joined or left since the roster a notebook holds (all of them if need be)",
     "depin_hello": "the coordinator's clock and package versions (`depin doctor`: skew and version checks)",
 }
+
+
+WINDOW = 3  # parts of one big transfer asked for at once: the next is on its way while one is being read
+
+
+async def _windowed(step: Callable[[int], Awaitable[None]], count: int, start: int = 0) -> None:
+    """``step(i)`` for i in ``start..count-1``, at most `WINDOW` at once, in order of i."""
+    import asyncio
+
+    gate = asyncio.Semaphore(WINDOW)
+
+    async def one(index: int) -> None:
+        async with gate:
+            await step(index)
+
+    await asyncio.gather(*(one(i) for i in range(start, count)))
 
 
 class Coordinator:
@@ -63,9 +81,51 @@ class Coordinator:
 
     # --- results relayed by the coordinator (volunteers behind NAT) ---
     def relay_put(self, key: str, payload: bytes) -> None:
-        self._call("depin_relay_put", key=key, payload=payload)
+        """Park the result of task ``key``; a big one goes in parts, which its client reads as they arrive."""
+        from depin_jupyter.protocol.constants import PART_BYTES
 
-    # --- inputs held by content key ---
+        if len(payload) <= PART_BYTES:
+            self._call("depin_relay_put", key=key, payload=payload)
+            return
+        if self._send_parts("depin_relay_put", "payload", payload, key=key) != "whole":
+            raise RuntimeError(f"the coordinator did not get all of the result of {key} (see its log)")
+
+    def payload(self, key: str, answer: dict[str, Any]) -> bytes | None:
+        """The result a finished run's answer carries: itself, or read in parts when it was answered as parts."""
+        if answer.get("payload") is not None or not answer.get("parts"):
+            return answer.get("payload")
+        return self.relay_fetch(key)
+
+    def relay_fetch(self, key: str) -> bytes | None:
+        """The big result of the client's run ``key`` (answered as parts), read in parts; None if gone."""
+        return self._fetch_parts("depin_relay_get", key=key)
+
+    def _fetch_parts(self, op: str, **kwargs: Any) -> bytes | None:
+        """A payload read part by part with ``op`` (`WINDOW` parts asked for at once); None when missing."""
+        method = getattr(self._rpc, op)
+
+        async def fetch() -> bytes | None:
+            first = await method(**kwargs, index=0)
+            if first is None:
+                return None
+            parts: list[bytes | None] = [bytes(first["data"])] + [None] * (int(first["count"]) - 1)
+
+            async def one(index: int) -> None:
+                answer = await method(**kwargs, index=index)
+                if answer is None:
+                    raise LookupError(op)
+                parts[index] = bytes(answer["data"])
+
+            try:
+                await _windowed(one, len(parts), start=1)
+            except LookupError:
+                return None
+            return b"".join(p for p in parts if p is not None)
+
+        result: bytes | None = self._sync(fetch)
+        return result
+
+    # --- inputs held by content key (each client's own) ---
     def input_put(self, key: str, data: bytes) -> bool:
         """Hold ``data`` under ``key``; False if it cannot fit in the coordinator's input cache at all."""
         return bool(self._call("depin_input_put", key=key, data=data) == "OK")
@@ -73,9 +133,34 @@ class Coordinator:
     def input_has(self, keys: list[str]) -> set[str]:
         return set(self._call("depin_input_has", keys=keys))
 
-    def input_get(self, key: str) -> bytes | None:
-        data = self._call("depin_input_get", key=key)
-        return None if data is None else bytes(data)
+    def input_offer(self, sizes: dict[str, int]) -> tuple[set[str], set[str]]:
+        """(keys held, keys to stream now with `input_stream`) of ``sizes`` (content key -> bytes)."""
+        answer = self._call("depin_input_offer", sizes=dict(sizes))
+        return set(answer["held"]), set(answer["stream"])
+
+    def input_stream(self, key: str, data: bytes) -> None:
+        """Send an offered input in `PART_BYTES` parts, in order on one connection (`_comm.send_in_order`)."""
+        if self._send_parts("depin_input_put", "data", data, key=key) != "whole":
+            raise RuntimeError(f"the coordinator did not get all of input {key} (see its log)")
+
+    def _send_parts(self, op: str, field: str, payload: bytes, **kwargs: Any) -> Any:
+        """``payload`` to ``op`` in `PART_BYTES` parts (``field``, ``index``, ``total``), back to back; the
+        last part's answer."""
+        from depin_jupyter.protocol._comm import send_in_order
+        from depin_jupyter.protocol.constants import PART_BYTES, part_count
+
+        view = memoryview(payload)
+
+        def message(index: int) -> dict[str, Any]:
+            return {**kwargs, field: bytes(view[index * PART_BYTES:(index + 1) * PART_BYTES]), "index": index,
+                    "total": len(payload)}
+
+        return self._sync(send_in_order, self._rpc, op, part_count(len(payload)), message)
+
+    def input_fetch(self, key: str, task: str) -> bytes | None:
+        """The whole input ``key`` of the running task ``task``, read in parts as they arrive on the
+        coordinator; None when the coordinator does not hold it."""
+        return self._fetch_parts("depin_input_get", key=key, task=task)
 
     def input_stats(self) -> dict[str, int]:
         return dict(self._call("depin_input_stats"))

@@ -21,12 +21,13 @@ def run_cell(spec: RunSpec, inputs: dict[str, Any]) -> RunResult:
     return run(spec, inputs)
 
 
-def run_cell_gateway(spec: bytes, inputs: bytes, blob: bytes | None) -> str:
-    """The `%%depin` task on a volunteer, as the coordinator's gateway builds it: pickle-free bytes in, the
-    result pushed to the coordinator's relay (`worker.relayed`); the blob is opened only in the sandbox."""
+def run_cell_gateway(spec: bytes, inputs: bytes, blob: bytes | None, owner: str = "") -> str:
+    """The `%%depin` task on a volunteer, as the coordinator's gateway builds it for a cell of ``owner``:
+    pickle-free bytes in, the result pushed to the coordinator's relay (`worker.relayed`); the blob is
+    opened only in the sandbox."""
     from depin_jupyter.worker.relayed import run_cell_gateway as run
 
-    return run(spec, inputs, blob)
+    return run(spec, inputs, blob, owner)
 
 
 def cancel_on_release() -> Any:

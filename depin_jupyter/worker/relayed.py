@@ -19,7 +19,7 @@ from typing import Any
 
 from depin_jupyter import config
 from depin_jupyter.lru import ByteLRU
-from depin_jupyter.protocol.constants import CREDIT_TOPIC, RELAYED, STREAM_TOPIC
+from depin_jupyter.protocol.constants import CREDIT_TOPIC, RELAYED, STREAM_TOPIC, owner_scoped
 from depin_jupyter.protocol.payloads import InputRef, energy_fields, to_payload
 from depin_jupyter.protocol.records import RunSpec, error_result
 from depin_jupyter.protocol.rpc import Coordinator
@@ -45,8 +45,11 @@ def _input_cache() -> ByteLRU[bytes]:
     return _cache
 
 
-def resolve_inputs(coordinator: Coordinator, inputs: dict[str, Any]) -> dict[str, Any]:
-    """``inputs`` with each `InputRef` replaced by its value (from this worker's cache or the coordinator).
+def resolve_inputs(coordinator: Coordinator, inputs: dict[str, Any], task: str, owner: str = "") -> dict[str, Any]:
+    """``inputs`` with each `InputRef` replaced by its value (from this worker's cache or the coordinator,
+    read in parts as they arrive there: a new input may still be on its way from the notebook). Kept here
+    per ``owner`` (the submitting client, as the coordinator says): one client's bytes never stand in for
+    another's under the same content key.
 
     Raises InputMissingError naming the input when the coordinator no longer holds it.
     """
@@ -58,14 +61,16 @@ def resolve_inputs(coordinator: Coordinator, inputs: dict[str, Any]) -> dict[str
     cache = _input_cache()
     out = dict(inputs)
     for name, ref in refs.items():
-        data = cache.get(ref.key)
+        mine = owner_scoped(owner, ref.key)
+        data = cache.get(mine)
         if data is None:
-            data = coordinator.input_get(ref.key)
+            data = coordinator.input_fetch(ref.key, task)
             if data is None:
                 raise InputMissingError(
-                    f"input {name!r} ({ref.nbytes} bytes) is no longer held by the coordinator (its input cache "
-                    f"dropped it: depin.coordinator.input-cache-bytes)")
-            cache.put(ref.key, data, len(data))
+                    f"input {name!r} ({ref.nbytes} bytes) is not held by the coordinator (its input cache dropped "
+                    f"it: depin.coordinator.input-cache-bytes, or its upload stalled: "
+                    f"depin.coordinator.upload-stall)")
+            cache.put(mine, data, len(data))
         out[name] = deserialize_bytes(data)
     return out
 
@@ -95,8 +100,9 @@ def _run(spec: RunSpec, inputs: dict[str, Any], blob: bytes | None, worker: Any)
     return to_payload(result), time.thread_time() - started, result.get("energy")
 
 
-def run_cell_gateway(spec_data: bytes, inputs_data: bytes, blob: bytes | None) -> str:
-    """The `%%depin` task on a volunteer: run the cell, push its result to the coordinator, return a marker.
+def run_cell_gateway(spec_data: bytes, inputs_data: bytes, blob: bytes | None, owner: str = "") -> str:
+    """The `%%depin` task on a volunteer: run a cell of ``owner``, push its result to the coordinator, return
+    a marker.
 
     The spec and inputs are decoded with `safe_codec` (never unpickled here); inputs held by the coordinator
     are fetched. With the sandbox on (the default on volunteers, `depin_jupyter.worker.sandbox`) the cell
@@ -115,7 +121,7 @@ def run_cell_gateway(spec_data: bytes, inputs_data: bytes, blob: bytes | None) -
     spec = decode_spec(spec_data)
     cell = decode_inputs(inputs_data, blob)
     try:
-        inputs = resolve_inputs(coordinator, {**cell.values, **cell.refs})
+        inputs = resolve_inputs(coordinator, {**cell.values, **cell.refs}, key, owner)
     except InputMissingError as e:  # the notebook re-sends the inputs inside the task and runs it again
         error = error_result(spec, (worker.address, None if worker.name is None else str(worker.name)),
                              str(e), type_name="InputMissingError", module=__name__, limit="input-cache")

@@ -91,7 +91,7 @@ def _patch_runner(worker) -> None:
     relayed._run = run
     honest_gateway = relayed.run_cell_gateway
 
-    def run_cell_gateway(spec_data, inputs_data, blob):
+    def run_cell_gateway(spec_data, inputs_data, blob, *rest):
         if "relay" in ATTACKS:
             key = str(worker.get_current_task())
             coordinator = Coordinator.of_worker(worker)
@@ -109,7 +109,7 @@ def _patch_runner(worker) -> None:
                 log("junk", outcome="accepted")
             except Exception as e:
                 log("junk", outcome=f"refused: {e}")
-        return honest_gateway(spec_data, inputs_data, blob)
+        return honest_gateway(spec_data, inputs_data, blob, *rest)
 
     relayed.run_cell_gateway = run_cell_gateway
 

@@ -146,6 +146,40 @@ def test_a_client_cannot_wait_for_take_or_cancel_another_clients_cell(net):
         eve.close()
 
 
+def test_a_client_cannot_see_read_or_plant_another_clients_inputs(net, monkeypatch):
+    """Content keys are guessable (a hash of the array): eve knows sci's array, so its key. She cannot learn
+    that sci sent it, nor have her bytes stand in for it, on the coordinator or in a volunteer's cache."""
+    from depin_jupyter.protocol.values import content_hash
+
+    sci, eve = _session(net, "sci-inputs"), _session(net, "eve-inputs")
+    try:
+        wait_for_workers(sci, 2)
+        a = np.arange(2**20, dtype=np.float64)  # 8 MiB: held by the coordinator, not inside the task
+        key = "depin-input-" + content_hash(a)
+        here = runner.RunOptions(worker="honest-a", replicas=1, no_store=True)
+        ns = {"a": a}
+        runner.run_cell(sci, "t = float(a.sum())", ns, here)
+        eve_gw = Coordinator.of_client(eve.client)
+        assert eve_gw.input_has([key]) == set()  # she does not learn that sci sent it
+        assert Coordinator.of_client(sci.client).input_has([key]) == {key}  # control: sci's is held
+        # eve's own kernel, changed to claim sci's key for her zeros: the coordinator holds them as hers, and
+        # the volunteer that runs her cell keeps them as hers
+        fake = np.zeros_like(a)
+        claimed = key.removeprefix("depin-input-")
+        monkeypatch.setattr(runner, "fingerprints", lambda namespace, names: {"a": claimed})
+        eve_ns = {"a": fake}
+        runner.run_cell(eve, "e = float(a.sum())", eve_ns, here)
+        assert eve_ns["e"] == 0.0  # her cell got her bytes
+        monkeypatch.undo()
+        with pytest.raises(Exception, match="may not 'depin_input_get'"):  # nor read inputs as a volunteer does
+            eve.client.sync(eve.client.scheduler.depin_input_get, key=key, task="x", index=0)
+        again = runner.run_cell(sci, "u = float(a.sum() * 2)", ns, here)
+        assert again.reused_inputs == ["a"] and ns["u"] == float(a.sum() * 2)  # sci's bytes, not eve's
+    finally:
+        sci.close()
+        eve.close()
+
+
 # ------------------------------------------------------------------ 1, 2, 3, 6, 7, 9: a malicious volunteer
 
 def test_a_lying_relaying_boasting_volunteer_changes_nothing(net):
