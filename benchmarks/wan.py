@@ -5,7 +5,8 @@ real `depin scheduler` on 127.0.0.1, measured in one run with the undelayed case
 
 For each round-trip time: `%depin connect` (a client token pointing at the proxy), a trivial cell, a cell
 with a new 4 MiB input (first use) and the same input again, and a volunteer joining through the proxy
-(`depin worker` start to "joined"). At the bandwidth-capped delay (80 ms, ``--mbit``): a ``--big-mib`` MiB
+(`depin worker` start to "joined"; once more at 0 ms as the first start on a machine, which measures what
+later starts remember). At the bandwidth-capped delay (80 ms, ``--mbit``): a ``--big-mib`` MiB
 input on first use, a cell returning that many MiB, and a cell reading one element of a big input (second
 use: nothing should travel back). The kernel-coordinator path is delayed; coordinator and volunteer talk
 directly except in the join and bandwidth rows. "round trips" = (time at delay - time at 0) / delay: how
@@ -89,6 +90,14 @@ def main() -> None:
             rows[f"{tag}: volunteer join"] = stats([took])
             joiner.send_signal(signal.SIGTERM)
             joiner.wait(60)
+        # The joins above find the CPU benchmark and package versions `depin worker` remembered from an earlier
+        # start (`worker.machine`); a volunteer's very first start on a machine measures them.
+        proxy.rtt = 0.0
+        first_env = {"DASK_DEPIN__VOLUNTEER__CONTROL_DIR": str(net.root / "first-start-control")}
+        first, took = net.start_worker(proxied("worker", "wan-first"), "first", env=first_env)
+        rows["0 ms: volunteer join, first start on this machine"] = stats([took])
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
         # Bandwidth: 80 ms and --mbit on both access links (the notebook's and a far volunteer's, each
         # behind its own proxy: one hop's bytes cross each link once), one big transfer each way.
         proxy.rtt, proxy.bandwidth = 0.08, args.mbit * 1e6

@@ -92,3 +92,55 @@ def _advert_seen() -> object:
     import dask.config
 
     return (dask.config.get("depin.volunteer.advert", default={}) or {}).get("versions")
+
+
+@pytest.fixture
+def control_dir(tmp_path, monkeypatch):
+    import dask.config
+
+    with dask.config.set({"depin.volunteer.control-dir": str(tmp_path / "control")}):
+        yield tmp_path / "control"
+
+
+def test_what_the_machine_is_is_measured_once_and_again_when_it_changed(control_dir):
+    """`worker.machine.remembered`: the benchmark and the installed versions are not measured at every start."""
+    from depin_jupyter.worker.machine import remembered
+
+    calls: list[int] = []
+
+    def measure() -> dict:
+        calls.append(1)
+        return {"n": len(calls)}
+
+    assert remembered("thing", {"cpus": 2}, 60.0, measure) == {"n": 1}
+    assert remembered("thing", {"cpus": 2}, 60.0, measure) == {"n": 1} and len(calls) == 1  # remembered
+    assert (control_dir / "thing.json").stat().st_mode & 0o077 == 0  # the volunteer's own
+    assert remembered("thing", {"cpus": 4}, 60.0, measure) == {"n": 2}  # another machine: measured again
+    assert remembered("thing", {"cpus": 4}, -1.0, measure) == {"n": 3}  # too old: measured again
+    (control_dir / "thing.json").write_text("{not json")
+    assert remembered("thing", {"cpus": 4}, 60.0, measure) == {"n": 4}  # unreadable: measured, rewritten
+    assert remembered("thing", {"cpus": 4}, None, measure) == {"n": 4}
+
+
+def test_installed_versions_are_read_again_when_a_package_is_installed(control_dir, tmp_path, monkeypatch):
+    import os
+    import sys
+    import time
+
+    from depin_jupyter.worker.machine import stored_versions
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    reads: list[int] = []
+
+    def installed() -> dict[str, str]:
+        reads.append(1)
+        return {"pkg": str(len(reads))}
+
+    assert stored_versions(installed) == {"pkg": "1"}
+    assert stored_versions(installed) == {"pkg": "1"}
+    (site / "newpkg-1.0.dist-info").mkdir()  # what pip does
+    later = time.time() + 5
+    os.utime(site, (later, later))
+    assert stored_versions(installed) == {"pkg": "2"}

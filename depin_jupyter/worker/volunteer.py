@@ -51,14 +51,19 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
 
 
 def advertised_versions() -> dict[str, str]:
-    """Installed package versions by top-level module: notebooks check theirs against these."""
-    import importlib.metadata
+    """Installed package versions by top-level module: notebooks check theirs against these (read once per
+    change of the installed packages, `worker.machine`)."""
+    from depin_jupyter.worker.machine import stored_versions
 
     unimportable = set(config.get("volunteer.unimportable") or ())  # the start probe's finding
+    return {m: v for m, v in stored_versions(_installed_versions).items() if m not in unimportable}
+
+
+def _installed_versions() -> dict[str, str]:
+    import importlib.metadata
+
     out = {}
     for module, dists in importlib.metadata.packages_distributions().items():
-        if module in unimportable:
-            continue
         for dist in dists:
             try:
                 out[module] = importlib.metadata.version(dist)
@@ -268,13 +273,14 @@ def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> dict[str, str] | No
 
 
 def _cpu_benchmark(gpus: str) -> dict[str, Any] | None:
-    """The CPU benchmark a CPU worker advertises; None where the workers will be GPU workers (each times its
-    own GPU), so a GPU machine's join does not spend half a second of CPU on a number nobody uses."""
+    """The CPU benchmark a CPU worker advertises (measured once a week, `worker.machine`); None where the
+    workers will be GPU workers (each times its own GPU), so a GPU machine spends no CPU on it."""
     from depin_jupyter.gpu import detect
+    from depin_jupyter.worker.machine import stored_benchmark
 
     if _gpu_list(gpus) is not None and detect()[0]:
         return None
-    return controls.cached_benchmark(False)
+    return stored_benchmark()
 
 
 async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
