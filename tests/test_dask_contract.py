@@ -266,3 +266,13 @@ def test_messages_on_one_connection_without_reply_are_handled_in_order():
             server.stop()
 
     asyncio.run(main())
+
+
+def test_get_mp_context_keeps_a_preload_marked_as_set():
+    """worker/_dask.forkserver_preloaded: `distributed.utils._forkserver_preload_set` stops `get_mp_context`
+    from importing every package it knows of and replacing the fork server's preload."""
+    import distributed.utils
+
+    assert hasattr(distributed.utils, "_forkserver_preload_set")
+    src = inspect.getsource(distributed.utils.get_mp_context)
+    assert "_forkserver_preload_set" in src and "set_forkserver_preload" in src

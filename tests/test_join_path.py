@@ -25,8 +25,8 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
 def test_fork_server_is_started_and_used_only_where_the_volunteer_did_not_choose():
     code = """
         import dask.config
-        from depin_jupyter.worker.volunteer import _warm_process_start
-        _warm_process_start()
+        from depin_jupyter.worker.early import warm_process_start
+        warm_process_start()
         print(dask.config.get("distributed.worker.multiprocessing-method"))
     """
     assert _run(code) == "forkserver"

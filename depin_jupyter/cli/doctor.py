@@ -68,7 +68,7 @@ def _sandbox(probe_cell: bool) -> list[Check]:
     if not probe_cell:
         return out
     from depin_jupyter.gpu import detect
-    from depin_jupyter.worker.volunteer import advertised_versions
+    from depin_jupyter.worker.early import advertised_versions
 
     modules = set(advertised_versions())
     report = probe.probe(modules, gpu=bool(detect()[0]))

@@ -99,12 +99,18 @@ def worker(token: str, gpus: str, memory_limit: str, name: str | None, nthreads:
     --when-idle and --max-gpu-util pause it automatically (running cells finish, queued ones go elsewhere).
     """
     from depin_jupyter.errors import DepinError
-    from depin_jupyter.worker.volunteer import run
+    from depin_jupyter.worker import early
 
     try:
+        from depin_jupyter.protocol.identity import Token
+
+        Token.decode(token).check_valid("worker")  # a bad token fails at once, before anything starts
+        started = early.begin(gpus)  # the probe and the fork server start while Dask is imported
+        from depin_jupyter.worker.volunteer import run
+
         code = run(token, gpus=gpus, memory_limit=memory_limit, name=name, nthreads=nthreads,
                    contact_address=contact_address, hours=hours, when_idle=when_idle, exclude_gpus=exclude_gpus,
-                   max_gpu_util=max_gpu_util, max_power=max_power)
+                   max_gpu_util=max_gpu_util, max_power=max_power, started=started)
     except DepinError as e:
         _fail(e)
     sys.exit(code)

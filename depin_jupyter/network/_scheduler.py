@@ -405,38 +405,36 @@ class DepinScheduler(Scheduler):
             pools = pools_of(self.workers[address].resources)
             self.note_pool(address, pools[0] if pools else None)
 
-    def _running_for(self, comm: Any, key: str, what: str) -> str:
-        """The caller's identity, if a worker of it is running task ``key``; TrustError otherwise."""
+    def _running_for(self, comm: Any, key: str, what: str) -> tuple[str, str]:
+        """(the caller's identity, the address of its worker) if a worker of it is running task ``key``;
+        TrustError otherwise."""
         name = self._who(comm)
         ts = self.tasks.get(key)
         running_on = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
         if ts is None or ts.state != "processing" or running_on is None or self.worker_names.get(running_on) != name:
             raise TrustError(f"refused {what} for {key!r} from {name!r}: no worker of {name!r} is running it")
-        return name
+        return name, running_on
 
     async def depin_relay_put(self, comm: Any, key: str, payload: bytes, index: int | None = None,
                               total: int = -1) -> str:
         """A relayed result (whole, or part ``index`` of ``total`` bytes), accepted once, and only from a worker
         of the identity the task is running on. The first part of a big result tells the run's client, which
         reads the parts while they arrive (`network.results`)."""
-        name = self._running_for(comm, key, "a result")
+        name, sender = self._running_for(comm, key, "a result")
         if key in self.relay:
             raise TrustError(f"refused a second result for {key!r} from {name!r}")
         limit = config.nbytes("coordinator.relay-max-bytes")
         if index is None:
             self.relay.put(key, payload, limit)
+            self.results.settled(key)
             return "OK"
-        arriving = self.results.arriving
-        if key not in arriving:
-            if not arriving.open(key, int(total), limit - self.relay.nbytes - self.results.nbytes):
-                raise TrustError(f"the coordinator's result relay is full ({limit} bytes held for clients); "
-                                 f"store large results with the Zarr store instead of returning them")
+        whole, began = self.results.receive(key, sender, int(index), bytes(payload), int(total),
+                                            limit - self.relay.nbytes, limit, _upload_stall())
+        if began:
             self._announce_parts(key, int(total))
-        whole = arriving.put(key, int(index), bytes(payload), int(total), limit)
         if whole is None:
             return "OK"
         self.relay.put(key, whole, limit)
-        arriving.close(key)
         return "whole"
 
     def _announce_parts(self, key: str, total: int) -> None:
@@ -464,11 +462,11 @@ class DepinScheduler(Scheduler):
             got = await self.results.arriving.read(key, index, _upload_stall())
             if got is not None:
                 self.results.served(key, index, got[0])
-                return {"count": got[0], "data": got[1]}
+                return {"count": got[0], "data": got[1], "gen": got[2]}
             handed = self.results.handed(key, name) or self.relay.get(key, pop=False)
             if handed is None:
                 return None
-        answer = part_of(handed, index)
+        answer = {**part_of(handed, index), "gen": self.results.gens.get(key, "")}
         self.results.served(key, index, answer["count"])
         return answer
 

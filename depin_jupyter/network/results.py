@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from depin_jupyter.errors import TrustError
 from depin_jupyter.network.uploads import Uploads
 from depin_jupyter.protocol.constants import PART_BYTES, part_count
 
@@ -25,6 +26,35 @@ class ResultParts:
         self._handed: dict[str, tuple[bytes, float, str]] = {}  # key -> (payload, when handed over, to whom)
         self._served: dict[str, set[int]] = {}              # key -> parts its client has read
         self.stats = {"parts-read-arriving": 0, "parts-read-after": 0}  # before the run's end was answered, after
+        self._senders: dict[str, str] = {}  # key -> address of the worker whose parts are arriving
+        self.gens: dict[str, str] = {}      # key -> generation of its whole result (the upload it came from)
+
+    def receive(self, key: str, sender: str, index: int, data: bytes, total: int, room: int, limit: int,
+                stall: float) -> tuple[bytes | None, bool]:
+        """Part ``index`` of the result of ``key`` from the worker at ``sender``: (the whole result once its
+        last part is in, whether this part began the upload). Parts from another worker than the one that
+        began (the run was moved: its volunteer left) start the upload over; ``room``: bytes the relay has."""
+        self.arriving.expire(stall)
+        if key in self.arriving and self._senders.get(key) != sender:
+            self.arriving.close(key)  # never a mix of two runs' parts
+        began = key not in self.arriving
+        if began:
+            if not self.arriving.open(key, total, room - self.nbytes):
+                raise TrustError(f"the coordinator's result relay is full ({limit} bytes held for clients); "
+                                 f"store large results with the Zarr store instead of returning them")
+            self._senders[key] = sender
+        whole = self.arriving.put(key, index, data, total, limit)
+        if whole is not None:
+            self.gens[key] = self.arriving.gen(key) or ""
+            self.arriving.close(key)
+            self._senders.pop(key, None)
+        return whole, began
+
+    def settled(self, key: str) -> None:
+        """``key``'s result came whole (one message): a generation of its own."""
+        import uuid
+
+        self.gens[key] = uuid.uuid4().hex
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +93,7 @@ class ResultParts:
         for key in [k for k, (_, t, _) in self._handed.items() if now - t > ttl]:
             del self._handed[key]
             self._served.pop(key, None)
-        if len(self._served) > 10_000:  # parts read while arriving of runs never answered (lost ones)
-            for key in [k for k in self._served if k not in self._handed and k not in self.arriving]:
-                del self._served[key]
+        for book in (self._served, self.gens):  # of runs never answered (lost ones): forgotten in time
+            if len(book) > 10_000:
+                for key in [k for k in book if k not in self._handed and k not in self.arriving]:
+                    del book[key]

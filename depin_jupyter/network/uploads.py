@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ class _Upload:
     touched: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False
+    gen: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells this upload from a later one of its key
 
 
 class Uploads:
@@ -90,15 +92,16 @@ class Uploads:
             up.gone = True
             up.changed.set()
 
-    async def read(self, key: str, index: int, stall: float) -> tuple[int, bytes] | None:
-        """(parts in all, part ``index``) of an open upload, waiting while it is filling; None when there is no
-        such upload, or it got no part for ``stall`` seconds (then it is dropped)."""
+    async def read(self, key: str, index: int, stall: float) -> tuple[int, bytes, str] | None:
+        """(parts in all, part ``index``, the upload's generation) of an open upload, waiting while it is
+        filling; None when there is no such upload, it was dropped meanwhile (a later upload of the same key
+        is another one), or it got no part for ``stall`` seconds (then it is dropped)."""
+        up = self._open.get(key)
         while True:
-            up = self._open.get(key)
             if up is None or up.gone or not 0 <= index < up.count:
                 return None
             if index in up.parts:
-                return up.count, up.parts[index]
+                return up.count, up.parts[index], up.gen
             left = up.touched + stall - time.monotonic()
             if left <= 0:
                 self.close(key)
@@ -107,6 +110,10 @@ class Uploads:
                 await asyncio.wait_for(up.changed.wait(), left)
             except TimeoutError:
                 continue
+
+    def gen(self, key: str) -> str | None:
+        up = self._open.get(key)
+        return None if up is None else up.gen
 
     def expire(self, stall: float) -> int:
         """Drop the uploads that got no part for ``stall`` seconds; how many."""

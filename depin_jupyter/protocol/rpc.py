@@ -112,7 +112,7 @@ class Coordinator:
 
             async def one(index: int) -> None:
                 answer = await method(**kwargs, index=index)
-                if answer is None:
+                if answer is None or answer.get("gen") != first.get("gen"):  # gone, or another run's parts
                     raise LookupError(op)
                 parts[index] = bytes(answer["data"])
 

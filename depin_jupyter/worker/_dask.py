@@ -87,6 +87,20 @@ def guard_nanny(nanny: Any) -> Any:
     return nanny
 
 
+def forkserver_preloaded() -> None:
+    """Tell Dask the fork server's preload is set (`early.warm_process_start` set it, without importing
+    `distributed`): otherwise its first `get_mp_context` imports every package it knows of here, on the way
+    to starting a worker (`distributed.utils._forkserver_preload_set`)."""
+    import multiprocessing
+
+    import dask.config
+    import distributed.utils
+
+    if dask.config.get("distributed.worker.multiprocessing-method") == "forkserver":
+        multiprocessing.get_context("forkserver")  # the context Dask would return
+        distributed.utils._forkserver_preload_set = True
+
+
 def start_worker_when(nanny: Any, ready: Any) -> Any:
     """Let ``nanny`` register with the coordinator at once but start its worker process only when the
     future ``ready`` gives the config that process needs (the sandbox probe's verdict, what it advertises),

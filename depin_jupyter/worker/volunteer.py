@@ -13,7 +13,6 @@ import logging
 import os
 import platform
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -23,8 +22,9 @@ from depin_jupyter import config
 from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
 from depin_jupyter.protocol.identity import Token
 from depin_jupyter.protocol.reach import patient_timeout, tcp_probe
-from depin_jupyter.worker import controls
-from depin_jupyter.worker._dask import VolunteerWorker, guard_nanny, start_worker_when
+from depin_jupyter.worker import controls, early
+from depin_jupyter.worker._dask import VolunteerWorker, forkserver_preloaded, guard_nanny, start_worker_when
+from depin_jupyter.worker.early import advertised_versions
 
 __all__ = ["VolunteerWorker", "advertised_versions", "run", "volunteer_info", "wait_for_scheduler"]
 
@@ -48,29 +48,6 @@ def volunteer_info(worker: Worker | None = None) -> dict[str, Any]:
     else:
         info["cpu"] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     return info
-
-
-def advertised_versions() -> dict[str, str]:
-    """Installed package versions by top-level module: notebooks check theirs against these (read once per
-    change of the installed packages, `worker.machine`)."""
-    from depin_jupyter.worker.machine import stored_versions
-
-    unimportable = set(config.get("volunteer.unimportable") or ())  # the start probe's finding
-    return {m: v for m, v in stored_versions(_installed_versions).items() if m not in unimportable}
-
-
-def _installed_versions() -> dict[str, str]:
-    import importlib.metadata
-
-    out = {}
-    for module, dists in importlib.metadata.packages_distributions().items():
-        for dist in dists:
-            try:
-                out[module] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return out
 
 
 def _pool_of(token: Token) -> str:
@@ -144,18 +121,6 @@ def _reason(e: BaseException) -> str:
     return text[:200]
 
 
-def _gpu_list(gpus: str) -> list[str] | None:
-    """Which GPUs to use: None for no GPU, [] for all, else the device indices given."""
-    if gpus == "none":
-        return None
-    if gpus == "all":
-        return []
-    items = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not items or not all(g.isdigit() for g in items):
-        raise DepinUsageError(f"--gpus {gpus!r}: give all, none, or device indices such as 0,2")
-    return items
-
-
 async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
                  contact_address: str | None, say: Callable[[str], None], ready: asyncio.Future[Any]) -> list[Nanny]:
     """Start the nannies; each starts its worker process once ``ready`` (`_ready`) says what it is given."""
@@ -170,7 +135,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
                                   # its machine can be named; only the coordinator may connect (guard_nanny,
                                   # VolunteerWorker.handle_comm), and nothing needs to (results are relayed).
                                   host=None if contact_address is None else "127.0.0.1")
-    wanted = _gpu_list(gpus)
+    wanted = early.gpu_list(gpus)
     exclude = controls.parse_gpu_indices(config.get("volunteer.exclude-gpus"))
     n_gpus, why = (0, "--gpus none") if wanted is None else detect()
     settings = controls.Controls.from_config()
@@ -232,57 +197,6 @@ async def _leave(token: Token, nannies: list[Nanny], say: Callable[[str], None])
     say("depin worker: left gracefully.")
 
 
-def _probe_sandbox(gpus: str, say: Callable[[str], None]) -> dict[str, str] | None:
-    """Run the sandboxed probe (`worker.probe`): the package versions the workers advertise, or None when
-    cells could not run here (said, with the fix).
-
-    Modules a sandboxed cell cannot find are left out of what the workers advertise."""
-    import dask.config
-
-    from depin_jupyter.worker import probe
-    from depin_jupyter.worker.sandbox import Limits
-
-    versions = advertised_versions()
-    if not config.get("volunteer.probe"):
-        return versions
-    if not Limits.from_config().is_enabled(volunteer=True):
-        say("depin worker: the sandbox is off (depin.sandbox.enabled: false): cells run in the worker process.")
-        return versions
-    from depin_jupyter.gpu import detect
-
-    modules = set(versions)
-    gpu = gpus != "none" and bool(detect()[0])
-    report = probe.probe(modules, gpu=gpu)
-    if not report.usable:
-        why = report.failure or report.errors.get("numpy", "")
-        say(f"depin worker: refusing to start: a sandboxed cell cannot run here ({why}). Fix: "
-            f"{probe.fix_for(report)}. (`depin doctor` checks this machine; depin.volunteer.probe: false skips "
-            f"this check.)")
-        return None
-    dask.config.set({"depin.volunteer.unimportable": sorted(report.missing)})
-    line = f"depin worker: sandbox probe (cells run as uid {report.uid}): numpy and numpy.random work"
-    if gpu:
-        line += f"; cupy does not ({report.errors['cupy']}): cells get numpy" if "cupy" in report.errors \
-            else "; cupy works"
-    if report.missing:
-        shown = ", ".join(sorted(report.missing)[:8]) + (" ..." if len(report.missing) > 8 else "")
-        line += (f"; {len(report.missing)} of {len(modules)} installed modules cannot be imported by a cell "
-                 f"and are not advertised ({shown})")
-    say(line + ".")
-    return {m: v for m, v in versions.items() if m not in report.missing}
-
-
-def _cpu_benchmark(gpus: str) -> dict[str, Any] | None:
-    """The CPU benchmark a CPU worker advertises (measured once a week, `worker.machine`); None where the
-    workers will be GPU workers (each times its own GPU), so a GPU machine spends no CPU on it."""
-    from depin_jupyter.gpu import detect
-    from depin_jupyter.worker.machine import stored_benchmark
-
-    if _gpu_list(gpus) is not None and detect()[0]:
-        return None
-    return stored_benchmark()
-
-
 async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
                  benching: asyncio.Future[Any]) -> dict[str, Any] | None:
     """The config a worker process is given on top of its nanny's, once the probe, the fork server and the
@@ -291,6 +205,7 @@ async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
     if versions is None:
         return None
     await warming
+    forkserver_preloaded()
     advert: dict[str, Any] = {"versions": versions}
     benchmark = await benching
     if benchmark is not None:
@@ -299,39 +214,14 @@ async def _ready(probing: asyncio.Future[Any], warming: asyncio.Future[Any],
     return {"depin": {"volunteer": volunteer}}
 
 
-def _warm_process_start() -> None:
-    """Start the process worker processes are forked from, its imports done (``forkserver``), so a worker's
-    start (a new Python importing Dask: about a second) is not on the way to joining. Not where the
-    volunteer chose another start method, nor where forking is unavailable (Windows)."""
-    import multiprocessing
-    import multiprocessing.forkserver
-
-    import dask.config
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return
-    if dask.config.get("distributed.worker.multiprocessing-method") != "spawn":  # Dask's default
-        return
-    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
-    from distributed.utils import get_mp_context
-
-    try:
-        get_mp_context().set_forkserver_preload(["distributed", "numpy", "depin_jupyter.worker._dask",
-                                                 "depin_jupyter.worker.plugins"])
-        multiprocessing.forkserver.ensure_running()
-    except Exception:  # a worker process can still be started the usual way
-        logger.warning("could not start the fork server; worker processes start from scratch", exc_info=True)
-        dask.config.set({"distributed.worker.multiprocessing-method": "spawn"})
-
-
 async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
-                contact_address: str | None, say: Callable[[str], None]) -> int:
-    # While the coordinator is first reached (none waits on another): the sandbox probe, the process worker
-    # processes fork from, and the CPU benchmark its workers advertise (measured once, not by each on its
-    # way to registering).
-    warming = asyncio.ensure_future(asyncio.to_thread(_warm_process_start))
-    probing = asyncio.ensure_future(asyncio.to_thread(_probe_sandbox, gpus, say))
-    benching = asyncio.ensure_future(asyncio.to_thread(_cpu_benchmark, gpus))
+                contact_address: str | None, say: Callable[[str], None], started: early.Started) -> int:
+    # Begun before this process imported Dask, and still running while the coordinator is first reached
+    # (none waits on another): the sandbox probe, the process worker processes fork from, and the CPU
+    # benchmark its workers advertise (`worker.early`).
+    warming = asyncio.wrap_future(started.warming)
+    probing: asyncio.Future[Any] = asyncio.wrap_future(started.probing)
+    benching = asyncio.wrap_future(started.benching)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -373,11 +263,12 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
 def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: str | None = None,
         nthreads: int | None = None, contact_address: str | None = None, *, hours: str | None = None,
         when_idle: bool | None = None, exclude_gpus: str | None = None, max_gpu_util: float | None = None,
-        max_power: float | None = None) -> int:
+        max_power: float | None = None, started: early.Started | None = None) -> int:
     """Join the coordinator named in the token and work until stopped; the process exit code.
 
     The volunteer's controls (``hours`` ... ``max_power``) override config ``depin.volunteer.*``; the
-    worker processes read them from the config this process hands them.
+    worker processes read them from the config this process hands them. ``started``: what `early.begin`
+    started before this module was imported (`depin worker` does); begun here otherwise.
     """
     import dask.config
 
@@ -386,9 +277,7 @@ def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: st
     token = Token.decode(token_text)
     token.check_valid("worker")
 
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
+    say = early.say
     options = {"hours": hours, "when-idle": when_idle, "exclude-gpus": exclude_gpus,
                "max-gpu-util": max_gpu_util, "max-power": max_power}
     dask.config.set({f"depin.volunteer.{k}": v for k, v in options.items() if v is not None})
@@ -400,4 +289,6 @@ def run(token_text: str, gpus: str = "all", memory_limit: str = "auto", name: st
     say(f"depin worker: `depin pause [--for 30m]` / `depin resume` control this worker (control directory "
         f"{controls.control_dir()}).")
     nthreads = nthreads or int(config.get("volunteer.nthreads"))
-    return asyncio.run(_main(token, gpus, memory_limit, name or token.info.name, nthreads, contact_address, say))
+    started = started or early.begin(gpus, say)
+    return asyncio.run(_main(token, gpus, memory_limit, name or token.info.name, nthreads, contact_address, say,
+                             started))
