@@ -276,3 +276,31 @@ def test_get_mp_context_keeps_a_preload_marked_as_set():
     assert hasattr(distributed.utils, "_forkserver_preload_set")
     src = inspect.getsource(distributed.utils.get_mp_context)
     assert "_forkserver_preload_set" in src and "set_forkserver_preload" in src
+
+
+def test_a_nanny_registers_over_an_idle_connection_of_its_pool():
+    """worker/_dask.hand_connection: `Nanny.start_unsafe` registers over `self.rpc.connect(self.scheduler.addr)`,
+    and `ConnectionPool.connect` hands out a connection found in `ConnectionPool.available` first."""
+    import asyncio
+
+    from distributed import Nanny
+    from distributed.comm import connect
+    from distributed.core import ConnectionPool, Server
+
+    src = inspect.getsource(Nanny.start_unsafe)
+    assert "self.rpc.connect(saddr)" in src and "saddr = self.scheduler.addr" in src and "register_nanny" in src
+
+    async def main() -> None:
+        server = Server({"ping": lambda: "pong"})
+        await server.listen("tcp://127.0.0.1:0")
+        pool = ConnectionPool()
+        await pool.start()
+        try:
+            comm = await connect(server.address)
+            pool.available[server.address].add(comm)
+            assert await pool.connect(server.address) is comm  # the handed one, not a new connection
+        finally:
+            await pool.close()
+            server.stop()
+
+    asyncio.run(main())

@@ -87,6 +87,15 @@ def guard_nanny(nanny: Any) -> Any:
     return nanny
 
 
+def hand_connection(nanny: Any, comm: Any) -> None:
+    """Give ``nanny`` an open connection to its scheduler (the one `depin worker`'s first contact made) for
+    its registration: `Nanny.start_unsafe` registers over ``self.rpc.connect(self.scheduler.addr)``, which
+    takes an idle connection from the pool (`ConnectionPool.available`) before it opens a new one (TLS and
+    Dask's handshake: three round trips). A connection closed meanwhile is skipped by the pool."""
+    if comm is not None:
+        nanny.rpc.available[nanny.scheduler.addr].add(comm)
+
+
 def forkserver_preloaded() -> None:
     """Tell Dask the fork server's preload is set (`early.warm_process_start` set it, without importing
     `distributed`): otherwise its first `get_mp_context` imports every package it knows of here, on the way

@@ -23,7 +23,13 @@ from depin_jupyter.errors import ClusterConnectionError, DepinUsageError
 from depin_jupyter.protocol.identity import Token
 from depin_jupyter.protocol.reach import patient_timeout, tcp_probe
 from depin_jupyter.worker import controls, early
-from depin_jupyter.worker._dask import VolunteerWorker, forkserver_preloaded, guard_nanny, start_worker_when
+from depin_jupyter.worker._dask import (
+    VolunteerWorker,
+    forkserver_preloaded,
+    guard_nanny,
+    hand_connection,
+    start_worker_when,
+)
 from depin_jupyter.worker.early import advertised_versions
 
 __all__ = ["VolunteerWorker", "advertised_versions", "run", "volunteer_info", "wait_for_scheduler"]
@@ -56,8 +62,9 @@ def _pool_of(token: Token) -> str:
     return cert_pool(token.cert)
 
 
-async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -> None:
-    """Return once the coordinator answers this identity; retry with backoff while it is unreachable.
+async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -> Any:
+    """Once the coordinator answers this identity, the open connection it answered on (the first nanny
+    registers over it: `worker._dask.hand_connection`); retry with backoff while it is unreachable.
 
     A refusal (revoked token, another coordinator's certificate) is final and raised at once.
     """
@@ -105,12 +112,14 @@ async def wait_for_scheduler(token: Token, say: Callable[[str], None] = print) -
             await comm.write({"op": "identity", "reply": True})
             await asyncio.wait_for(comm.read(), 10)
         except (OSError, CommClosedError, asyncio.TimeoutError):
+            comm.abort()
             raise ClusterConnectionError(
                 f"the coordinator at {token.address} closed the connection of {token.info.name!r}: the token "
                 f"was revoked or is unknown there. Ask the coordinator for a new worker token.") from None
-        finally:
+        except BaseException:
             comm.abort()
-        return
+            raise
+        return comm
 
 
 def _reason(e: BaseException) -> str:
@@ -122,8 +131,10 @@ def _reason(e: BaseException) -> str:
 
 
 async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads: int,
-                 contact_address: str | None, say: Callable[[str], None], ready: asyncio.Future[Any]) -> list[Nanny]:
-    """Start the nannies; each starts its worker process once ``ready`` (`_ready`) says what it is given."""
+                 contact_address: str | None, say: Callable[[str], None], ready: asyncio.Future[Any],
+                 first: Any) -> list[Nanny]:
+    """Start the nannies; each starts its worker process once ``ready`` (`_ready`) says what it is given.
+    The first registers over ``first``, the connection the first contact opened (three round trips less)."""
     from depin_jupyter.gpu import detect
     from depin_jupyter.worker import controls
 
@@ -157,6 +168,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
         cw = CUDAWorker(token.address, name=name, resources="GPU=1", **common)
         for nanny in cw.nannies:
             start_worker_when(guard_nanny(nanny), ready)
+        hand_connection(cw.nannies[0], first)
         await cw
         say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with {len(cw.nannies)} GPU worker(s).")
         return list(cw.nannies)
@@ -165,6 +177,7 @@ async def _start(token: Token, gpus: str, memory_limit: str, name: str, nthreads
     if config.get("volunteer.max-power") is not None:
         say("depin worker: --max-power applies to GPUs; this CPU worker sets no power limit.")
     nanny = start_worker_when(guard_nanny(Nanny(token.address, name=name, **common)), ready)
+    hand_connection(nanny, first)
     await nanny
     say(f"depin worker: joined {token.address} as {name!r} (pool {_pool_of(token)}) with a CPU worker ({why}); cells use numpy here.")
     return [nanny]
@@ -235,13 +248,13 @@ async def _main(token: Token, gpus: str, memory_limit: str, name: str, nthreads:
             waiting.cancel()
             return 1
         try:
-            await waiting
+            first = await waiting
         except ClusterConnectionError as e:  # refused (revoked, another coordinator): final
             say(f"depin worker: {e}")
             return 1
         ready = asyncio.ensure_future(_ready(probing, warming, benching))
         try:
-            nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say, ready)
+            nannies = await _start(token, gpus, memory_limit, name, nthreads, contact_address, say, ready, first)
         except Exception:
             if ready.done() and ready.result() is None:  # the probe refused: said
                 return 1
