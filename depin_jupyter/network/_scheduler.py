@@ -426,7 +426,6 @@ class DepinScheduler(Scheduler):
         limit = config.nbytes("coordinator.relay-max-bytes")
         if index is None:
             self.relay.put(key, payload, limit)
-            self.results.settled(key)
             return "OK"
         whole, began = self.results.receive(key, sender, int(index), bytes(payload), int(total),
                                             limit - self.relay.nbytes, limit, _upload_stall())

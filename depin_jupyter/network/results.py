@@ -50,12 +50,6 @@ class ResultParts:
             self._senders.pop(key, None)
         return whole, began
 
-    def settled(self, key: str) -> None:
-        """``key``'s result came whole (one message): a generation of its own."""
-        import uuid
-
-        self.gens[key] = uuid.uuid4().hex
-
     @property
     def nbytes(self) -> int:
         return self.arriving.nbytes + sum(len(p) for p, _, _ in self._handed.values())
