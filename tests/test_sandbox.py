@@ -15,13 +15,14 @@ import threading
 import time
 import uuid
 
+import dask
 import numpy as np
 import pytest
 
 from depin_jupyter.protocol import payloads
 from depin_jupyter.worker import cancel, sandbox
 from depin_jupyter.worker.runs import active
-from depin_jupyter.worker.sandbox import isolation
+from depin_jupyter.worker.sandbox import isolation, warm
 
 BWRAP_OK, BWRAP_WHY = isolation.bwrap_works(False, "nobody")
 ROOT = os.geteuid() == 0
@@ -337,7 +338,7 @@ def test_a_warm_child_serves_the_next_cell_once_and_carries_nothing_of_the_last(
                                   "marker = os.environ['DEPIN_SANDBOX_RUN']\nhome = os.environ['HOME']\n", limits)
         assert first["status"] == "ok", first.get("error")
         deadline = time.monotonic() + 60
-        while parent._WARM._child is None and time.monotonic() < deadline:  # the next child is starting
+        while not parent._WARM.ready and time.monotonic() < deadline:  # the next child is starting
             time.sleep(0.05)
         second, stats2 = _warm_run("import os, json\nmarker = os.environ['DEPIN_SANDBOX_RUN']\nhome = os.environ['HOME']\n"
                                    "leftover = getattr(json, 'left_behind', None)\nnotes = os.listdir(home)\n", limits)
@@ -358,7 +359,7 @@ def test_a_warm_child_for_other_limits_is_not_used_and_its_wait_is_not_the_cells
     try:
         _warm_run("x = 1", limits)
         deadline = time.monotonic() + 60
-        while parent._WARM._child is None and time.monotonic() < deadline:
+        while not parent._WARM.ready and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1.5)  # the warm child waits longer than the wall time: its wall time starts with its cell
         result, stats = _warm_run("x = 2", limits)
@@ -367,3 +368,66 @@ def test_a_warm_child_for_other_limits_is_not_used_and_its_wait_is_not_the_cells
         assert other["status"] == "ok" and stats["warm"] is False  # started for other limits: not used
     finally:
         parent._WARM.clear()
+
+
+def test_cells_sent_back_to_back_each_get_a_child_started_ahead():
+    """With two children kept warm, the second of two cells sent one after the other does not wait for the
+    start of a child taken after the first (a child starts slower than a trivial cell runs)."""
+    from depin_jupyter.worker.sandbox import parent
+
+    limits = sandbox.Limits(bubblewrap="auto")
+    try:
+        with dask.config.set({"depin.sandbox.warm-children": 2}):
+            _warm_run("x = 0", limits)
+            deadline = time.monotonic() + 60
+            while parent._WARM.ready < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert parent._WARM.ready == 2
+            runs = [_warm_run(f"x = {i}", limits) for i in (1, 2)]  # no wait between them
+        assert [r["status"] for r, _ in runs] == ["ok", "ok"]
+        assert [s["warm"] for _, s in runs] == [True, True]
+        assert runs[0][0]["outputs"]["x"] == 1 and runs[1][0]["outputs"]["x"] == 2
+    finally:
+        parent._WARM.clear()
+
+
+class _FakeChild:
+    def __init__(self, limits, n):
+        self.key, self.n, self.closed = warm.warm_key(limits), n, False
+
+    def alive(self):
+        return not self.closed
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_warm_pool_keeps_its_depth_hands_out_the_oldest_and_drops_children_for_other_limits():
+    started: list[_FakeChild] = []
+
+    def start(limits):
+        started.append(_FakeChild(limits, len(started)))
+        return started[-1]
+
+    pool = warm.WarmSlot(start, depth=lambda: 3)
+    a, b = sandbox.Limits(bubblewrap=False), sandbox.Limits(bubblewrap=False, memory=2**30)
+
+    def settle(n):
+        deadline = time.monotonic() + 10
+        while pool.ready != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.ready == n
+
+    pool.refill(a)
+    settle(3)
+    assert pool.take(a).n == 0 and pool.take(a).n == 1  # oldest first
+    pool.refill(a)
+    settle(3)
+    assert len(started) == 5  # topped up to three, no more
+    assert pool.take(b) is None  # none for other limits: those for `a` are closed, not kept
+    assert pool.ready == 0 and all(c.closed for c in started[2:])
+    pool.refill(b)
+    settle(3)
+    started[-1].closed = True  # died while waiting: never handed out
+    assert [pool.take(b).n for _ in range(2)] == [5, 6] and pool.take(b) is None
+    pool.clear()

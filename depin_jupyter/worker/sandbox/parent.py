@@ -501,11 +501,33 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The child's exit status once it exited, waiting at most ``timeout`` s (None if it still runs).
+
+    Woken by the exit itself where the kernel offers a pidfd (Linux 5.3+): the child exits right after
+    sending its result, and polling in steps put up to a step's wait on every cell's path."""
     deadline = time.monotonic() + timeout
-    while proc.returncode is None and time.monotonic() < deadline:
-        if _reap(proc, block=False) is None and proc.returncode is None:
-            time.sleep(0.02)
+    pidfd = _pidfd(proc)
+    try:
+        while proc.returncode is None and time.monotonic() < deadline:
+            if _reap(proc, block=False) is None and proc.returncode is None:
+                if pidfd is None:
+                    time.sleep(0.02)
+                else:
+                    select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     return proc.returncode
+
+
+def _pidfd(proc: subprocess.Popen) -> int | None:
+    """A descriptor readable once ``proc`` exited, or None (no pidfd on this system, or it is reaped)."""
+    if proc.returncode is not None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(proc.pid)
+    except OSError:
+        return None
 
 
 # The resource usage wait4 reported for each reaped child (the Popen itself has no place for it).
