@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 
 import pytest
 from conftest import free_port
-from volunteer_net import Network, wait_for_workers
+from volunteer_net import Network, cell_async, wait_for_workers
 
 from depin_jupyter.errors import DepinUsageError
 from depin_jupyter.kernel import background, cluster
@@ -192,6 +193,71 @@ def test_a_map_completes_when_its_coordinator_is_killed_and_restarted_mid_map(ne
         for w in ws:
             w.terminate()
             w.wait(60)
+
+
+def _wait_held(net: Network, name: str, states: tuple[str, ...], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while _held_states(net).get(name) not in states and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _held_states(net).get(name) in states, _held_states(net)
+
+
+def test_a_cell_its_kernel_waits_for_survives_a_coordinator_killed_mid_run(net):
+    """A foreground cell running for longer than hold-after is written down; kill -9 of the coordinator: the
+    kernel waits across the restart (retries=0: the kernel itself sends nothing again), the restarted
+    coordinator runs the cell again, and the same call returns its value."""
+    w, _ = net.start_worker(net.token("worker", "fg-v1"))
+    session = cluster._connect_token(net.token("client", "fg-sci"))
+    try:
+        wait_for_workers(session, 1)
+        run = cell_async(session, "import time\ntime.sleep(4)\ny = a + 1\n", {"a": 41}, retries=0, name="fg")
+        _wait_held(net, "fg", ("queued", "pending"))
+        _kill_and_restart(net)
+        ns, _ = run.result(timeout=180)
+        assert ns["y"] == 42
+        deadline = time.monotonic() + 10
+        while _held_states(net) and time.monotonic() < deadline:  # handed over: dropped from the disk
+            time.sleep(0.05)
+        assert _held_states(net) == {}
+        quick = cell_async(session, "z = 1\n", {}, name="quick")
+        assert quick.result(timeout=60)[0]["z"] == 1
+        assert "quick" not in _held_states(net)  # fetched within hold-after: never written
+    finally:
+        session.close()
+        w.terminate()
+        w.wait(60)
+
+
+def test_a_finished_cell_its_kernel_had_not_fetched_is_handed_over_after_a_restart(net):
+    """The kernel is slow to fetch (its poll held back here): the result the coordinator got is written
+    down after hold-after (as finished: a restart does not run it again); kill -9 and restart; the kernel's
+    poll then gets the result from the restarted coordinator."""
+    from depin_jupyter.kernel.watch import EndWatcher
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    w, _ = net.start_worker(net.token("worker", "fg-v2"))
+    session = cluster._connect_token(net.token("client", "slow-sci"))
+    go = threading.Event()
+
+    class SlowWatcher(EndWatcher):
+        def _run(self) -> None:
+            go.wait(120)
+            super()._run()
+
+    try:
+        wait_for_workers(session, 1)
+        session.end_watcher = SlowWatcher(Coordinator.of_client(session.client), session.client)
+        run = cell_async(session, "y = a * 2\n", {"a": 21}, retries=0, name="unfetched")
+        _wait_held(net, "unfetched", ("finished",))
+        _kill_and_restart(net)
+        go.set()
+        ns, _ = run.result(timeout=180)
+        assert ns["y"] == 42
+    finally:
+        go.set()
+        session.close()
+        w.terminate()
+        w.wait(60)
 
 
 def test_inputs_held_on_disk_are_whole_named_by_digest_and_bounded(tmp_path):

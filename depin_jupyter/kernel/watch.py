@@ -28,7 +28,6 @@ class Watched(Protocol):
 
     key: str
     keep: bool     # a map's batch: the coordinator keeps it after handing its result over
-    detached: bool  # outlives this kernel: worth waiting for across a coordinator restart
 
     def ended(self, answer: dict[str, Any]) -> None: ...
 
@@ -119,12 +118,12 @@ class EndWatcher:
                         cell.ended(answer)
 
     def _may_come_back(self, cell: Watched, error: Exception, since: float) -> bool:
-        """Whether a failed poll is worth making again for ``cell``: the coordinator holds a detached run (in
-        its state dir) across a restart, and this kernel's client is still rejoining it
-        (`depin.reconnect-timeout`)."""
+        """Whether a failed poll is worth making again for ``cell``: the coordinator holds its runs (in its
+        state dir: background runs at once, cells once they lasted ``depin.coordinator.hold-after``) across a
+        restart, and this kernel's client is still rejoining it (`depin.reconnect-timeout`)."""
         from distributed.comm.core import CommClosedError
 
         transport = isinstance(error, (OSError, CommClosedError, TimeoutError))
         window = config.seconds("reconnect-timeout") or 0.0
-        return (cell.detached and transport and self._client.status not in ("closed", "closing")
+        return (transport and self._client.status not in ("closed", "closing")
                 and time.monotonic() - since < window)

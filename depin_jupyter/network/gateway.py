@@ -97,6 +97,7 @@ class GatewayRun:
     error: str = ""
     worker: str | None = None
     done: asyncio.Event | None = None        # set when a replicated run (no single future) has ended
+    written: bool = False      # written down in the state dir (`network.held`): dropped there when forgotten
     payload: bytes | None = None             # a replicated run's accepted result
     replication: dict[str, Any] | None = None  # its record: replicas, verdicts, tolerance
     replicas: list[str] = field(default_factory=list)  # keys of its replicas' own runs
@@ -113,14 +114,15 @@ class CellGateway:
         self._client_lock = asyncio.Lock()
         from depin_jupyter.network.held import HeldResults
 
-        # background runs written down in the state dir: a restarted coordinator still has them (`network.held`)
+        # runs written down in the state dir: a restarted coordinator still has them (`network.held`)
         self.held = HeldResults(sched.state.path / "held")
         self._resumable: dict[str, Any] = {}  # key -> HeldSubmission of a run to submit again (`resume`)
         self._wakers: dict[str, set[asyncio.Event]] = {}  # key a kernel is submitting -> its long polls to wake
         self._restore()
 
     def _restore(self) -> None:
-        """The background runs a previous coordinator process wrote down: finished ones with their results;
+        """The runs a previous coordinator process wrote down (background runs, and cells that lasted
+        ``depin.coordinator.hold-after``): finished ones with their results;
         the ones it was running are submitted again (`resume`) from the submission kept with them (their
         volunteers' work went with it), or named lost where none was kept."""
         for held in self.held.load(config.seconds("coordinator.result-ttl") or 3600.0):
@@ -140,11 +142,11 @@ class CellGateway:
             self.runs[run.key] = run
             self.by_run_id[run.run_id] = run.key
         if self.runs:
-            logger.info("holding %d background run(s) kept by the previous coordinator process, %d to run again",
+            logger.info("holding %d run(s) kept by the previous coordinator process, %d to run again",
                         len(self.runs), len(self._resumable))
 
     def resume(self) -> None:
-        """Submit again the background runs the previous coordinator process was running (once it listens)."""
+        """Submit again the runs the previous coordinator process was running (once it listens)."""
         for key, submission in list(self._resumable.items()):
             del self._resumable[key]
             run = self.runs.get(key)
@@ -160,9 +162,10 @@ class CellGateway:
             await self._keep(run)
 
     async def _keep(self, run: GatewayRun, submission: Any = None) -> None:
-        """Write a background run down (again): submitted (with what runs it again), or ended with its result."""
+        """Write a run down (again): submitted (with what runs it again), or ended with its result."""
         from depin_jupyter.network.held import HeldRecord
 
+        run.written = True
         payload = None
         if run.state == "finished":
             payload = run.payload if run.done is not None else self.sched.relay.get(run.key, pop=False)
@@ -172,7 +175,7 @@ class CellGateway:
             await asyncio.to_thread(self.held.keep, record, payload, config.nbytes("coordinator.relay-max-bytes"),
                                     submission)
         except OSError:
-            logger.exception("could not keep background run %s in %s", run.key, self.held.root)
+            logger.exception("could not keep run %s in %s", run.key, self.held.root)
         if run.key not in self.runs:  # fetched (or forgotten) while it was being written: not to be handed again
             self.held.drop(run.key)
 
@@ -235,8 +238,23 @@ class CellGateway:
             woken.set()  # its kernel's long poll returns, to poll again with this run in it
         if run.detached:
             await self._keep(run, submission)  # a restarted coordinator runs it again from this
+        else:
+            self.sched.in_background(self._hold_later, run, submission)
         await self._launch(run, submission, checked)
         return "OK"
+
+    async def _hold_later(self, run: GatewayRun, submission: Any) -> None:
+        """A cell its kernel waits for, written down once it has lasted ``depin.coordinator.hold-after``: its
+        submission while it runs (a restarted coordinator runs it again), then its result if it ended and its
+        kernel has not fetched it (a restarted one hands it over). A cell fetched sooner never touches the disk."""
+        await asyncio.sleep(config.seconds("coordinator.hold-after") or 0.0)
+        if run.key not in self.runs:
+            return
+        if run.state in ("queued", "pending") and not (run.ended is not None and run.ended.is_set()):
+            await self._keep(run, submission)
+        await self._until_ended(run, time.monotonic() + (config.seconds("coordinator.result-ttl") or 3600.0))
+        if run.key in self.runs and run.state in _TERMINAL:
+            await self._keep(run)
 
     async def _launch(self, run: GatewayRun, submission: Any, checked: Any = None) -> None:
         """Admit ``run`` under its owner's lab quota and start it: one Dask task, or replicas judged here.
@@ -418,7 +436,7 @@ class CellGateway:
             return
         self.sched.lab.done(key)  # also when its task never existed (refused, cancelled while held)
         self.by_run_id.pop(run.run_id, None)
-        if run.detached:
+        if run.detached or run.written:
             self.held.drop(key)
         if run.future is not None:
             run.future.release()
