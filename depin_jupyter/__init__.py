@@ -24,7 +24,8 @@ def map(func, items, *, name=None, batch=None, retries=2, out=None, pool=None, r
 
     On a volunteer network each batch runs sandboxed on a volunteer, replicated and judged as a cell is.
     ``out``: a Zarr group path where numeric results stream in as they arrive (``values``, ``done``).
-    Items that fail are retried ``retries`` times, then named in ``handle.errors``. ``wait=False``
+    Items that fail are retried ``retries`` times, then named in ``handle.errors``. The finished map is one
+    run in the result store (``handle.run_id``; values, done, errors, with provenance). ``wait=False``
     returns at once (``handle.result()`` waits). Connects to the embedded default cluster if no
     `%depin connect` was made.
     """

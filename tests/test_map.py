@@ -47,6 +47,48 @@ def test_a_map_on_the_embedded_cluster_streams_into_zarr_and_names_failed_items(
     assert group.attrs["depin_map"] == "squares" and group.attrs["items"] == 200
 
 
+def _cell_function(source: str, name: str, cell: str):
+    """A function defined in a notebook cell: its source is where IPython keeps it (linecache), so
+    `inspect.getsource` finds it as it does in Jupyter."""
+    import linecache
+
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    ns: dict = {"__name__": "__main__", "np": np}
+    exec(compile(source, cell, "exec"), ns)
+    return ns[name]
+
+
+def test_a_finished_map_is_one_run_in_the_provenance_store(depin_session, tmp_path):
+    from depin_jupyter.store import open_store
+
+    cube = _cell_function("def cube(x):\n    if x == 7:\n        raise ValueError('no sevens')\n"
+                          "    return np.float64(x) ** 3\n", "cube", "<ipython-input-7-cube>")
+    url = str(tmp_path / "store")
+    handle = map_items(depin_session, cube, range(30), name="cubes", retries=0, batch=4,
+                       options=RunOptions(store=url))
+    assert handle.run_id is not None
+    store = open_store(url)
+    manifest = store.manifest(handle.run_id)
+    assert manifest.name == "map cubes" and manifest.status == "error"  # one item failed
+    assert "raise ValueError('no sevens')" in manifest.code and "depin_f(depin_x)" in manifest.code
+    assert set(manifest.inputs) == {"depin_f", "depin_items"}
+    assert manifest.extra["map"]["done"] == 29 and manifest.extra["map"]["failed"] == 1
+    out = store.load(handle.run_id, lazy=False)
+    done, values = np.asarray(out["done"]), np.asarray(out["values"])
+    assert done.sum() == 29 and not done[7]
+    assert np.array_equal(values[done], (np.arange(30, dtype=np.float64) ** 3)[done])
+    assert out["errors"] == {"7": "ValueError: no sevens"}
+    report = store.verify()  # chained into the ledger and digested like any cell's run
+    assert report.ok and report.runs_checked == 1, report.problems
+    # The same map over other items is another run with other input digests.
+    again = map_items(depin_session, cube, range(1, 4), name="cubes", options=RunOptions(store=url))
+    assert again.result() == [1.0, 8.0, 27.0]
+    other = store.manifest(again.run_id)
+    assert other.status == "ok" and other.inputs["depin_items"] != manifest.inputs["depin_items"]
+    assert other.inputs["depin_f"] == manifest.inputs["depin_f"]
+    assert map_items(depin_session, cube, range(3)).run_id is None  # the store is off here (no_store)
+
+
 def test_a_map_of_non_numbers_keeps_them_in_the_handle_and_a_bad_function_is_refused(depin_session):
     label = _notebook_function("def label(x):\n    return {'n': x, 'name': f'item-{x}'}\n", "label")
     handle = map_items(depin_session, label, range(10), batch=3)

@@ -176,8 +176,9 @@ class DepinMagics(Magics):
         outs = tuple(o for o in outs if any(o in r for r in got))  # not modules the body imported
         for out in outs:  # bound even when some items failed: the others are usable
             self._shell.user_ns[out] = [r.get(out) for r in got]
+        stored = f"; stored as run {handle.run_id}" if handle.run_id else ""
         print(f"depin: {label}: {len(items)} item(s) in {handle.elapsed or 0:.1f} s on {len(handle.workers)} "
-              f"worker(s); bound {', '.join(outs)} (lists, item order)")
+              f"worker(s); bound {', '.join(outs)} (lists, item order){stored}")
         if handle.errors:
             first = min(handle.errors)
             raise RemoteExecutionError(

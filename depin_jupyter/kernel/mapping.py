@@ -6,13 +6,16 @@ any cell is (nothing a volunteer sends is unpickled here); on a trusted cluster 
 sandbox process serves a whole batch (one submitter, one function). Items whose function raised, and
 batches that failed as a whole (a worker lost past its retries, a sandbox limit), go back into the queue
 up to ``retries`` times, then are named with their error; the others are usable meanwhile. Numeric
-results stream into one Zarr array as batches finish (``out``), readable by plain zarr.
+results stream into one Zarr array as batches finish (``out``), readable by plain zarr. A finished map is
+recorded as one run in the provenance store (`_record`): its code, the digests of its function and items, every
+item's value, which are done, and the errors of the others, with a ledger entry like any cell's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -63,6 +66,7 @@ class _Job:
 
     code: str
     env: dict[str, Any]
+    source: str = ""  # what the user wrote: the function's source, or the cell's body (provenance)
 
 
 class MapHandle:
@@ -79,6 +83,7 @@ class MapHandle:
         self.finished = threading.Event()
         self.cancelled = False
         self.elapsed: float | None = None       # seconds, once finished
+        self.run_id: str | None = None          # its run in the provenance store, once recorded
         self._session: Any = None               # where its batches run (what `cancel` cancels them on)
         self._array: Any = None
         self._mask: Any = None
@@ -150,8 +155,8 @@ def map_items(session: Any, func: Callable[[Any], Any], items: Iterable[Any], *,
     """Run ``func`` over ``items`` on ``session``'s pool; the handle (finished when ``wait_done``)."""
     if not callable(func):
         raise DepinUsageError(f"depin map: {func!r} is not callable; pass the function first, then the items")
-    return _run_map(session, _Job(_BATCH_CODE, {"depin_f": func}), items, name=name, batch=batch, retries=retries,
-                    out=out, options=options, progress=progress, wait_done=wait_done)
+    return _run_map(session, _Job(_BATCH_CODE, {"depin_f": func}, _source(func)), items, name=name, batch=batch,
+                    retries=retries, out=out, options=options, progress=progress, wait_done=wait_done)
 
 
 def map_cell(session: Any, body: str, var: str, items: Iterable[Any], namespace: dict[str, Any], *,
@@ -171,7 +176,7 @@ def map_cell(session: Any, body: str, var: str, items: Iterable[Any], namespace:
                               f"per item; assign what each item yields (e.g. `y = f({var})`)")
     env = {k: namespace[k] for k in plan.inputs(namespace) if k != var}
     job = _Job(_CELL_BATCH_CODE, {**env, "depin_body": body, "depin_name": var, "depin_outs": outs,
-                                  "depin_label": f"<{name}>"})
+                                  "depin_label": f"<{name}>"}, body)
     handle = _run_map(session, job, items, name=name, batch=batch, retries=retries, out=None, options=options,
                       progress=progress, wait_done=True)
     return handle, outs
@@ -247,6 +252,10 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
             if not handle.done[i] and (i not in handle.errors or handle.cancelled):
                 handle.errors[i] = "cancelled (its map was cancelled before it ran or while it ran)"
         progress.update("failed" if handle.errors else "done", f"map {name}: {handle.status()}")
+        try:
+            handle.run_id = _record(handle, job, values, base, batch=size, retries=retries)
+        except Exception as e:  # noqa: BLE001 - the results stay usable in the handle; the store is said to fail
+            print(f"depin: map {name!r} was not recorded in the store: {type(e).__name__}: {e}", file=sys.stderr)
         handle.finished.set()
 
     started = time.perf_counter()
@@ -271,6 +280,70 @@ def _run_batch(session: Any, job: _Job, values: list[Any], indices: list[int],
     except Exception as e:  # noqa: BLE001 - the whole batch failed: its items are retried
         return indices, None, f"{type(e).__name__}: {e}"
     return indices, (ns.get("depin_out"), outcome.worker), None
+
+
+def _source(func: Callable[..., Any]) -> str:
+    """The function's source where Python can find it (a notebook cell's too), for the run's provenance."""
+    import inspect
+
+    try:
+        return inspect.getsource(func)
+    except (OSError, TypeError):
+        return f"# source of {getattr(func, '__qualname__', func)!r} not available"
+
+
+def _stacked(handle: MapHandle) -> Any:
+    """The items' values as one array (zeros where not done) when every done one is a number or an array of
+    one shape and kind; else None."""
+    import numpy as np
+
+    done = [np.asarray(handle.results[i]) for i in range(handle.n) if handle.done[i]]
+    if not done or any(a.dtype.kind not in "biufc" or a.dtype.hasobject or a.shape != done[0].shape for a in done):
+        return None
+    out = np.zeros((handle.n, *done[0].shape), dtype=np.result_type(*done))
+    for i in range(handle.n):
+        if handle.done[i]:
+            out[i] = handle.results[i]
+    return out
+
+
+def _record(handle: MapHandle, job: _Job, values: list[Any], options: RunOptions, *, batch: int,
+            retries: int) -> str | None:
+    """The finished map as one run in the provenance store (None when the store is off): ``values`` (one
+    array when the results are numbers of one shape, else the list), ``done`` and the failed items'
+    ``errors``, the code (what the user wrote and the batch runner), the content digests of the function
+    and the items, and a ledger entry, as for any cell; its run id."""
+    import numpy as np
+
+    from depin_jupyter.kernel.shipping import fingerprints
+    from depin_jupyter.store import UnsupportedOutputError, persist
+
+    store = persist.open_for(options)
+    if store is None:
+        return None
+    env = {**job.env, "depin_items": values}
+    hashes = fingerprints(env, sorted(env))
+    code = f"# depin map {handle.name!r} over {handle.n} item(s)\n{job.source.rstrip()}\n# each batch runs:\n{job.code}"
+    writer = store.begin_run(code=code, inputs=hashes, options={**persist.result_options(options), "batch": batch,
+                                                                "retries": retries}, cache_key=None,
+                             name=f"map {handle.name}")
+    array = _stacked(handle)
+    not_stored = []
+    try:
+        writer.write_output("values", array if array is not None else list(handle.results))
+    except UnsupportedOutputError as e:
+        not_stored.append(f"values ({e})")
+    writer.write_output("done", np.array(handle.done, dtype=bool))
+    if handle.errors:
+        writer.write_output("errors", {str(i): msg for i, msg in sorted(handle.errors.items())})
+    extra: dict[str, Any] = {"map": {"items": handle.n, "done": handle.n_done, "failed": len(handle.errors),
+                                     "cancelled": handle.cancelled, "workers": sorted(handle.workers)}}
+    if not_stored:
+        extra["not_stored"] = not_stored
+    pool = f"the pool: {len(handle.workers)} worker(s)"  # who ran what is in extra.map.workers
+    writer.finish(status="error" if handle.errors else "ok", worker={"host": pool},
+                  timings={"total": handle.elapsed or 0.0}, extra=extra)
+    return str(writer.run_id)
 
 
 def _release(session: Any, names: list[str]) -> None:
