@@ -154,6 +154,22 @@ def test_the_cell_form_runs_the_body_per_item_and_binds_lists_in_item_order(shel
     assert run_ok(shell, "len(y)") == 3  # the kernel goes on
 
 
+def test_the_cell_form_stores_each_name_it_binds_as_one_array(shell, tmp_path, capsys):
+    from conftest import run_ok
+
+    from depin_jupyter.store import open_store
+
+    url = str(tmp_path / "store")
+    run_ok(shell, "import numpy as np")
+    run_ok(shell, f"%%depin --map x=range(6) --name rows --store {url}\ny = x * 2\nrow = np.full(3, x)\n")
+    printed = capsys.readouterr().out
+    (summary,) = open_store(url).runs()
+    assert f"stored as run {summary.run_id}" in printed and summary.name == "map rows" and summary.complete
+    got = open_store(url).load(summary.run_id, lazy=False)
+    assert np.array_equal(got["y"], np.arange(6) * 2) and bool(np.all(got["done"]))
+    assert np.array_equal(got["row"], np.repeat(np.arange(6), 3).reshape(6, 3))
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("--map x", "--map expects NAME=ITEMS"),
     ("--map 1x=range(3)", "--map expects NAME=ITEMS"),

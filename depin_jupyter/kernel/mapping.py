@@ -292,27 +292,32 @@ def _source(func: Callable[..., Any]) -> str:
         return f"# source of {getattr(func, '__qualname__', func)!r} not available"
 
 
-def _stacked(handle: MapHandle) -> Any:
+def _stacked(values: list[Any], done: list[bool]) -> Any:
     """The items' values as one array (zeros where not done) when every done one is a number or an array of
-    one shape and kind; else None."""
+    one shape and kind; else the list itself."""
     import numpy as np
 
-    done = [np.asarray(handle.results[i]) for i in range(handle.n) if handle.done[i]]
-    if not done or any(a.dtype.kind not in "biufc" or a.dtype.hasobject or a.shape != done[0].shape for a in done):
-        return None
-    out = np.zeros((handle.n, *done[0].shape), dtype=np.result_type(*done))
-    for i in range(handle.n):
-        if handle.done[i]:
-            out[i] = handle.results[i]
+    try:
+        arrays = [np.asarray(v) for v, ok in zip(values, done, strict=True) if ok]
+    except Exception:  # noqa: BLE001 - a value numpy cannot look at: stored as it is, or named not stored
+        return list(values)
+    if not arrays or any(a.dtype.kind not in "biufc" or a.dtype.hasobject or a.shape != arrays[0].shape
+                         for a in arrays):
+        return list(values)
+    out = np.zeros((len(values), *arrays[0].shape), dtype=np.result_type(*arrays))
+    for i, (v, ok) in enumerate(zip(values, done, strict=True)):
+        if ok:
+            out[i] = v
     return out
 
 
 def _record(handle: MapHandle, job: _Job, values: list[Any], options: RunOptions, *, batch: int,
             retries: int) -> str | None:
     """The finished map as one run in the provenance store (None when the store is off): ``values`` (one
-    array when the results are numbers of one shape, else the list), ``done`` and the failed items'
-    ``errors``, the code (what the user wrote and the batch runner), the content digests of the function
-    and the items, and a ledger entry, as for any cell; its run id."""
+    array when the results are numbers of one shape, else the list; the cell form: each name its body
+    binds, so), ``done`` and the failed items' ``errors``, the code (what the user wrote and the batch
+    runner), the content digests of the function and the items, and a ledger entry, as for any cell; its
+    run id."""
     import numpy as np
 
     from depin_jupyter.kernel.shipping import fingerprints
@@ -327,12 +332,17 @@ def _record(handle: MapHandle, job: _Job, values: list[Any], options: RunOptions
     writer = store.begin_run(code=code, inputs=hashes, options={**persist.result_options(options), "batch": batch,
                                                                 "retries": retries}, cache_key=None,
                              name=f"map {handle.name}")
-    array = _stacked(handle)
+    names = job.env.get("depin_outs")
+    if names:  # the cell form: a result is a dict of what the body bound
+        columns = {n: [r.get(n) if isinstance(r, dict) else None for r in handle.results] for n in names}
+    else:
+        columns = {"values": list(handle.results)}
     not_stored = []
-    try:
-        writer.write_output("values", array if array is not None else list(handle.results))
-    except UnsupportedOutputError as e:
-        not_stored.append(f"values ({e})")
+    for out_name, column in columns.items():
+        try:
+            writer.write_output(out_name, _stacked(column, handle.done))
+        except UnsupportedOutputError as e:
+            not_stored.append(f"{out_name} ({e})")
     writer.write_output("done", np.array(handle.done, dtype=bool))
     if handle.errors:
         writer.write_output("errors", {str(i): msg for i, msg in sorted(handle.errors.items())})
