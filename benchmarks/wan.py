@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--big-mib", type=int, default=64)
     ap.add_argument("--mbit", type=float, default=50.0)
+    ap.add_argument("--joins", type=int, default=3, help="volunteer joins timed per delay (median)")
     ap.add_argument("--think", type=float, default=0.5,
                     help="seconds between the trivial cells (not timed), as a person runs them")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "wan.json"))
@@ -96,10 +97,14 @@ def main() -> None:
             rows[f"{tag}: 4 MiB input, first use"] = stats(first)
             rows[f"{tag}: 4 MiB input, second use"] = stats(second)
             session.close()
-            joiner, took = net.start_worker(proxied("worker", f"wan-join-{int(d * 1000)}"), f"join-{int(d * 1000)}")
-            rows[f"{tag}: volunteer join"] = stats([took])
-            joiner.send_signal(signal.SIGTERM)
-            joiner.wait(60)
+            joins = []
+            for j in range(args.joins):
+                joiner, took = net.start_worker(proxied("worker", f"wan-join-{int(d * 1000)}-{j}"),
+                                                f"join-{int(d * 1000)}-{j}")
+                joins.append(took)
+                joiner.send_signal(signal.SIGTERM)
+                joiner.wait(60)
+            rows[f"{tag}: volunteer join"] = stats(joins)
         # The joins above find the CPU benchmark and package versions `depin worker` remembered from an earlier
         # start (`worker.machine`); a volunteer's very first start on a machine measures them.
         proxy.rtt = 0.0
@@ -152,13 +157,24 @@ def main() -> None:
               / 1000 / one_hop_s,
               f"{args.big_mib} MiB result / one hop": rows[f"{bw_tag}: {args.big_mib} MiB result"]["median_ms"]
               / 1000 / one_hop_s}
+    local_ms = rows["local: trivial"]["median_ms"]
+    met: dict[str, bool] = {}
+    for d in delays:
+        tag, rtt_ms = f"{d * 1000:.0f} ms", d * 1000
+        met[f"{tag}: trivial cell <= local + 30 ms + 2 RT"] = \
+            rows[f"{tag}: trivial cell"]["median_ms"] <= local_ms + 30 + 2 * rtt_ms
+        met[f"{tag}: volunteer join <= 2 s + 3 RT"] = rows[f"{tag}: volunteer join"]["median_ms"] <= 2000 + 3 * rtt_ms
+        if d:
+            met[f"{tag}: connect <= 3 RT"] = trips[f"{tag}: connect"] <= 3.0
+    for name, v in ratios.items():
+        met[f"{name} <= 1.3"] = v <= 1.3
     print(f"{'case':<52} {'median ms':>10} {'round trips':>12}")
     for name, r in rows.items():
         rt = trips.get(name)
         print(f"{name:<52} {r['median_ms']:>10.1f} {'' if rt is None else f'{rt:>12.1f}'}")
     for name, v in ratios.items():
         print(f"{name:<52} {v:>9.2f}x  (one hop: {one_hop_s:.1f} s)")
-    save(args.out, {"benchmark": "wan", "rows": rows, "round_trips": trips, "ratios": ratios,
+    save(args.out, {"benchmark": "wan", "rows": rows, "round_trips": trips, "ratios": ratios, "met": met,
                     "one_hop_s": one_hop_s, "machine": {"python": sys.version.split()[0],
                                                         "platform": platform.platform(), "cpus": os.cpu_count()}})
 
