@@ -267,6 +267,37 @@ def test_private_input_is_refused_before_a_byte_reaches_the_volunteer(net):
     assert MARK_PRIVATE.hex() not in _received(net)["seen"]
 
 
+def _state_dir_holds(net, marker: bytes) -> list[str]:
+    """The files under the coordinator's state dir whose bytes contain ``marker``."""
+    return [str(p) for p in net.state.path.rglob("*") if p.is_file() and marker in p.read_bytes()]
+
+
+def test_a_long_private_cell_is_not_written_to_the_coordinators_disk(net):
+    """A cell lasting past hold-after is written down with its submission (a restarted coordinator runs it
+    again), unless it carries private data: that one is written without it."""
+    from volunteer_net import cell_async
+
+    mark_private, mark_public = secrets.token_bytes(32), secrets.token_bytes(32)
+    rng = np.random.default_rng()
+    ns = {"secret": np.frombuffer(mark_private + rng.bytes(4096), dtype=np.uint8),
+          "public": np.frombuffer(mark_public + rng.bytes(4096), dtype=np.uint8)}
+    slow = "import time\ntime.sleep(4)\ns = int({}.sum())\n"
+    private = cell_async(net.session, slow.format("secret"), ns, private=("secret",), pool="lab", name="long-private")
+    public = cell_async(net.session, slow.format("public"), ns, pool="lab", name="long-public")
+
+    def held_names() -> set[str]:
+        return {json.loads(p.read_text())["name"] for p in (net.state.path / "held").glob("*.json")}
+
+    deadline = time.monotonic() + 30
+    while not {"long-private", "long-public"} <= held_names() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {"long-private", "long-public"} <= held_names()  # both written down while they run...
+    assert _state_dir_holds(net, mark_public)  # ...the public one with its submission (the scan works)
+    assert _state_dir_holds(net, mark_private) == []  # ...the private one without
+    assert private.result(60)[0]["s"] == int(ns["secret"].sum()) and public.result(60)[0]["s"] == int(ns["public"].sum())
+    assert _state_dir_holds(net, mark_private) == []
+
+
 def test_energy_is_reported_per_run_in_the_result_and_status(net):
     from depin_jupyter.kernel.magics import format_status
 

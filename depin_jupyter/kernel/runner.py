@@ -98,6 +98,7 @@ def make_spec(prep: Prepared, shipped: Any) -> RunSpec:
         "max_runtime": config.seconds("max-runtime", options.max_runtime),
         "flush_interval": config.seconds("stream.flush-interval"),
         "local_modules": {"key": bundle.key, "names": list(bundle.names)} if bundle else None,
+        "private": bool(prep.private),
     }
 
 

@@ -236,14 +236,17 @@ class CellGateway:
         self.by_run_id[run.run_id] = key
         for woken in self._wakers.pop(key, ()):
             woken.set()  # its kernel's long poll returns, to poll again with this run in it
+        # Private data (inside the task, by the kernel's privacy rule) never goes to this disk: such a run is
+        # written down without its submission, and is named lost rather than run again after a restart.
+        kept = None if parsed.get("private") is True else submission
         if run.detached:
-            await self._keep(run, submission)  # a restarted coordinator runs it again from this
+            await self._keep(run, kept)  # a restarted coordinator runs it again from this
         else:
-            self.sched.in_background(self._hold_later, run, submission)
+            self.sched.in_background(self._hold_later, run, kept)
         await self._launch(run, submission, checked)
         return "OK"
 
-    async def _hold_later(self, run: GatewayRun, submission: Any) -> None:
+    async def _hold_later(self, run: GatewayRun, submission: Any | None) -> None:
         """A cell its kernel waits for, written down once it has lasted ``depin.coordinator.hold-after``: its
         submission while it runs (a restarted coordinator runs it again), then its result if it ended and its
         kernel has not fetched it (a restarted one hands it over). A cell fetched sooner never touches the disk."""

@@ -59,6 +59,7 @@ class RunSpec(_RunSpecRequired, total=False):
     flush_interval: float | None
     local_modules: LocalModules | None
     record: RecordSpec
+    private: bool                    # carries private data (`%depin private`): a coordinator keeps it off its disk
 
 
 class RunError(TypedDict, total=False):
