@@ -252,10 +252,7 @@ def _run_map(session: Any, job: _Job, items: Iterable[Any], *, name: str, batch:
             if not handle.done[i] and (i not in handle.errors or handle.cancelled):
                 handle.errors[i] = "cancelled (its map was cancelled before it ran or while it ran)"
         progress.update("failed" if handle.errors else "done", f"map {name}: {handle.status()}")
-        try:
-            handle.run_id = _record(handle, job, values, base, batch=size, retries=retries)
-        except Exception as e:  # noqa: BLE001 - the results stay usable in the handle; the store is said to fail
-            print(f"depin: map {name!r} was not recorded in the store: {type(e).__name__}: {e}", file=sys.stderr)
+        handle.run_id = _recorded(handle, job, values, base, batch=size, retries=retries)
         handle.finished.set()
 
     started = time.perf_counter()
@@ -309,6 +306,16 @@ def _stacked(values: list[Any], done: list[bool]) -> Any:
         if ok:
             out[i] = v
     return out
+
+
+def _recorded(handle: MapHandle, job: _Job, values: list[Any], options: RunOptions, *, batch: int,
+              retries: int) -> str | None:
+    """`_record`, or None with a line saying why it failed (the results stay usable in the handle)."""
+    try:
+        return _record(handle, job, values, options, batch=batch, retries=retries)
+    except Exception as e:  # noqa: BLE001 - a store that fails must not lose the map's results
+        print(f"depin: map {handle.name!r} was not recorded in the store: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def _record(handle: MapHandle, job: _Job, values: list[Any], options: RunOptions, *, batch: int,

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +42,7 @@ from depin_jupyter.worker.sandbox.isolation import (
     use_bwrap,
 )
 from depin_jupyter.worker.sandbox.limits import GiB, Limits, human_bytes
+from depin_jupyter.worker.sandbox.reaping import kill, reap, tree_cpu, wait
 from depin_jupyter.worker.sandbox.warm import WarmSlot, warm_key, warm_wanted
 
 __all__ = ["run_sandboxed"]
@@ -120,7 +120,7 @@ class _Child:
         self.run_id = spec.get("run_id")
         self.t0 = time.monotonic()
         if self.proc is not None:
-            self.boot_cpu = _tree_cpu(self.proc.pid)
+            self.boot_cpu = tree_cpu(self.proc.pid)
 
     def error(self, message: str, **kwargs: Any) -> bytes:
         """A payload reporting a failure outside the cell's code, counting the events already forwarded."""
@@ -265,9 +265,9 @@ class _Child:
         """The payload for a child that sent no result: it died, or a limit stopped it."""
         assert self.proc is not None
         if self.reason is None:  # the pipe closed: the child is exiting
-            _wait(self.proc, 5.0)
-        _kill(self.proc)
-        usage = _reap(self.proc)
+            wait(self.proc, 5.0)
+        kill(self.proc)
+        usage = reap(self.proc)
         cpu_used = None if usage is None else usage.ru_utime + usage.ru_stime
         msg, limit, timed_out = _explain(self.reason, self.proc.returncode, self.limits, self.label, self.bw,
                                          bytes(self.log_tail), cpu_used)
@@ -275,7 +275,7 @@ class _Child:
 
     def cancelled(self, exc: CellCancelled) -> bytes:
         if self.proc is not None:
-            _kill(self.proc)
+            kill(self.proc)
         timed_out = isinstance(exc, CellTimedOut)
         return self.error(f"the cell was {'stopped by its time limit' if timed_out else 'cancelled'} on "
                           f"volunteer {self.label}", type_name=type(exc).__name__, status="cancelled",
@@ -286,8 +286,8 @@ class _Child:
         """Kill what is left of the child, measure it, and remove its scratch directory."""
         proc = self.proc
         if proc is not None:
-            _kill(proc)
-            usage = _reap(proc)
+            kill(proc)
+            usage = reap(proc)
             if not self.bw:
                 kill_marked(self.marker, self.ids[0] if self.ids else os.getuid())
             if self.stats is not None:
@@ -393,8 +393,8 @@ def run_sandboxed(spec: RunSpec, inputs: dict[str, Any], *, emit: Callable[[dict
         if payload is None:
             return child.no_result()
         assert child.proc is not None
-        child.tree_cpu = _tree_cpu(child.proc.pid)  # the cell's process is still alive: measure it from here
-        _wait(child.proc, _AFTER_PAYLOAD_S)
+        child.tree_cpu = tree_cpu(child.proc.pid)  # the cell's process is still alive: measure it from here
+        wait(child.proc, _AFTER_PAYLOAD_S)
         return payload
     except CellCancelled as exc:  # the worker cancelled the run (interrupt, --timeout, client gone)
         return child.cancelled(exc)
@@ -482,74 +482,6 @@ def _decode_energy(data: bytes) -> dict[str, Any] | None:
             and not isinstance(v, bool) and (not isinstance(v, str) or len(v) <= 500)}
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's whole process group (and with bwrap its PID namespace goes with it)."""
-    if proc.returncode is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.kill()
-        except OSError:
-            pass
-    else:
-        try:  # the child is gone; what it left in its process group goes too
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
-    """The child's exit status once it exited, waiting at most ``timeout`` s (None if it still runs).
-
-    Woken by the exit itself where the kernel offers a pidfd (Linux 5.3+): the child exits right after
-    sending its result, and polling in steps put up to a step's wait on every cell's path."""
-    deadline = time.monotonic() + timeout
-    pidfd = _pidfd(proc)
-    try:
-        while proc.returncode is None and time.monotonic() < deadline:
-            if _reap(proc, block=False) is None and proc.returncode is None:
-                if pidfd is None:
-                    time.sleep(0.02)
-                else:
-                    select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    return proc.returncode
-
-
-def _pidfd(proc: subprocess.Popen) -> int | None:
-    """A descriptor readable once ``proc`` exited, or None (no pidfd on this system, or it is reaped)."""
-    if proc.returncode is not None or not hasattr(os, "pidfd_open"):
-        return None
-    try:
-        return os.pidfd_open(proc.pid)
-    except OSError:
-        return None
-
-
-# The resource usage wait4 reported for each reaped child (the Popen itself has no place for it).
-_usage: weakref.WeakKeyDictionary[subprocess.Popen[bytes], Any] = weakref.WeakKeyDictionary()
-
-
-def _reap(proc: subprocess.Popen[bytes], block: bool = True) -> Any:
-    """Wait for the child (os.wait4, for its resource usage); sets ``proc.returncode``."""
-    if proc.returncode is not None:
-        return _usage.get(proc)
-    try:
-        pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
-    except ChildProcessError:  # reaped elsewhere already
-        proc.returncode = -signal.SIGKILL
-        return None
-    if pid == 0:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    _usage[proc] = usage
-    return usage
-
-
 def _explain(reason: str | None, status: int | None, limits: Limits, label: str, bw: bool,
              log_tail: bytes, cpu_used: float | None) -> tuple[str, str, bool]:
     """(message, limit, timed_out) for a child that sent no result."""
@@ -592,22 +524,3 @@ def _explain(reason: str | None, status: int | None, limits: Limits, label: str,
 def _tail(log: bytes) -> str:
     text = log.decode(errors="replace").strip()
     return f". Its last output:\n{text[-_LOG_TAIL_BYTES:]}" if text else ""
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system, with reaped children) of ``pid`` and its live descendants, read by the
-    worker from /proc (not reported by the sandboxed code)."""
-    try:
-        import psutil
-
-        root = psutil.Process(pid)
-        total = 0.0
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                continue
-        return total
-    except Exception:  # noqa: BLE001 - no psutil or the process is gone: wait4's figure stands
-        return 0.0
