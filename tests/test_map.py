@@ -161,12 +161,14 @@ def test_the_cell_form_stores_each_name_it_binds_as_one_array(shell, tmp_path, c
 
     url = str(tmp_path / "store")
     run_ok(shell, "import numpy as np")
-    run_ok(shell, f"%%depin --map x=range(6) --name rows --store {url}\ny = x * 2\nrow = np.full(3, x)\n")
+    run_ok(shell, f"%%depin --map x=range(6) --name rows --store {url}\n"
+                  f"y = x * 2\nrow = np.full(3, x)\ndone = x > 2\n")  # `done`: the map's own mask moves aside
     printed = capsys.readouterr().out
     (summary,) = open_store(url).runs()
     assert f"stored as run {summary.run_id}" in printed and summary.name == "map rows" and summary.complete
     got = open_store(url).load(summary.run_id, lazy=False)
-    assert np.array_equal(got["y"], np.arange(6) * 2) and bool(np.all(got["done"]))
+    assert np.array_equal(got["y"], np.arange(6) * 2) and bool(np.all(got["depin_done"]))
+    assert np.array_equal(got["done"], np.arange(6) > 2)
     assert np.array_equal(got["row"], np.repeat(np.arange(6), 3).reshape(6, 3))
 
 

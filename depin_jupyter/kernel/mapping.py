@@ -344,15 +344,21 @@ def _record(handle: MapHandle, job: _Job, values: list[Any], options: RunOptions
         columns = {n: [r.get(n) if isinstance(r, dict) else None for r in handle.results] for n in names}
     else:
         columns = {"values": list(handle.results)}
+    done_name, errors_name = ("depin_done" if "done" in columns else "done",
+                              "depin_errors" if "errors" in columns else "errors")  # a cell may bind those
     not_stored = []
-    for out_name, column in columns.items():
-        try:
-            writer.write_output(out_name, _stacked(column, handle.done))
-        except UnsupportedOutputError as e:
-            not_stored.append(f"{out_name} ({e})")
-    writer.write_output("done", np.array(handle.done, dtype=bool))
-    if handle.errors:
-        writer.write_output("errors", {str(i): msg for i, msg in sorted(handle.errors.items())})
+    try:
+        for out_name, column in columns.items():
+            try:
+                writer.write_output(out_name, _stacked(column, handle.done))
+            except UnsupportedOutputError as e:
+                not_stored.append(f"{out_name} ({e})")
+        writer.write_output(done_name, np.array(handle.done, dtype=bool))
+        if handle.errors:
+            writer.write_output(errors_name, {str(i): msg for i, msg in sorted(handle.errors.items())})
+    except Exception as e:
+        writer.abort(f"the map's results could not be written: {type(e).__name__}: {e}")  # marked, never served
+        raise
     extra: dict[str, Any] = {"map": {"items": handle.n, "done": handle.n_done, "failed": len(handle.errors),
                                      "cancelled": handle.cancelled, "workers": sorted(handle.workers)}}
     if not_stored:
