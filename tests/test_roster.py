@@ -125,3 +125,43 @@ def test_bytes_per_cell_do_not_grow_with_the_number_of_volunteers(net):
     finally:
         s.close()
         proxy.close()
+
+
+def test_a_short_cell_is_answered_with_its_submission_and_a_stale_worker_list_is_refreshed_beside_it(net):
+    """A cell that ends within depin.submit-wait gets its end in the submission's reply: the kernel makes no
+    call to wait for it (one round trip, not two). A worker list past its 2 s is used while a thread brings
+    it up to date: the cell does not wait for that look either, and the next one sees the new volunteer."""
+    import dask
+
+    from depin_jupyter.protocol.rpc import Coordinator
+
+    procs = [net.start_worker(net.token("worker", "w0"))[0]]
+    s = cluster._connect_token(net.token("client", "quick"))
+    polls: list[list[str]] = []
+    real = Coordinator.wait_cells
+
+    def counted(self, keys, *a, **kw):
+        polls.append(list(keys))
+        return real(self, keys, *a, **kw)
+
+    try:
+        wait_for_workers(s, 1)
+        cell_async(s, "y = 0").result(timeout=60)  # a first cell on a volunteer does some things once
+        time.sleep(0.5)  # its next sandbox child is started
+        Coordinator.wait_cells = counted  # type: ignore[method-assign]
+        with dask.config.set({"depin.submit-wait": "1s"}):  # the longest the coordinator waits: a loaded machine
+            ns, _ = cell_async(s, "y = 41 + 1").result(timeout=60)
+            assert ns["y"] == 42 and polls == []
+        with dask.config.set({"depin.submit-wait": 0}):
+            ns, _ = cell_async(s, "y = 43").result(timeout=60)
+            assert ns["y"] == 43 and len(polls) >= 1  # without it: submitted, then waited for
+        procs.append(net.start_worker(net.token("worker", "w1"))[0])  # joined (its log says so)
+        s._workers_at -= 3.0  # the list is past its 2 s
+        assert [w.name for w in s.workers()] == ["w0"]  # the old list, at once...
+        deadline = time.monotonic() + 30
+        while {w.name for w in s.last_workers} != {"w0", "w1"} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {w.name for w in s.last_workers} == {"w0", "w1"}  # ...brought up to date beside it
+    finally:
+        Coordinator.wait_cells = real  # type: ignore[method-assign]
+        s.close()

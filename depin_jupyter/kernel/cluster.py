@@ -20,6 +20,7 @@ __all__ = ["Session", "WorkerInfo", "connect", "get_session", "close_session", "
 _session: Session | None = None
 _failed: tuple[str, str] | None = None   # (target, why) of a failed connect that left no session
 _session_lock = threading.Lock()
+_STALE_OK_S = 60.0  # a volunteer network's worker list this old is used while a thread refreshes it
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Session:
         self._workers_at = 0.0
         self._info: dict[str, Any] = {}  # address -> the worker's record as last heard (volunteers' adverts)
         self._roster_at: tuple[str | None, int] = (None, 0)  # the coordinator's roster this `_info` reflects
+        self._looking = threading.Lock()  # one look at the workers at a time (a refresh may run in a thread)
+        self._refreshing = False
         self.session_file = _publish(self)
         if not untrusted:
             from depin_jupyter.worker.entry import cancel_on_release
@@ -88,13 +91,45 @@ class Session:
 
         Asking the scheduler costs a round trip, so a burst of cells shares one answer. On a volunteer network
         the coordinator answers with the joins and leaves since the last look (`network.roster`), so the
-        bytes per cell do not grow with the number of volunteers; ``live`` asks for every worker's whole
+        bytes per cell do not grow with the number of volunteers, and a list up to `_STALE_OK_S` old is used
+        while a thread brings it up to date (a cell does not wait a round trip for it; placement asks again
+        with ``max_age=0`` when the list names no suitable worker); ``live`` asks for every worker's whole
         record instead (tasks executing now: `%depin status`).
         """
         import time
 
-        if not live and self.last_workers and time.monotonic() - self._workers_at < max_age:
-            return self.last_workers
+        if not live and self.last_workers:
+            age = time.monotonic() - self._workers_at
+            if age < max_age:
+                return self.last_workers
+            if self.untrusted and max_age > 0 and age < _STALE_OK_S:
+                self._refresh_soon()
+                return self.last_workers
+        with self._looking:
+            return self._look(live)
+
+    def _refresh_soon(self) -> None:
+        """Bring the worker list up to date in a thread (one at a time)."""
+        with self._looking:
+            if self._refreshing:
+                return
+            self._refreshing = True
+
+        def refresh() -> None:
+            try:
+                with self._looking:
+                    self._look(False)
+            except Exception:  # noqa: BLE001, S110 - the next cell looks again (and says why if it fails)
+                pass
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=refresh, name="depin-roster", daemon=True).start()
+
+    def _look(self, live: bool) -> list[WorkerInfo]:
+        """Ask the scheduler (or the coordinator's roster) for the workers now (caller holds ``_looking``)."""
+        import time
+
         info = self._roster() if self.untrusted and not live else self._everything()
         self._workers_at = time.monotonic()
         out = []
@@ -151,7 +186,8 @@ class Session:
         """What volunteers advertised when they joined (fixed for a worker's life): the roster this session
         holds when it names them all, else brought up to date first."""
         if not all(w in self._info for w in workers):
-            self._roster()
+            with self._looking:
+                self._roster()
         return self._info
 
     def _everything(self) -> dict[str, Any]:

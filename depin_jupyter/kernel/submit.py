@@ -191,12 +191,16 @@ class _GatewaySubmission(_Submission):
         watcher = watcher_of(self.session)  # one long poll for all of this kernel's cells
         watcher.add(self)
         try:
-            self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
-                                     client_id=getattr(self.client, "id", None), detached=self.detached,
-                                     replication=self.replication)
+            answer = self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
+                                              client_id=getattr(self.client, "id", None), detached=self.detached,
+                                              replication=self.replication, wait=config.seconds("submit-wait") or 0.0)
         except BaseException:
             watcher.remove(self.key)
             raise
+        if answer is not None:  # it ended within submit-wait: the answer came with the submission
+            watcher.remove(self.key)
+            self.ended(answer)
+            return
         watcher.submitted(self.key)
 
     def ended(self, answer: dict[str, Any]) -> None:

@@ -283,9 +283,15 @@ class DepinScheduler(Scheduler):
 
     async def depin_submit_cell(self, comm: Any, key: str, spec: bytes, inputs: bytes, blob: bytes | None = None,
                                 placement: Any = None, client: str | None = None, detached: bool = False,
-                                replication: Any = None) -> str:
-        return await self.gateway.submit(self._who(comm), client, key, spec, inputs, blob, placement or {},
-                                         detached, replication)
+                                replication: Any = None, wait: Any = 0.0) -> Any:
+        """Submit a cell; with ``wait`` (seconds, at most 1) the reply carries its end's answer when it ended
+        by then (a short cell costs its kernel one round trip, not a submission and then a wait)."""
+        name = self._who(comm)
+        ok = await self.gateway.submit(name, client, key, spec, inputs, blob, placement or {}, detached, replication)
+        if detached or isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait > 0:
+            return ok
+        answers = await self.gateway.wait_many(name, [key], min(float(wait), 1.0), connected=lambda: not comm.closed())
+        return {"answer": answers[key]} if key in answers else ok
 
     async def depin_wait_cell(self, comm: Any, key: str, timeout: float = 10.0, keep: bool = False) -> dict[str, Any]:
         return await self.gateway.wait(self._who(comm), key, timeout, connected=lambda: not comm.closed(),

@@ -53,6 +53,9 @@ async def _windowed(step: Callable[[int], Awaitable[None]], count: int, start: i
     await asyncio.gather(*(one(i) for i in range(start, count)))
 
 
+_NO_SUBMIT_WAIT: set[Any] = set()  # coordinators (by address) that answered a submission's ``wait`` with TypeError
+
+
 class Coordinator:
     """Typed calls to the coordinator's depin RPCs over an existing Dask connection.
 
@@ -185,9 +188,24 @@ class Coordinator:
     # --- cells, submitted through the coordinator's gateway ---
     def submit_cell(self, key: str, spec: bytes, inputs: bytes, blob: bytes | None, placement: dict[str, Any],
                     client_id: str | None = None, detached: bool = False,
-                    replication: dict[str, Any] | None = None) -> None:
-        self._call("depin_submit_cell", key=key, spec=spec, inputs=inputs, blob=blob, placement=placement,
-                   client=client_id, detached=detached, replication=replication)
+                    replication: dict[str, Any] | None = None, wait: float = 0.0) -> dict[str, Any] | None:
+        """Submit a cell; its end's answer (as `wait_cell`'s) when it ended within ``wait`` seconds, else None
+        (then wait for it with `wait_cells`)."""
+        kwargs: dict[str, Any] = dict(key=key, spec=spec, inputs=inputs, blob=blob, placement=placement,
+                                      client=client_id, detached=detached, replication=replication)
+        where = getattr(self._rpc, "address", None)
+        if wait > 0 and not detached and where not in _NO_SUBMIT_WAIT:
+            try:
+                reply = self._call("depin_submit_cell", **kwargs, wait=float(wait))
+            except TypeError as e:  # a coordinator of an earlier version: no such argument (nothing submitted)
+                if "wait" not in str(e):
+                    raise
+                _NO_SUBMIT_WAIT.add(where)
+                reply = self._call("depin_submit_cell", **kwargs)
+        else:
+            reply = self._call("depin_submit_cell", **kwargs)
+        answer = reply.get("answer") if isinstance(reply, dict) else None
+        return dict(answer) if isinstance(answer, dict) else None
 
     def wait_cell(self, key: str, timeout: float, keep: bool = False) -> dict[str, Any]:
         """``{"state": queued|pending|finished|error|cancelled|lost, "error": text, "payload": bytes?}``;
