@@ -194,8 +194,10 @@ class _GatewaySubmission(_Submission):
             answer = self.gateway.submit_cell(self.key, encode_spec(self.spec), inputs, blob, placement,
                                               client_id=getattr(self.client, "id", None), detached=self.detached,
                                               replication=self.replication, wait=config.seconds("submit-wait") or 0.0)
-        except BaseException:
+        except BaseException as e:
             watcher.remove(self.key)
+            if isinstance(e, KeyboardInterrupt):  # interrupted while the coordinator held the reply: it has the cell
+                self.cancel()
             raise
         if answer is not None:  # it ended within submit-wait: the answer came with the submission
             watcher.remove(self.key)
