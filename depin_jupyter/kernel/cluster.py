@@ -106,6 +106,8 @@ class Session:
                 self._refresh_soon()
                 return self.last_workers
         with self._looking:
+            if not live and self.last_workers and time.monotonic() - self._workers_at < max_age:
+                return self.last_workers  # a refresh in a thread finished while this waited for it
             return self._look(live)
 
     def _refresh_soon(self) -> None:

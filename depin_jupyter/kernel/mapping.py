@@ -132,7 +132,7 @@ class MapHandle:
         import numpy as np
 
         arr = np.asarray(value)
-        if arr.dtype.kind not in "biufc" or arr.dtype.hasobject:
+        if not _numeric(arr):
             return
         if self._array is None:
             import zarr
@@ -289,6 +289,11 @@ def _source(func: Callable[..., Any]) -> str:
         return f"# source of {getattr(func, '__qualname__', func)!r} not available"
 
 
+def _numeric(arr: Any) -> bool:
+    """Whether an item's result (as a numpy array) is numbers a Zarr array holds: bool, int, float, complex."""
+    return arr.dtype.kind in "biufc" and not arr.dtype.hasobject
+
+
 def _stacked(values: list[Any], done: list[bool]) -> Any:
     """The items' values as one array (zeros where not done) when every done one is a number or an array of
     one shape and kind; else the list itself."""
@@ -298,8 +303,7 @@ def _stacked(values: list[Any], done: list[bool]) -> Any:
         arrays = [np.asarray(v) for v, ok in zip(values, done, strict=True) if ok]
     except Exception:  # noqa: BLE001 - a value numpy cannot look at: stored as it is, or named not stored
         return list(values)
-    if not arrays or any(a.dtype.kind not in "biufc" or a.dtype.hasobject or a.shape != arrays[0].shape
-                         for a in arrays):
+    if not arrays or any(not _numeric(a) or a.shape != arrays[0].shape for a in arrays):
         return list(values)
     out = np.zeros((len(values), *arrays[0].shape), dtype=np.result_type(*arrays))
     for i, (v, ok) in enumerate(zip(values, done, strict=True)):
