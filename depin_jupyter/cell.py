@@ -11,10 +11,23 @@ from __future__ import annotations
 
 import ast
 import builtins
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CellPlan", "analyze", "imported_packages", "last_expression_shown"]
+__all__ = ["CellPlan", "analyze", "imported_packages", "last_expression_shown", "parse"]
+
+# CPython's AST constructor keeps its recursion depth in state the threads of an interpreter share: two
+# threads parsing at once can fail with "SystemError: AST constructor recursion depth mismatch" (reported
+# from threaded programs, python/cpython#106905; seen here on 3.11.7 while a map's batches were prepared in
+# its thread pool). Parses here take turns.
+_PARSING = threading.Lock()
+
+
+def parse(code: str | bytes, filename: str = "<cell>") -> ast.Module:
+    """``ast.parse`` of ``code``, one thread at a time (see ``_PARSING``)."""
+    with _PARSING:
+        return ast.parse(code, filename=filename, mode="exec")
 
 # Methods of arrays and containers that return a new object and never change their receiver.
 PURE_METHODS = frozenset(
@@ -77,7 +90,7 @@ def last_expression_shown(tree: ast.Module, code: str) -> bool:
 
 def analyze(code: str, filename: str = "<cell>") -> CellPlan:
     """Analyze a cell; raises SyntaxError (with the cell's own line numbers) if it does not parse."""
-    tree = ast.parse(code, filename=filename, mode="exec")
+    tree = parse(code, filename)
     scan = _TopLevel()
     for stmt in tree.body:
         scan.statement(stmt)

@@ -9,14 +9,13 @@ defined in it unpickle on workers that have never seen the file. Only `.py` file
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import sys
 from pathlib import Path
 from typing import Iterable
 
-from depin_jupyter.cell import imported_packages
+from depin_jupyter.cell import imported_packages, parse
 from depin_jupyter.protocol.bundles import ModuleBundle, origin_of
 
 __all__ = ["bundle_local_modules"]
@@ -55,7 +54,7 @@ def bundle_local_modules(names: Iterable[str]) -> ModuleBundle | None:
         files.update(found)
         for rel, src in found.items():
             try:
-                todo.extend(imported_packages(ast.parse(src, filename=rel)))
+                todo.extend(imported_packages(parse(src, rel)))
             except SyntaxError:
                 pass  # the worker will report it on import, with the file's own line numbers
         module = sys.modules.get(name)
